@@ -1,0 +1,74 @@
+"""ClientActor: one site. Runs the configured learner on the site's data and logs through its writers.
+
+The actor drops every tracking credential from its environment at start, picks CUDA when Ray gave it
+a GPU (else the CPU), and flushes its tracking records at the end of each round.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from fl_ray.config import JobConfig
+from fl_ray.data import ArrayData
+from fl_ray.learners import LearnerContext, load_learner
+from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
+from fl_ray.tracking.site import SiteTracking
+
+
+def select_device() -> torch.device:
+    """CUDA when Ray assigned this worker a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def make_context(site: str, config: dict[str, Any], data: ArrayData, num_classes: int,
+                 input_shape: tuple[int, ...], receiver: Any, cpus: float) -> tuple[LearnerContext, SiteTracking]:
+    """Shared start-up of client and server actors: no credentials, threads, device, tracking, context."""
+    drop_credentials()
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = JobConfig.model_validate(config)
+    tracking = SiteTracking(site, receiver, cfg.tracking)
+    ctx = LearnerContext(site=site, device=select_device(), config=cfg, data=data, num_classes=num_classes,
+                         input_shape=input_shape, mlflow=tracking.mlflow, tensorboard=tracking.tensorboard,
+                         wandb=tracking.wandb)
+    return ctx, tracking
+
+
+@ray.remote
+class ClientActor:
+    """A site: local training each round it is sampled."""
+
+    def __init__(self, site: str, config: dict[str, Any], data: ArrayData, num_classes: int,
+                 input_shape: tuple[int, ...], receiver: Any) -> None:
+        self.ctx, self.tracking = make_context(site, config, data, num_classes, input_shape, receiver,
+                                               config["resources"]["client_cpus"])
+        self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
+        self.learner.setup(self.ctx)
+
+    def train(self, weights: Mapping[str, np.ndarray], round_: int) -> dict[str, Any]:
+        """Train one round from the global ``weights``; returns weights, sample count and metrics."""
+        start = time.perf_counter()
+        self.ctx.round = round_
+        result = self.learner.train(weights, self.ctx)
+        self.tracking.flush()
+        return {"site": self.ctx.site, "weights": result.weights, "num_samples": int(result.num_samples),
+                "metrics": {k: float(v) for k, v in result.metrics.items()},
+                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.ctx.device),
+                "seconds": time.perf_counter() - start}
+
+    def info(self) -> dict[str, Any]:
+        """Where this site runs: node, device, and which tracking credentials it holds (names)."""
+        return {"site": self.ctx.site, "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.ctx.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "credentials": [k for k in CREDENTIAL_VARS if k in os.environ]}
+
+    def close(self, timeout: float) -> dict[str, int]:
+        """Deliver every tracking record and stop; returns the sender's counters."""
+        return self.tracking.close(timeout)

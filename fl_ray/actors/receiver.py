@@ -1,0 +1,71 @@
+"""ReceiverActor: the one place per job that holds tracking credentials and writes to back ends.
+
+It runs on the driver's node with ``num_cpus=0``, handles one batch at a time (Ray runs an actor's
+calls one by one), and is restarted by Ray if it dies; the :class:`~fl_ray.tracking.hub.TrackingHub`
+inside recovers everything from the spool. Credentials reach it, and only it, as ``runtime_env``
+environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from fl_ray.receivers.base import ReceiverContext, build_receiver
+from fl_ray.tracking.credentials import CREDENTIAL_VARS
+from fl_ray.tracking.events import TrackingEvent
+from fl_ray.tracking.hub import TrackingHub
+
+# MLflow's HTTP client retries for minutes by default; the hub retries on its own, without blocking.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
+    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
+    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
+    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]
+
+
+@ray.remote
+class ReceiverActor:
+    """Accepts every site's tracking batches and fans them out to the configured receivers."""
+
+    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]]) -> None:
+        receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
+                     for name, spec in zip(receiver_names(specs), specs)]
+        self.hub = TrackingHub(ctx, receivers)
+
+    def open_site(self, site: str) -> tuple[int, dict[str, int]]:
+        return self.hub.open_site(site)
+
+    def submit(self, site: str, events: list[TrackingEvent]) -> int:
+        return self.hub.submit(site, events)
+
+    def status(self) -> dict[str, Any]:
+        return self.hub.status()
+
+    def close(self, status: str, timeout: float) -> dict[str, Any]:
+        return self.hub.close(status, timeout)
+
+    def credential_names(self) -> list[str]:
+        """Which tracking credential variables this actor holds (names only)."""
+        return [k for k in CREDENTIAL_VARS if k in os.environ]
+
+
+def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: dict[str, str],
+                   max_restarts: int = 5) -> Any:
+    """Start the job's receiver actor on this (the driver's) node, with the credentials in its env."""
+    env = {k: v for k, v in HTTP_RETRY_DEFAULTS.items() if k not in os.environ}
+    env.update(credentials)
+    return ReceiverActor.options(
+        num_cpus=0,
+        max_restarts=max_restarts,
+        name=f"fl_ray-receiver-{ctx.job_id}",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        runtime_env={"env_vars": env},
+    ).remote(ctx, specs)

@@ -1,0 +1,111 @@
+"""ServerActor: owns the global weights and runs FedAvg rounds over the client actors.
+
+Each round it samples sites with a seeded generator, puts the global weights in the object store
+once, folds client results into a streaming weighted average as they arrive (``ray.wait``), evaluates
+the new global model on the held-out test split and logs the round into the ``server`` run through
+the same tracking path as the sites. A client that fails or times out does not fail the round while
+``min_clients`` results arrive; below that the round is tried again, then the job fails.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from fl_ray.actors.client import make_context
+from fl_ray.data import ArrayData
+from fl_ray.fedavg import StreamingAverage, sample_sites, weighted_metrics
+from fl_ray.learners import load_learner
+
+
+class RoundError(RuntimeError):
+    """A round in which fewer than ``min_clients`` sites returned a result, after every retry."""
+
+
+@ray.remote
+class ServerActor:
+    """The FedAvg server of one job."""
+
+    def __init__(self, config: dict[str, Any], test_data: ArrayData, num_classes: int,
+                 input_shape: tuple[int, ...], receiver: Any, clients: dict[str, Any]) -> None:
+        self.ctx, self.tracking = make_context("server", config, test_data, num_classes, input_shape, receiver,
+                                               config["resources"]["server_cpus"])
+        self.cfg = self.ctx.config
+        self.learner = load_learner(self.cfg.learner, self.cfg.learner_args)
+        self.learner.setup(self.ctx)
+        self.weights = self.learner.get_weights()
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.clients = clients
+
+    def run_round(self, round_: int) -> dict[str, Any]:
+        """Run round ``round_`` (1-based) and return its summary."""
+        start = time.perf_counter()
+        sampled = sample_sites(list(self.clients), self.cfg.clients_per_round, self.rng)
+        weights_ref = ray.put(self.weights)  # one copy in the object store, read by every sampled client
+        failures: dict[str, str] = {}
+        for attempt in range(1, self.cfg.round_retries + 2):
+            avg, results, failed = self._collect(weights_ref, sampled, round_)
+            failures.update({f"{site} (attempt {attempt})": why for site, why in failed.items()})
+            if avg.count >= min(self.cfg.min_clients, len(sampled)):
+                break
+        else:
+            self.tracking.mlflow.log_text(_failure_text(round_, failures), f"failures/round_{round_}.txt")
+            self.tracking.flush()
+            raise RoundError(f"round {round_}: fewer than min_clients={self.cfg.min_clients} of the sampled sites "
+                             f"{sampled} returned a result in {self.cfg.round_retries + 1} attempt(s); "
+                             f"failures: {failures}")
+        self.weights = avg.result()
+        self.ctx.round = round_
+        global_metrics = self.learner.evaluate(self.weights, self.ctx)
+        client_mean = weighted_metrics([(r["metrics"], r["num_samples"]) for r in results.values()])
+        logged = {f"global_{k}": v for k, v in global_metrics.items()}
+        logged.update({f"clients_{k}": v for k, v in client_mean.items()})
+        logged.update({"sites_completed": float(len(results)), "sites_failed": float(len(failures))})
+        self.tracking.mlflow.log_metrics(logged, step=round_)
+        if failures:
+            self.tracking.mlflow.log_text(_failure_text(round_, failures), f"failures/round_{round_}.txt")
+        self.tracking.flush()
+        return {"round": round_, "sampled": sampled, "completed": sorted(results), "failures": failures,
+                "global": global_metrics, "client_mean": client_mean, "clients": results,
+                "seconds": time.perf_counter() - start}
+
+    def _collect(self, weights_ref: Any, sites: list[str], round_: int):
+        pending = {self.clients[s].train.remote(weights_ref, round_): s for s in sites}
+        avg, results, failed = StreamingAverage(), {}, {}
+        deadline = None if self.cfg.round_timeout is None else time.monotonic() + self.cfg.round_timeout
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                break
+            site = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                failed[site] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                continue
+            avg.add(result.pop("weights"), result["num_samples"])
+            results[site] = result
+            grace = self.cfg.wait_after_min_results
+            if grace is not None and avg.count == self.cfg.min_clients:
+                deadline = min(time.monotonic() + grace, deadline or float("inf"))
+        for ref, site in pending.items():
+            failed[site] = "timed out (straggler): no result within the round's time limit"
+            ray.cancel(ref)
+        return avg, results, failed
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The current global weights."""
+        return self.weights
+
+    def close(self, timeout: float) -> dict[str, int]:
+        """Deliver the server's tracking records and stop."""
+        return self.tracking.close(timeout)
+
+
+def _failure_text(round_: int, failures: dict[str, str]) -> str:
+    return "\n".join([f"round {round_}: {len(failures)} client failure(s)"] +
+                     [f"{site}: {why}" for site, why in sorted(failures.items())]) + "\n"

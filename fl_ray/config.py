@@ -1,0 +1,241 @@
+"""JobConfig: the typed, validated description of a federated job.
+
+Loaded from YAML (``load_config``), overridable with dotted ``KEY=VALUE`` pairs typed by the schema,
+and checked completely before Ray starts: an unknown key, a wrong type or an impossible value raises
+:class:`ConfigError`, whose message names the field, the value and what was expected. This module
+imports no Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedavg_digits.yaml"
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; the message names each bad field, value and expectation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    """Which data, where it lives, and how it is split across sites."""
+
+    name: Literal["digits", "cifar10", "synthetic"] = "digits"
+    root: str | None = Field(default=None, description="local folder of the data (cifar10)")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (smaller: more skewed)")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
+    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
+    num_samples: int = Field(default=2000, ge=10, description="size of the synthetic dataset")
+
+
+class ResourcesConfig(_Strict):
+    """What each client actor asks Ray for, and how clients are placed on the cluster."""
+
+    client_cpus: float = Field(default=0.5, gt=0)
+    client_gpus: float = Field(default=0.0, ge=0)
+    placement: Literal["spread", "pack"] = "spread"
+    server_cpus: float = Field(default=0.5, ge=0)
+    max_client_restarts: int = Field(default=2, ge=0, description="Ray restarts of a failed client actor")
+    schedule_timeout: float = Field(default=60.0, gt=0,
+                                    description="seconds to wait for Ray to place all actors before failing")
+
+    @field_validator("client_gpus")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"a fraction of a GPU must be at most 1, or a whole number of GPUs; got {v}")
+        return v
+
+
+class ReceiverConfig(BaseModel):
+    """One tracking back end: ``type`` plus the receiver's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="mlflow, tensorboard, wandb, memory, or package.module:Class")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        from fl_ray.receivers.base import BUILTIN_RECEIVERS
+
+        if v not in BUILTIN_RECEIVERS and ":" not in v:
+            raise ValueError(f"unknown receiver type {v!r}; expected one of "
+                             f"{', '.join(sorted(BUILTIN_RECEIVERS))} or 'package.module:Class'")
+        return v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The receiver's constructor parameters."""
+        return dict(self.model_extra or {})
+
+
+class TrackingConfig(_Strict):
+    """Where tracking records go and how clients batch them."""
+
+    receivers: list[ReceiverConfig] = Field(default_factory=lambda: [ReceiverConfig(type="mlflow")])
+    batch_size: int = Field(default=1000, ge=1, description="events per batch sent to the receiver actor")
+    flush_interval: float = Field(default=0.2, gt=0, description="seconds between sends of a partial batch")
+    max_in_flight: int = Field(default=4, ge=1, description="unacknowledged batches per site")
+    credentials: dict[str, str] = Field(
+        default_factory=dict,
+        description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD)",
+    )
+    close_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
+
+    @field_validator("credentials")
+    @classmethod
+    def _known_credentials(cls, v: dict[str, str]) -> dict[str, str]:
+        from fl_ray.tracking.credentials import CREDENTIAL_VARS
+
+        unknown = sorted(set(v) - set(CREDENTIAL_VARS))
+        if unknown:
+            raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
+        return v
+
+
+class JobConfig(_Strict):
+    """A federated averaging job."""
+
+    name: str = Field(default="fedavg", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    num_rounds: int = Field(default=3, ge=1)
+    sites: Union[int, list[str]] = Field(default=2, description="a count, or the site names")
+    min_clients: int = Field(default=1, ge=1)
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    round_timeout: float | None = Field(default=None, gt=0, description="seconds a round waits for clients")
+    wait_after_min_results: float | None = Field(
+        default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest")
+    round_retries: int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
+    learner: str = "fl_ray.learners:ImageClassificationLearner"
+    learner_args: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: int | list[str]) -> int | list[str]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError(f"need at least one site, got {v}")
+            return v
+        if not v:
+            raise ValueError("the list of site names is empty")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {dup}")
+        bad = [s for s in v if s == "server" or not s or not all(c.isalnum() or c in "-_." for c in s)]
+        if bad:
+            raise ValueError(f"invalid site name(s) {bad}: use letters, digits, '-', '_' or '.', and not 'server'")
+        return v
+
+    @field_validator("learner")
+    @classmethod
+    def _learner_path(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"expected an import path 'package.module:Class', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        n = len(self.site_names)
+        if self.min_clients > n:
+            raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")
+        if self.dataset.name == "cifar10" and not self.dataset.root:
+            raise ValueError("dataset.root: cifar10 needs the folder that holds it (see scripts/prepare_data.py)")
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        """The sites, by name (``site-1`` … when ``sites`` is a count)."""
+        if isinstance(self.sites, int):
+            return [f"site-{i}" for i in range(1, self.sites + 1)]
+        return list(self.sites)
+
+    @property
+    def clients_per_round(self) -> int:
+        """``max(min_clients, ceil(sample_fraction * sites))``."""
+        n = len(self.site_names)
+        return min(n, max(self.min_clients, math.ceil(self.sample_fraction * n)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what config.yaml holds)."""
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[")))
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) and e["type"] not in ("extra_forbidden",) else f" (got {value!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key{shown}; check the spelling against the documented keys")
+        else:
+            lines.append(f"  {loc or 'config'}: {msg}{shown}")
+    return "invalid job config:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def parse_config(data: dict[str, Any]) -> JobConfig:
+    """Validate plain data as a JobConfig, raising ConfigError with every problem found."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid job config: expected a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML, then typed by the schema)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. dataset.alpha=0.3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value {raw!r} is not valid YAML: {exc}") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} holds {child!r}, not a section with keys")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job config (default: configs/fedavg_digits.yaml) and apply ``--set`` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return parse_config(apply_overrides(data, overrides or []))
+

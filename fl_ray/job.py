@@ -1,0 +1,218 @@
+"""run_job: start Ray (or join a cluster), start the job's actors, run the rounds, write the results.
+
+The job directory ``<workspace>/<job_id>`` gets ``config.yaml`` (the resolved config) before anything
+runs and ``result.json`` at the end, whatever the outcome: per-round global metrics, per-site sample
+counts and results, the final metrics and where the tracking records went.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
+from fl_ray.data import load_dataset, partition
+from fl_ray.metadata import run_tags
+from fl_ray.progress import RoundProgress
+from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
+from fl_ray.tracking.credentials import receiver_env
+
+log = logging.getLogger(__name__)
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot place what the job asks for."""
+
+
+@dataclass
+class JobResult:
+    """The outcome of :func:`run_job`: where the job wrote, its status and metrics."""
+
+    job_id: str
+    job_dir: Path
+    status: str
+    rounds: list[dict[str, Any]]
+    final_metrics: dict[str, float]
+    tracking: dict[str, Any]
+    sites: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of result.json."""
+        return {"job_id": self.job_id, "job_dir": str(self.job_dir), "status": self.status, "error": self.error,
+                "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
+                "tracking": self.tracking}
+
+
+def new_job_id(name: str) -> str:
+    """``<name>-<UTC timestamp>``, unique to the millisecond."""
+    return f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S-%f')[:-3]}"
+
+
+def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobConfig:
+    if isinstance(config, JobConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(config)
+
+
+def _check_receivers(cfg: JobConfig) -> None:
+    for i, spec in enumerate(cfg.tracking.receivers):
+        try:
+            build_receiver(spec.type, spec.params)
+        except (TypeError, ValueError, ImportError) as exc:
+            raise ConfigError(f"invalid job config:\n  tracking.receivers.{i} ({spec.type}): {exc}") from None
+
+
+def _init_ray(address: str | None) -> bool:
+    """Start or join Ray unless this process already did; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+    return True
+
+
+def _check_resources(cfg: JobConfig) -> None:
+    n = len(cfg.site_names)
+    asked = {"CPU": n * cfg.resources.client_cpus + cfg.resources.server_cpus, "GPU": n * cfg.resources.client_gpus}
+    have = ray.cluster_resources()
+    short = {k: v for k, v in asked.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        raise ResourceError(
+            "the cluster cannot place this job: asked for "
+            + ", ".join(f"{v:g} {k} ({n} sites x {cfg.resources.client_cpus if k == 'CPU' else cfg.resources.client_gpus:g}"
+                        + (f" + server {cfg.resources.server_cpus:g}" if k == "CPU" else "") + ")"
+                        for k, v in short.items())
+            + f"; the cluster has {', '.join(f'{have.get(k, 0.0):g} {k}' for k in short)}. "
+            "Lower resources.client_cpus / client_gpus or add nodes."
+        )
+
+
+def _wait_placed(actors: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
+    refs = {name: a.info.remote() for name, a in actors.items()}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.resources.schedule_timeout)
+    if pending:
+        missing = [name for name, ref in refs.items() if ref in pending]
+        raise ResourceError(
+            f"{len(missing)} site(s) could not be placed within resources.schedule_timeout="
+            f"{cfg.resources.schedule_timeout:g} s: {missing}. Each asks for {cfg.resources.client_cpus:g} CPU and "
+            f"{cfg.resources.client_gpus:g} GPU; available now: {ray.available_resources()}"
+        )
+    return {name: ray.get(ref) for name, ref in refs.items()}
+
+
+def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, workspace: str | Path = "workspace",
+            address: str | None = None, *, show_progress: bool = True) -> JobResult:
+    """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
+
+    ``config`` is a JobConfig, a dict, or a YAML path (default: configs/fedavg_digits.yaml).
+    ``address`` joins an existing Ray cluster (``RAY_ADDRESS`` does too); otherwise Ray starts locally.
+    Raises ConfigError for a bad config before Ray starts.
+    """
+    from fl_ray.actors.client import ClientActor
+    from fl_ray.actors.receiver import start_receiver
+    from fl_ray.actors.server import ServerActor
+
+    cfg = _as_config(config)
+    _check_receivers(cfg)
+    workspace = Path(workspace).resolve()
+    job_id = new_job_id(cfg.name)
+    job_dir = workspace / job_id
+    job_dir.mkdir(parents=True)
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    sites = cfg.site_names
+
+    owns_ray = _init_ray(address)
+    started = time.time()
+    rounds: list[dict[str, Any]] = []
+    site_info: dict[str, Any] = {}
+    tracking: dict[str, Any] = {}
+    status, error = FAILED, None
+    receiver = server = None
+    clients: dict[str, Any] = {}
+    try:
+        _check_resources(cfg)
+        dataset = load_dataset(cfg.dataset, cfg.seed)
+        parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
+        ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=workspace,
+                              sites=tuple(sites), config=cfg.to_dict(), tags=run_tags(job_id))
+        receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
+                                  receiver_env(cfg.tracking.credentials))
+        config_dict = cfg.to_dict()
+        strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
+        for site, idx in zip(sites, parts):
+            clients[site] = ClientActor.options(
+                num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
+                max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
+                name=f"fl_ray-{job_id}-{site}",
+            ).remote(site, config_dict, ray.put(dataset.train.subset(idx)), dataset.num_classes,
+                     dataset.input_shape, receiver)
+        placed = _wait_placed(clients, cfg)
+        site_info = {s: {"num_samples": int(len(idx)), "node_id": placed[s]["node_id"], "device": placed[s]["device"]}
+                     for s, idx in zip(sites, parts)}
+        server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server").remote(
+            config_dict, dataset.test, dataset.num_classes, dataset.input_shape, receiver, clients)
+        with RoundProgress(job_id, cfg.num_rounds, enabled=show_progress) as progress:
+            for r in range(1, cfg.num_rounds + 1):
+                summary = ray.get(server.run_round.remote(r))
+                rounds.append(summary)
+                progress.round_done(summary)
+        status = FINISHED
+    except KeyboardInterrupt:
+        status, error = KILLED, "interrupted"
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        tracking = _close(cfg, receiver, server, clients, status)
+        result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
+                           tracking, site_info, error)
+        result_data = result.to_dict()
+        result_data["seconds"] = round(time.time() - started, 3)
+        (job_dir / "result.json").write_text(json.dumps(result_data, indent=2, default=_json_default))
+        if owns_ray:
+            ray.shutdown()
+    return result
+
+
+def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str) -> dict[str, Any]:
+    """Flush every site's tracking, then let the receiver actor deliver and end the runs."""
+    timeout = cfg.tracking.close_timeout
+    senders: dict[str, Any] = {}
+    refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
+    for name, ref in refs.items():
+        try:
+            senders[name] = ray.get(ref, timeout=timeout + 10)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+    if receiver is None:
+        return {"senders": senders}
+    report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+    report["senders"] = senders
+    mlflow_reports = [r for r in report["receivers"].values() if "run_ids" in r]
+    if mlflow_reports:
+        report["mlflow"] = mlflow_reports[0]
+    return report
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

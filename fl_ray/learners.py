@@ -1,0 +1,199 @@
+"""The Learner protocol (what a site runs each round) and the built-in image-classification learner.
+
+A learner is a class named in the config by import path (``learner: package.module:Class``) and
+built with ``Class(**learner_args)``. Each client actor builds one and calls, in order:
+
+* ``setup(ctx)`` once: build the model (on ``ctx.device``) and prepare ``ctx.data``, the site's
+  training partition. The server actor builds one too, with ``ctx.site == "server"`` and the
+  held-out test split as ``ctx.data``, to evaluate the global model.
+* ``get_weights()``: the model's state as a dict of NumPy arrays (the server takes the initial
+  global weights from its own learner).
+* ``train(weights, ctx)`` each round the site is sampled: load the global ``weights``, train locally,
+  return a :class:`TrainResult` (new weights, the sample count used to weight the average, metrics).
+* ``evaluate(weights, ctx)``: metrics of ``weights`` on ``ctx.data`` (the server logs these).
+
+``ctx.round`` is the current round (1-based); ``ctx.mlflow``, ``ctx.tensorboard`` and ``ctx.wandb``
+are the site's writers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_ray.data import ArrayData
+from fl_ray.importing import import_object
+from fl_ray.models import build_model
+
+if TYPE_CHECKING:
+    from fl_ray.config import JobConfig
+    from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
+
+
+@dataclass
+class LearnerContext:
+    """What a learner knows about where and when it runs."""
+
+    site: str
+    device: torch.device
+    config: JobConfig
+    data: ArrayData
+    num_classes: int
+    input_shape: tuple[int, ...]
+    round: int = 0
+    mlflow: MLflowWriter | None = None
+    tensorboard: SummaryWriter | None = None
+    wandb: WandBWriter | None = None
+
+    @property
+    def seed(self) -> int:
+        """A seed for this site and round, derived from the job's seed."""
+        return int(np.random.SeedSequence([self.config.seed, _site_number(self.site), self.round]).generate_state(1)[0])
+
+
+@dataclass
+class TrainResult:
+    """What ``Learner.train`` returns."""
+
+    weights: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Learner(ABC):
+    """Local training and evaluation for one site; see the module docstring for the call order."""
+
+    def setup(self, ctx: LearnerContext) -> None:
+        """Build the model and prepare data; called once per actor."""
+
+    @abstractmethod
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The current model state as NumPy arrays."""
+
+    @abstractmethod
+    def train(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> TrainResult:
+        """Train from ``weights`` on the site's data; return the new weights, sample count and metrics."""
+
+    @abstractmethod
+    def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
+        """Metrics of ``weights`` on ``ctx.data``."""
+
+
+def model_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """A module's state dict as NumPy arrays (on the CPU)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    """Load NumPy ``weights`` into ``model`` (read-only arrays from the object store are fine)."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def _site_number(site: str) -> int:
+    return int.from_bytes(site.encode()[-8:].rjust(8, b"\0"), "big")
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.uint8:  # CIFAR-10 images: to [-1, 1], as hello-pt normalizes them
+        return (x.float() / 255.0 - 0.5) / 0.5
+    return x
+
+
+class ImageClassificationLearner(Learner):
+    """SGD on an image classifier from :mod:`fl_ray.models`, logging like a plain MLflow script.
+
+    Logs the hyper-parameters once per site, ``train_loss`` every ``log_every`` batches and
+    ``val_accuracy`` after each local epoch (on the site's validation share), with steps that
+    continue across rounds.
+    """
+
+    def __init__(self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10) -> None:
+        self.model_name = model
+        self.momentum = momentum
+        self.log_every = log_every
+
+    def setup(self, ctx: LearnerContext) -> None:
+        torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
+        self.device = ctx.device
+        self.model = build_model(self.model_name, ctx.input_shape, ctx.num_classes).to(self.device)
+        x = torch.from_numpy(np.asarray(ctx.data.x))
+        y = torch.from_numpy(np.asarray(ctx.data.y))
+        n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
+        self.val = (x[order[:n_val]], y[order[:n_val]])
+        self.train_data = (x[order[n_val:]], y[order[n_val:]])
+        if ctx.mlflow is not None and ctx.site != "server":
+            cfg = ctx.config
+            ctx.mlflow.log_params({"model": self.model_name, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                   "local_epochs": cfg.local_epochs, "momentum": self.momentum,
+                                   "train_samples": len(self.train_data[1]), "val_samples": n_val,
+                                   "device": str(self.device)})
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return model_weights(self.model)
+
+    def train(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> TrainResult:
+        cfg = ctx.config
+        load_weights(self.model, weights)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=self.momentum)
+        loss_fn = nn.CrossEntropyLoss()
+        x, y = self.train_data
+        gen = torch.Generator().manual_seed(ctx.seed)
+        losses: list[float] = []
+        val_acc = float("nan")
+        self.model.train()
+        for _ in range(cfg.local_epochs):
+            running = 0.0
+            for i, idx in enumerate(torch.randperm(len(y), generator=gen).split(cfg.batch_size)):
+                xb, yb = _as_input(x[idx]).to(self.device), y[idx].to(self.device)
+                optimizer.zero_grad()
+                loss = loss_fn(self.model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                running += loss.item()
+                losses.append(loss.item())
+                if ctx.mlflow is not None and (i + 1) % self.log_every == 0:
+                    ctx.mlflow.log_metric("train_loss", running / self.log_every)
+                    running = 0.0
+            if len(self.val[1]):
+                val_acc = self._score(self.val)["accuracy"]
+                if ctx.mlflow is not None:
+                    ctx.mlflow.log_metric("val_accuracy", val_acc)
+                self.model.train()
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
+        if len(self.val[1]):
+            metrics["val_accuracy"] = val_acc
+        return TrainResult(self.get_weights(), len(y), metrics)
+
+    def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
+        load_weights(self.model, weights)
+        return self._score(self.train_data if ctx.site == "server" else self.val)
+
+    @torch.no_grad()
+    def _score(self, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        self.model.eval()
+        x, y = data
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(y), 1024):
+            xb, yb = _as_input(x[start:start + 1024]).to(self.device), y[start:start + 1024].to(self.device)
+            out = self.model(xb)
+            loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(1) == yb).sum().item()
+        n = max(1, len(y))
+        return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+def load_learner(path: str, args: dict[str, Any]) -> Learner:
+    """Build the learner class at import ``path`` with ``args``; errors name the config field."""
+    cls = import_object(path, "learner")
+    if not (isinstance(cls, type) and issubclass(cls, Learner)):
+        raise TypeError(f"learner: {path!r} is not a subclass of fl_ray.Learner")
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise TypeError(f"learner_args: {args!r} do not fit {path}: {exc}") from None

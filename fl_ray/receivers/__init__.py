@@ -1,0 +1,1 @@
+"""Receivers: the tracking back ends (MLflow, TensorBoard, W&B) behind the Receiver protocol."""

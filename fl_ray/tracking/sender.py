@@ -1,0 +1,195 @@
+"""EventSender: the transport between a site's writers and the receiver actor.
+
+A writer call ends in :meth:`EventSender.record`, which stamps the event with the site and the next
+sequence number and appends it to a buffer: no network, no Ray call. A background thread ships the
+buffer to the receiver actor in batches, when ``batch_size`` events are waiting or every
+``flush_interval`` seconds, keeping at most ``max_in_flight`` batches unacknowledged. A batch is sent
+again until the receiver actor acknowledges it (the receiver drops duplicates by ``(site, seq)``), so
+a receiver-actor restart loses nothing. When the buffer is full (``max_buffered``), ``record`` waits:
+back-pressure instead of unbounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from fl_ray.tracking.events import EventKind, TrackingEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SenderStats:
+    """Counters of one sender, for result.json and benchmarks."""
+
+    recorded: int = 0
+    acknowledged: int = 0
+    batches_sent: int = 0
+    retries: int = 0
+
+
+class EventSender:
+    """Buffers one site's events and delivers them to the receiver actor, at least once, in batches."""
+
+    def __init__(
+        self,
+        site: str,
+        receiver: Any,
+        *,
+        batch_size: int = 1000,
+        flush_interval: float = 0.2,
+        max_in_flight: int = 4,
+        max_buffered: int = 50_000,
+        first_seq: int = 0,
+        steps: dict[str, int] | None = None,
+    ) -> None:
+        self.site = site
+        self._receiver = receiver
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_in_flight = max_in_flight
+        self._max_buffered = max(max_buffered, batch_size)
+        self._seq = first_seq
+        self._next_step: dict[str, int] = dict(steps or {})
+        self._buffer: list[TrackingEvent] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._in_flight: deque[tuple[Any, list[TrackingEvent]]] = deque()
+        self._closed = False
+        self.stats = SenderStats()
+        self._thread = threading.Thread(target=self._run, name=f"fl_ray-sender-{site}", daemon=True)
+        self._thread.start()
+
+    # -- hot path -----------------------------------------------------------------------------------
+    def record(self, kind: EventKind, key: str, value: Any, step: int | None, timestamp: int,
+               group: str | None = None) -> None:
+        """Append one validated event to the buffer (waits only when the buffer is full)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"tracking for site {self.site!r} is closed; no more records are accepted")
+            while len(self._buffer) >= self._max_buffered:
+                self._cond.notify_all()
+                self._cond.wait(0.05)
+            self._buffer.append(TrackingEvent(self.site, self._seq, kind, key, value, step, timestamp, group))
+            self._seq += 1
+            self.stats.recorded += 1
+            if len(self._buffer) == self._batch_size:
+                self._cond.notify_all()
+
+    def next_step(self, key: str, explicit: int | None = None) -> int:
+        """The step to use for ``key``: ``explicit`` when given, else one past the largest so far.
+
+        Counters are per site and key and never restart, so curves continue across rounds.
+        """
+        if explicit is None:
+            step = self._next_step.get(key, 0)
+        else:
+            step = explicit
+            if step < self._next_step.get(key, 0):
+                return step
+        self._next_step[key] = step + 1
+        return step
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """The next automatic step of every key (to carry over to a restarted site)."""
+        return dict(self._next_step)
+
+    # -- delivery -----------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> int:
+        """Send everything buffered and wait for the receiver to acknowledge it.
+
+        Returns the number of events still unacknowledged (0 unless ``timeout`` ran out).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drain(everything=True, deadline=deadline)
+        with self._cond:
+            return len(self._buffer) + sum(len(b) for _, b in self._in_flight)
+
+    def close(self, timeout: float | None = 60.0) -> int:
+        """Flush, stop the background thread and refuse further records; returns events not delivered."""
+        left = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        return left
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                if len(self._buffer) < self._batch_size:
+                    self._cond.wait(self._flush_interval)
+                if self._closed:
+                    return
+            try:
+                self._drain(everything=True, deadline=None, wait_acks=False)
+            except Exception:  # the thread must outlive any one failure; the batch stays queued
+                log.exception("site %s: sending tracking events failed; will retry", self.site)
+                time.sleep(self._flush_interval)
+
+    def _drain(self, everything: bool, deadline: float | None, wait_acks: bool = True) -> None:
+        with self._send_lock:
+            while True:
+                with self._cond:
+                    if not self._buffer or (not everything and len(self._buffer) < self._batch_size):
+                        break
+                    batch = self._buffer[: self._batch_size]
+                    del self._buffer[: self._batch_size]
+                    self._cond.notify_all()
+                while len(self._in_flight) >= self._max_in_flight:
+                    self._reap_oldest(deadline)
+                self._submit(batch)
+            if wait_acks:
+                while self._in_flight:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+                    self._reap_oldest(deadline)
+            else:
+                self._reap_ready()
+
+    def _submit(self, batch: list[TrackingEvent]) -> None:
+        self._in_flight.append((self._receiver.submit.remote(self.site, batch), batch))
+        self.stats.batches_sent += 1
+
+    def _reap_ready(self) -> None:
+        while self._in_flight:
+            ready, _ = ray.wait([self._in_flight[0][0]], timeout=0)
+            if not ready:
+                return
+            self._reap_oldest(None)
+
+    def _reap_oldest(self, deadline: float | None) -> None:
+        ref, batch = self._in_flight[0]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait([ref], timeout=timeout)
+        if not ready:
+            return
+        self._in_flight.popleft()
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                ray.exceptions.RayTaskError) as exc:
+            # The receiver actor died or is restarting: send the same batch again; it drops duplicates.
+            self.stats.retries += 1
+            log.warning("site %s: batch of %d events not acknowledged (%s); resending",
+                        self.site, len(batch), type(exc).__name__)
+            time.sleep(min(2.0, 0.1 * self.stats.retries))
+            self._in_flight.appendleft((self._receiver.submit.remote(self.site, batch), batch))
+            return
+        self.stats.acknowledged += len(batch)
+
+    @property
+    def pending(self) -> int:
+        """Events recorded but not yet acknowledged."""
+        with self._cond:
+            return len(self._buffer) + sum(len(b) for _, b in self._in_flight)

@@ -1,0 +1,34 @@
+"""SiteTracking: one site's sender and its three writers, as a client or the server holds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from fl_ray.config import TrackingConfig
+from fl_ray.tracking.sender import EventSender
+from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
+
+
+class SiteTracking:
+    """The tracking endpoint of one site: ``mlflow``, ``tensorboard`` and ``wandb`` writers on one sender."""
+
+    def __init__(self, site: str, receiver: Any, cfg: TrackingConfig) -> None:
+        first_seq, steps = ray.get(receiver.open_site.remote(site))
+        self.sender = EventSender(site, receiver, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                                  max_in_flight=cfg.max_in_flight, first_seq=first_seq, steps=steps)
+        self.mlflow = MLflowWriter(self.sender)
+        self.tensorboard = SummaryWriter(self.sender)
+        self.wandb = WandBWriter(self.sender)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Deliver everything recorded so far to the receiver actor; returns events left unacknowledged."""
+        return self.sender.flush(timeout)
+
+    def close(self, timeout: float | None = 60.0) -> dict[str, int]:
+        """Flush and stop; returns the sender's counters and what was left undelivered."""
+        left = self.sender.close(timeout)
+        stats = self.sender.stats
+        return {"recorded": stats.recorded, "acknowledged": stats.acknowledged, "retries": stats.retries,
+                "undelivered": left}
