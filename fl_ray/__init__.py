@@ -1,31 +1,47 @@
-"""fl_ray: federated learning on Ray, with every site's tracking delivered through the server."""
+"""fl_ray: federated learning on Ray, with every site's tracking delivered through the server.
+
+The public names below load on first use, so that ``fl_ray.config`` (and a command line that only
+checks a config) does not pay for importing Ray and torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from fl_ray.config import ConfigError, JobConfig, load_config
-from fl_ray.job import JobResult, run_job
-from fl_ray.learners import ImageClassificationLearner, Learner, LearnerContext, TrainResult
-from fl_ray.receivers.base import MemoryReceiver, Receiver, ReceiverContext
-from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
+_EXPORTS = {
+    "ConfigError": "fl_ray.config",
+    "EventKind": "fl_ray.tracking.events",
+    "ImageClassificationLearner": "fl_ray.learners",
+    "JobConfig": "fl_ray.config",
+    "JobResult": "fl_ray.job",
+    "Learner": "fl_ray.learners",
+    "LearnerContext": "fl_ray.learners",
+    "MLflowWriter": "fl_ray.tracking.writers",
+    "MemoryReceiver": "fl_ray.receivers.base",
+    "Receiver": "fl_ray.receivers.base",
+    "ReceiverContext": "fl_ray.receivers.base",
+    "SummaryWriter": "fl_ray.tracking.writers",
+    "TrackingEvent": "fl_ray.tracking.events",
+    "TrainResult": "fl_ray.learners",
+    "WandBWriter": "fl_ray.tracking.writers",
+    "load_config": "fl_ray.config",
+    "run_job": "fl_ray.job",
+}
 
-__all__ = [
-    "ConfigError",
-    "EventKind",
-    "ImageClassificationLearner",
-    "JobConfig",
-    "JobResult",
-    "Learner",
-    "LearnerContext",
-    "MLflowWriter",
-    "MemoryReceiver",
-    "Receiver",
-    "ReceiverContext",
-    "SummaryWriter",
-    "TrackingEvent",
-    "TrainResult",
-    "WandBWriter",
-    "__version__",
-    "load_config",
-    "run_job",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fl_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -127,3 +127,16 @@ def partition(cfg: DatasetConfig, labels: np.ndarray, num_sites: int, seed: int)
     if cfg.partition == "iid":
         return partition_iid(len(labels), num_sites, rng)
     return partition_dirichlet(labels, num_sites, cfg.alpha, rng)
+
+
+def site_data(cfg: DatasetConfig, seed: int, num_sites: int, site_index: int | None) -> tuple[ArrayData, Dataset]:
+    """What one site trains on (its partition of the training split), or the test split when
+    ``site_index`` is None (the server), with the dataset it came from.
+
+    Every site loads and partitions the data itself, the same way from the same seed, so nothing
+    large travels through Ray and a restarted site finds its data again.
+    """
+    dataset = load_dataset(cfg, seed)
+    if site_index is None:
+        return dataset.test, dataset
+    return dataset.train.subset(partition(cfg, dataset.train.y, num_sites, seed)[site_index]), dataset

@@ -22,6 +22,7 @@ import yaml
 
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
+from fl_ray.learners import learner_class
 from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
@@ -67,7 +68,12 @@ def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobCon
     return load_config(config)
 
 
-def _check_receivers(cfg: JobConfig) -> None:
+def _check_plugins(cfg: JobConfig) -> None:
+    """Import the learner and build each receiver once here, so a bad path or argument fails before Ray starts."""
+    try:
+        learner_class(cfg.learner)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid job config:\n  {exc}") from None
     for i, spec in enumerate(cfg.tracking.receivers):
         try:
             build_receiver(spec.type, spec.params)
@@ -124,17 +130,19 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     Raises ConfigError for a bad config before Ray starts.
     """
     from fl_ray.actors.client import ClientActor
-    from fl_ray.actors.receiver import start_receiver
+    from fl_ray.actors.receiver import receiver_actor_name, start_receiver
     from fl_ray.actors.server import ServerActor
 
     cfg = _as_config(config)
-    _check_receivers(cfg)
+    _check_plugins(cfg)
+    sites = cfg.site_names
+    dataset = load_dataset(cfg.dataset, cfg.seed)  # a missing dataset fails here, before Ray starts
+    parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
     workspace = Path(workspace).resolve()
     job_id = new_job_id(cfg.name)
     job_dir = workspace / job_id
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    sites = cfg.site_names
 
     owns_ray = _init_ray(address)
     started = time.time()
@@ -146,26 +154,23 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     clients: dict[str, Any] = {}
     try:
         _check_resources(cfg)
-        dataset = load_dataset(cfg.dataset, cfg.seed)
-        parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
         ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=workspace,
                               sites=tuple(sites), config=cfg.to_dict(), tags=run_tags(job_id))
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
                                   receiver_env(cfg.tracking.credentials))
         config_dict = cfg.to_dict()
         strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
-        for site, idx in zip(sites, parts):
+        for index, site in enumerate(sites):
             clients[site] = ClientActor.options(
                 num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
                 max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
                 name=f"fl_ray-{job_id}-{site}",
-            ).remote(site, config_dict, ray.put(dataset.train.subset(idx)), dataset.num_classes,
-                     dataset.input_shape, receiver)
+            ).remote(site, index, config_dict, receiver_actor_name(job_id))
         placed = _wait_placed(clients, cfg)
         site_info = {s: {"num_samples": int(len(idx)), "node_id": placed[s]["node_id"], "device": placed[s]["device"]}
                      for s, idx in zip(sites, parts)}
         server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server").remote(
-            config_dict, dataset.test, dataset.num_classes, dataset.input_shape, receiver, clients)
+            config_dict, receiver_actor_name(job_id), clients)
         with RoundProgress(job_id, cfg.num_rounds, enabled=show_progress) as progress:
             for r in range(1, cfg.num_rounds + 1):
                 summary = ray.get(server.run_round.remote(r))
@@ -200,9 +205,15 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
             senders[name] = ray.get(ref, timeout=timeout + 10)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+    for actor in [*clients.values(), server]:
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
     if receiver is None:
         return {"senders": senders}
-    report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+    try:
+        report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+    finally:
+        ray.kill(receiver, no_restart=True)
     report["senders"] = senders
     mlflow_reports = [r for r in report["receivers"].values() if "run_ids" in r]
     if mlflow_reports:

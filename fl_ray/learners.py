@@ -121,8 +121,8 @@ class ImageClassificationLearner(Learner):
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
         self.device = ctx.device
         self.model = build_model(self.model_name, ctx.input_shape, ctx.num_classes).to(self.device)
-        x = torch.from_numpy(np.asarray(ctx.data.x))
-        y = torch.from_numpy(np.asarray(ctx.data.y))
+        x = torch.from_numpy(np.array(ctx.data.x))
+        y = torch.from_numpy(np.array(ctx.data.y))
         n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
         self.val = (x[order[:n_val]], y[order[:n_val]])
@@ -188,11 +188,17 @@ class ImageClassificationLearner(Learner):
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
-def load_learner(path: str, args: dict[str, Any]) -> Learner:
-    """Build the learner class at import ``path`` with ``args``; errors name the config field."""
+def learner_class(path: str) -> type[Learner]:
+    """The Learner subclass at import ``path``; ValueError/TypeError name the config field if it is not one."""
     cls = import_object(path, "learner")
     if not (isinstance(cls, type) and issubclass(cls, Learner)):
         raise TypeError(f"learner: {path!r} is not a subclass of fl_ray.Learner")
+    return cls
+
+
+def load_learner(path: str, args: dict[str, Any]) -> Learner:
+    """Build the learner class at import ``path`` with ``args``; errors name the config field."""
+    cls = learner_class(path)
     try:
         return cls(**args)
     except TypeError as exc:

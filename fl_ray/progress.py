@@ -15,11 +15,12 @@ class RoundProgress:
     def __init__(self, job_id: str, num_rounds: int, enabled: bool = True, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self._progress = Progress(
-            TextColumn("[bold]{task.fields[job]}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
-            TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
+            BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
             console=self.console, disable=not enabled, transient=False,
         )
-        self._task = self._progress.add_task("", total=num_rounds, job=job_id, last="starting…")
+        if enabled:
+            self.console.print(f"[bold]{job_id}[/]: {num_rounds} round(s)", highlight=False)
+        self._task = self._progress.add_task("", total=num_rounds, last="starting sites…")
 
     def __enter__(self) -> RoundProgress:
         self._progress.start()

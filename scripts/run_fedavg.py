@@ -13,8 +13,6 @@ import sys
 from rich.console import Console
 
 from fl_ray.config import DEFAULT_CONFIG, ConfigError, load_config
-from fl_ray.job import run_job
-from fl_ray.progress import summary_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    from fl_ray.job import run_job  # Ray and torch load only once the config is known to be good
+    from fl_ray.progress import summary_table
+
     try:
         result = run_job(cfg, workspace=args.workspace, address=args.address, show_progress=not args.quiet)
     except ConfigError as exc:

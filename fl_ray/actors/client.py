@@ -15,7 +15,7 @@ import ray
 import torch
 
 from fl_ray.config import JobConfig
-from fl_ray.data import ArrayData
+from fl_ray.data import site_data
 from fl_ray.learners import LearnerContext, load_learner
 from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
 from fl_ray.tracking.site import SiteTracking
@@ -28,15 +28,20 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_context(site: str, config: dict[str, Any], data: ArrayData, num_classes: int,
-                 input_shape: tuple[int, ...], receiver: Any, cpus: float) -> tuple[LearnerContext, SiteTracking]:
-    """Shared start-up of client and server actors: no credentials, threads, device, tracking, context."""
+def make_context(site: str, site_index: int | None, config: dict[str, Any], receiver_name: str,
+                 cpus: float) -> tuple[LearnerContext, SiteTracking]:
+    """Shared start-up of client and server actors: no credentials, threads, data, device, tracking.
+
+    The receiver actor is found by name (a handle as a constructor argument would keep Ray from
+    restarting the actor safely).
+    """
     drop_credentials()
     torch.set_num_threads(max(1, int(cpus)))
     cfg = JobConfig.model_validate(config)
-    tracking = SiteTracking(site, receiver, cfg.tracking)
-    ctx = LearnerContext(site=site, device=select_device(), config=cfg, data=data, num_classes=num_classes,
-                         input_shape=input_shape, mlflow=tracking.mlflow, tensorboard=tracking.tensorboard,
+    data, dataset = site_data(cfg.dataset, cfg.seed, len(cfg.site_names), site_index)
+    tracking = SiteTracking(site, ray.get_actor(receiver_name), cfg.tracking)
+    ctx = LearnerContext(site=site, device=select_device(), config=cfg, data=data, num_classes=dataset.num_classes,
+                         input_shape=dataset.input_shape, mlflow=tracking.mlflow, tensorboard=tracking.tensorboard,
                          wandb=tracking.wandb)
     return ctx, tracking
 
@@ -45,9 +50,8 @@ def make_context(site: str, config: dict[str, Any], data: ArrayData, num_classes
 class ClientActor:
     """A site: local training each round it is sampled."""
 
-    def __init__(self, site: str, config: dict[str, Any], data: ArrayData, num_classes: int,
-                 input_shape: tuple[int, ...], receiver: Any) -> None:
-        self.ctx, self.tracking = make_context(site, config, data, num_classes, input_shape, receiver,
+    def __init__(self, site: str, site_index: int, config: dict[str, Any], receiver_name: str) -> None:
+        self.ctx, self.tracking = make_context(site, site_index, config, receiver_name,
                                                config["resources"]["client_cpus"])
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)

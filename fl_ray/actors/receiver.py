@@ -8,6 +8,7 @@ environment variables.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -36,6 +37,7 @@ class ReceiverActor:
     """Accepts every site's tracking batches and fans them out to the configured receivers."""
 
     def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]]) -> None:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
                      for name, spec in zip(receiver_names(specs), specs)]
         self.hub = TrackingHub(ctx, receivers)
@@ -57,6 +59,11 @@ class ReceiverActor:
         return [k for k in CREDENTIAL_VARS if k in os.environ]
 
 
+def receiver_actor_name(job_id: str) -> str:
+    """The Ray name of a job's receiver actor (sites look it up by this name)."""
+    return f"fl_ray-receiver-{job_id}"
+
+
 def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: dict[str, str],
                    max_restarts: int = 5) -> Any:
     """Start the job's receiver actor on this (the driver's) node, with the credentials in its env."""
@@ -65,7 +72,7 @@ def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credential
     return ReceiverActor.options(
         num_cpus=0,
         max_restarts=max_restarts,
-        name=f"fl_ray-receiver-{ctx.job_id}",
+        name=receiver_actor_name(ctx.job_id),
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         runtime_env={"env_vars": env},
     ).remote(ctx, specs)

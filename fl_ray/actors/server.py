@@ -16,7 +16,6 @@ import numpy as np
 import ray
 
 from fl_ray.actors.client import make_context
-from fl_ray.data import ArrayData
 from fl_ray.fedavg import StreamingAverage, sample_sites, weighted_metrics
 from fl_ray.learners import load_learner
 
@@ -29,9 +28,8 @@ class RoundError(RuntimeError):
 class ServerActor:
     """The FedAvg server of one job."""
 
-    def __init__(self, config: dict[str, Any], test_data: ArrayData, num_classes: int,
-                 input_shape: tuple[int, ...], receiver: Any, clients: dict[str, Any]) -> None:
-        self.ctx, self.tracking = make_context("server", config, test_data, num_classes, input_shape, receiver,
+    def __init__(self, config: dict[str, Any], receiver_name: str, clients: dict[str, Any]) -> None:
+        self.ctx, self.tracking = make_context("server", None, config, receiver_name,
                                                config["resources"]["server_cpus"])
         self.cfg = self.ctx.config
         self.learner = load_learner(self.cfg.learner, self.cfg.learner_args)

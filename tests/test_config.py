@@ -1,0 +1,94 @@
+"""Job config: defaults, overrides typed by the schema, and every bad input stopped before Ray starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fl_ray.config import DEFAULT_CONFIG, ConfigError, JobConfig, apply_overrides, load_config, parse_config
+
+from conftest import REPO
+
+
+def test_default_config_is_the_digits_job():
+    """configs/fedavg_digits.yaml: 2 sites, >= 3 rounds, digits, IID."""
+    cfg = load_config()
+    assert cfg.site_names == ["site-1", "site-2"]
+    assert cfg.num_rounds >= 3
+    assert cfg.dataset.name == "digits" and cfg.dataset.partition == "iid"
+
+
+def test_overrides_are_typed_by_the_schema():
+    """--set values are parsed as YAML and checked against the schema; dotted keys reach sections."""
+    cfg = load_config(DEFAULT_CONFIG, ["num_rounds=7", "dataset.partition=dirichlet", "dataset.alpha=0.3",
+                                       "sites=[a, b, c]", "resources.client_gpus=0.25"])
+    assert cfg.num_rounds == 7 and cfg.dataset.alpha == 0.3 and cfg.dataset.partition == "dirichlet"
+    assert cfg.site_names == ["a", "b", "c"] and cfg.resources.client_gpus == 0.25
+
+
+def test_clients_per_round_follows_min_clients_and_fraction():
+    """max(min_clients, ceil(sample_fraction * n))."""
+    assert JobConfig(sites=10, sample_fraction=0.25, min_clients=2).clients_per_round == 3
+    assert JobConfig(sites=10, sample_fraction=0.1, min_clients=4).clients_per_round == 4
+
+
+@pytest.mark.parametrize("data, field, value, expected", [
+    ({"num_rouns": 3}, "num_rouns", "3", "unknown key"),
+    ({"num_rounds": "many"}, "num_rounds", "'many'", "integer"),
+    ({"num_rounds": 0}, "num_rounds", "0", "greater than or equal to 1"),
+    ({"sites": 2, "min_clients": 3}, "min_clients", "3", "more than the 2 site"),
+    ({"sample_fraction": 0}, "sample_fraction", "0", "greater than 0"),
+    ({"sample_fraction": 1.5}, "sample_fraction", "1.5", "less than or equal to 1"),
+    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "'digits', 'cifar10' or 'synthetic'"),
+    ({"dataset": {"partition": "by-label"}}, "dataset.partition", "'by-label'", "'iid' or 'dirichlet'"),
+    ({"resources": {"client_cpus": -1}}, "resources.client_cpus", "-1", "greater than 0"),
+    ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),
+    ({"tracking": {"receivers": [{"type": "mlfow"}]}}, "tracking.receivers.0.type", "'mlfow'", "expected one of"),
+    ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
+])
+def test_bad_config_names_field_value_and_expectation(data, field, value, expected):
+    """Each bad input raises ConfigError naming the field, the value and what is expected."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    message = str(err.value)
+    assert field in message and value in message and expected in message, message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("num_rounds", "expected KEY=VALUE"),
+    ("num_rounds.x=1", "not a section"),
+])
+def test_malformed_overrides_are_config_errors(override, expected):
+    """A --set without '=' or into a scalar is refused with the override quoted."""
+    with pytest.raises(ConfigError, match=expected):
+        apply_overrides({"num_rounds": 3}, [override])
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_fedavg.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "num_rounds=0"], "num_rounds"),
+    (["--set", "min_clients=5"], "min_clients"),
+    (["--set", "sample_fraction=2"], "sample_fraction"),
+    (["--set", "dataset.name=imagenet"], "dataset.name"),
+    (["--set", "nonsense=1"], "nonsense"),
+    (["--config", "configs/does_not_exist.yaml"], "does_not_exist.yaml"),
+])
+def test_cli_bad_input_exits_2_before_ray_starts(tmp_path, args, field):
+    """The script prints the problem and exits with status 2, creating no job and starting no Ray."""
+    proc = _cli("--workspace", str(tmp_path / "ws"), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert field in proc.stderr
+    assert not (tmp_path / "ws").exists()
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_cli_help_documents_every_option():
+    """--help names every option."""
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for option in ("--config", "--workspace", "--address", "--set", "KEY=VALUE", "RAY_ADDRESS"):
+        assert option in proc.stdout

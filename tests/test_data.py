@@ -1,0 +1,112 @@
+"""Datasets and partitioning, including CIFAR-10 read by torchvision from a tiny CIFAR-format folder."""
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+
+from fl_ray.config import ConfigError, DatasetConfig
+from fl_ray.data import load_dataset, partition, partition_dirichlet, partition_iid, site_data
+
+
+def _assert_exact_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n
+    assert np.array_equal(np.sort(joined), np.arange(n))
+
+
+def test_iid_partition_covers_every_sample_once_and_is_seeded():
+    """IID: every sample at exactly one site, near-equal sizes, same seed same split."""
+    parts = partition_iid(1001, 4, np.random.default_rng(3))
+    _assert_exact_cover(parts, 1001)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    again = partition_iid(1001, 4, np.random.default_rng(3))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
+    """Dirichlet(0.1): exact cover, and label mixes far from uniform (vs. alpha=1000, near uniform)."""
+    labels = np.random.default_rng(0).integers(0, 10, size=3000)
+    skewed = partition_dirichlet(labels, 5, 0.1, np.random.default_rng(1))
+    even = partition_dirichlet(labels, 5, 1000.0, np.random.default_rng(1))
+    _assert_exact_cover(skewed, 3000)
+    _assert_exact_cover(even, 3000)
+
+    def max_share(parts):
+        return np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts])
+
+    assert max_share(skewed) > 0.4 > 0.15 > max_share(even)
+
+
+def test_too_many_sites_for_the_data_is_a_config_error():
+    """More sites than samples cannot be split."""
+    with pytest.raises(ConfigError, match="sites"):
+        partition_iid(3, 5, np.random.default_rng(0))
+
+
+def test_digits_is_offline_and_split_into_train_and_test():
+    """digits: scikit-learn's bundled data, 1x8x8 float inputs in [0, 1], a held-out test split."""
+    ds = load_dataset(DatasetConfig(name="digits", test_fraction=0.2), seed=0)
+    assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10
+    assert len(ds.train) + len(ds.test) == 1797
+    assert len(ds.test) == round(1797 * 0.2)
+    assert ds.train.x.dtype == np.float32 and 0.0 <= ds.train.x.min() and ds.train.x.max() <= 1.0
+
+
+def test_site_data_is_the_sites_partition():
+    """A site's data is its own partition; the server's is the test split."""
+    cfg = DatasetConfig(name="synthetic", num_samples=500)
+    ds = load_dataset(cfg, 5)
+    parts = partition(cfg, ds.train.y, 3, 5)
+    mine, _ = site_data(cfg, 5, 3, 1)
+    assert np.array_equal(mine.y, ds.train.y[parts[1]])
+    test, _ = site_data(cfg, 5, 3, None)
+    assert np.array_equal(test.x, ds.test.x)
+
+
+def _write_tiny_cifar(root, n_per_batch=6):
+    """Write a CIFAR-10-python folder of 5 train batches and a test batch, and return the files' md5s."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    md5 = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, size=n_per_batch).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    md5["batches.meta"] = hashlib.md5((folder / "batches.meta").read_bytes()).hexdigest()
+    return md5
+
+
+def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
+    """torchvision's CIFAR10 reads a tiny CIFAR-format folder; images come out uint8 NCHW with labels.
+
+    The test registers its own files' checksums with torchvision (the real ones are for the real
+    dataset); everything else is torchvision's loading code.
+    """
+    from torchvision.datasets import CIFAR10
+
+    md5 = _write_tiny_cifar(tmp_path)
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
+
+    ds = load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)), seed=0)
+
+    assert ds.input_shape == (3, 32, 32) and ds.num_classes == 10
+    assert len(ds.train) == 30 and len(ds.test) == 6
+    assert ds.train.x.dtype == np.uint8
+    first = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    assert np.array_equal(ds.train.x[0], first["data"][0].reshape(3, 32, 32))
+    assert ds.train.y[0] == first["labels"][0]
+
+
+def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
+    """No CIFAR-10 under the root: a clear error pointing at scripts/prepare_data.py."""
+    with pytest.raises(ConfigError, match="prepare_data.py"):
+        load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)

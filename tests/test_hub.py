@@ -1,0 +1,139 @@
+"""The receiver actor's core without Ray: dedup by (site, seq), the spool, per-receiver delivery and recovery."""
+
+import time
+
+import pytest
+
+from fl_ray.receivers.base import MemoryReceiver, ReceiverContext
+from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.hub import INCARNATION_BITS, TrackingHub
+from fl_ray.tracking.spool import Spool
+
+from user_receivers import FlakyReceiver
+
+
+def ctx(tmp_path):
+    return ReceiverContext(job_id="job-1", job_name="job", job_dir=tmp_path, workspace=tmp_path,
+                           sites=("site-1", "site-2"), config={})
+
+
+def metric(site, seq, step, value=1.0, key="loss"):
+    return TrackingEvent(site, seq, EventKind.METRIC, key, value, step, 1_700_000_000_000 + seq)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_duplicates_are_dropped_by_site_and_seq(tmp_path):
+    """A batch sent twice, or overlapping batches, reach the receiver once per (site, seq)."""
+    sink = MemoryReceiver()
+    hub = TrackingHub(ctx(tmp_path), [("memory", sink)])
+    batch = [metric("site-1", i, i) for i in range(5)]
+    assert hub.submit("site-1", batch) == 5
+    assert hub.submit("site-1", batch) == 0
+    assert hub.submit("site-1", batch[3:] + [metric("site-1", 5, 5)]) == 1
+    assert hub.submit("site-2", [metric("site-2", 0, 0)]) == 1  # same seq, other site: new
+    hub.close("FINISHED", timeout=10)
+    assert sorted((e.site, e.seq) for e in sink.events) == [("site-1", i) for i in range(6)] + [("site-2", 0)]
+    assert hub.duplicates == 5 + 2
+
+
+def test_out_of_order_batches_are_all_kept(tmp_path):
+    """A retried batch arriving after a later one is still accepted (no watermark loss)."""
+    hub = TrackingHub(ctx(tmp_path), [])
+    assert hub.submit("site-1", [metric("site-1", 3, 3)]) == 1
+    assert hub.submit("site-1", [metric("site-1", i, i) for i in range(4)]) == 3
+    assert hub.accepted == 4
+
+
+def test_restart_recovers_from_the_spool(tmp_path):
+    """A new hub on the same job dir knows what was accepted, resumes delivery, and continues steps."""
+    first_sink = MemoryReceiver()
+    hub = TrackingHub(ctx(tmp_path), [("memory", first_sink)])
+    first_seq, _ = hub.open_site("site-1")
+    hub.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(3)])
+    wait_until(lambda: len(first_sink.events) == 3)
+    for pump in hub.pumps:  # the actor "crashes": delivery stops; a last batch is spooled, not delivered
+        pump._abandon.set()
+        pump._thread.join(2)
+    hub.submit("site-1", [metric("site-1", first_seq + 3, 13)])
+    hub.spool.close()
+
+    sink = MemoryReceiver()
+    again = TrackingHub(ctx(tmp_path), [("memory", sink)])
+    assert again.accepted == 4
+    assert again.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(4)]) == 0
+    seq, steps = again.open_site("site-1")
+    assert seq == 1 << INCARNATION_BITS and steps == {"loss": 14}
+    again.close("FINISHED", timeout=10)
+    delivered = [e.seq for e in first_sink.events] + [e.seq for e in sink.events]
+    assert sorted(delivered) == [first_seq + i for i in range(4)]
+
+
+def test_a_failing_receiver_is_retried_without_loss_or_holding_up_others(tmp_path):
+    """A back end that fails twice gets every event after its retries; the healthy one is not held up."""
+    flaky, healthy = FlakyReceiver(fail_times=2), MemoryReceiver()
+    hub = TrackingHub(ctx(tmp_path), [("flaky", flaky), ("healthy", healthy)])
+    hub.submit("site-1", [metric("site-1", i, i) for i in range(100)])
+    wait_until(lambda: len(healthy.events) == 100, timeout=2)
+    assert flaky.events == []
+    report = hub.close("FINISHED", timeout=20)
+    assert [e.seq for e in flaky.events] == list(range(100))
+    assert report["receivers"]["flaky"] == {"delivered": 100, "undelivered": 0, "events": 100, "attempts": 3}
+
+
+def test_undeliverable_records_stay_in_the_spool_and_are_reported(tmp_path):
+    """A back end that never recovers: close reports what is undelivered; the spool still holds it."""
+    hub = TrackingHub(ctx(tmp_path), [("down", FlakyReceiver(fail_times=10**6))])
+    hub.submit("site-1", [metric("site-1", i, i) for i in range(7)])
+    report = hub.close("FINISHED", timeout=1.5)
+    entry = report["receivers"]["down"]
+    assert entry["delivered"] == 0 and entry["undelivered"] == 7 and "ConnectionError" in entry["error"]
+    assert len(list(Spool(tmp_path / "spool"))) == 7
+
+
+def test_buffer_flush_time_batches_deliveries(tmp_path):
+    """With buffer_flush_time, several small batches reach the back end in one write."""
+    class Timed(MemoryReceiver):
+        buffer_flush_time = 0.5
+        writes = 0
+
+        def write(self, events):
+            Timed.writes += 1
+            super().write(events)
+
+    sink = Timed()
+    hub = TrackingHub(ctx(tmp_path), [("timed", sink)])
+    hub.submit("site-1", [metric("site-1", 0, 0)])
+    wait_until(lambda: len(sink.events) == 1)
+    for i in range(1, 6):
+        hub.submit("site-1", [metric("site-1", i, i)])
+    wait_until(lambda: len(sink.events) == 6)
+    assert Timed.writes == 2
+    hub.close("FINISHED", timeout=5)
+
+
+def test_torn_spool_frame_is_ignored(tmp_path):
+    """A frame cut short by a crash is dropped on reopen; the complete ones are kept."""
+    spool = Spool(tmp_path)
+    spool.append([metric("site-1", 0, 0)])
+    spool.append([metric("site-1", 1, 1)])
+    spool.close()
+    data = (tmp_path / "events.bin").read_bytes()
+    (tmp_path / "events.bin").write_bytes(data[:-5])
+    reopened = Spool(tmp_path)
+    assert [e.seq for e in reopened] == [0]
+    reopened.append([metric("site-1", 2, 2)])
+    assert [e.seq for e in reopened] == [0, 2]
+
+
+@pytest.mark.parametrize("kind", [EventKind.PARAM, EventKind.TAG, EventKind.TEXT])
+def test_non_metric_events_do_not_move_step_counters(tmp_path, kind):
+    """Only metrics advance the steps handed to a restarted site."""
+    hub = TrackingHub(ctx(tmp_path), [])
+    hub.submit("site-1", [TrackingEvent("site-1", 0, kind, "k", "v", 7, 0)])
+    assert hub.open_site("site-1")[1] == {}

@@ -1,0 +1,39 @@
+"""Receivers that tests name by import path (``user_receivers:Name``), as a user's own would be."""
+
+from __future__ import annotations
+
+import os
+
+from fl_ray.receivers.base import MemoryReceiver
+from fl_ray.tracking.credentials import CREDENTIAL_VARS
+
+
+class CredentialProbe(MemoryReceiver):
+    """Keeps events in memory and reports, at close, which credential variables its process holds."""
+
+    def close(self, status):
+        return {"events": len(self.events), "status": status,
+                "credentials": sorted(k for k in CREDENTIAL_VARS if k in os.environ)}
+
+
+class FlakyReceiver(MemoryReceiver):
+    """A real receiver whose back end refuses the first ``fail_times`` flushes (a back end outage)."""
+
+    def __init__(self, fail_times: int = 2) -> None:
+        super().__init__()
+        self.fail_times = fail_times
+        self.attempts = 0
+        self._staged: list = []
+
+    def write(self, events):
+        self._staged.extend(events)
+
+    def flush(self):
+        self.attempts += 1
+        staged, self._staged = self._staged, []
+        if self.attempts <= self.fail_times:
+            raise ConnectionError(f"back end unavailable (attempt {self.attempts})")
+        self.events.extend(staged)
+
+    def close(self, status):
+        return {"events": len(self.events), "attempts": self.attempts}
