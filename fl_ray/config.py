@@ -89,9 +89,12 @@ class TrackingConfig(_Strict):
     max_in_flight: int = Field(default=4, ge=1, description="unacknowledged batches per site")
     credentials: dict[str, str] = Field(
         default_factory=dict,
-        description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD)",
+        description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD); "
+                    "never written to config.yaml, MLflow params or the sites",
     )
     close_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
+    system_metrics: bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
+    system_metrics_interval: float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
 
     @field_validator("credentials")
     @classmethod
@@ -174,8 +177,9 @@ class JobConfig(_Strict):
         return min(n, max(self.min_clients, math.ceil(self.sample_fraction * n)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data (what config.yaml holds)."""
-        return self.model_dump(mode="json")
+        """The resolved config as plain data (what config.yaml, the parent run's params and the site actors
+        get), without ``tracking.credentials``: those reach the receiver actor's environment only."""
+        return self.model_dump(mode="json", exclude={"tracking": {"credentials"}})
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +21,7 @@ from typing import Any
 
 import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
@@ -93,22 +96,21 @@ def _init_ray(address: str | None) -> bool:
 
 
 def _check_resources(cfg: JobConfig) -> None:
-    n = len(cfg.site_names)
-    asked = {"CPU": n * cfg.resources.client_cpus + cfg.resources.server_cpus, "GPU": n * cfg.resources.client_gpus}
+    """Fail at once, naming what was asked and what is there, if the whole cluster is too small."""
+    n, res = len(cfg.site_names), cfg.resources
+    asked = {"CPU": (n * res.client_cpus + res.server_cpus, f"{n} sites x {res.client_cpus:g} + server "
+                                                             f"{res.server_cpus:g}"),
+             "GPU": (n * res.client_gpus, f"{n} sites x {res.client_gpus:g}")}
     have = ray.cluster_resources()
-    short = {k: v for k, v in asked.items() if v > have.get(k, 0.0) + 1e-9}
+    short = [f"{total:g} {kind} ({how}) but the cluster has {have.get(kind, 0.0):g}"
+             for kind, (total, how) in asked.items() if total > have.get(kind, 0.0) + 1e-9]
     if short:
-        raise ResourceError(
-            "the cluster cannot place this job: asked for "
-            + ", ".join(f"{v:g} {k} ({n} sites x {cfg.resources.client_cpus if k == 'CPU' else cfg.resources.client_gpus:g}"
-                        + (f" + server {cfg.resources.server_cpus:g}" if k == "CPU" else "") + ")"
-                        for k, v in short.items())
-            + f"; the cluster has {', '.join(f'{have.get(k, 0.0):g} {k}' for k in short)}. "
-            "Lower resources.client_cpus / client_gpus or add nodes."
-        )
+        raise ResourceError(f"the cluster cannot place this job: it asks for {'; '.join(short)}. "
+                            "Lower resources.client_cpus / client_gpus, use fewer sites, or add nodes.")
 
 
 def _wait_placed(actors: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
+    """Wait (at most resources.schedule_timeout) until every site actor runs; return their info."""
     refs = {name: a.info.remote() for name, a in actors.items()}
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.resources.schedule_timeout)
     if pending:
@@ -116,33 +118,49 @@ def _wait_placed(actors: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
         raise ResourceError(
             f"{len(missing)} site(s) could not be placed within resources.schedule_timeout="
             f"{cfg.resources.schedule_timeout:g} s: {missing}. Each asks for {cfg.resources.client_cpus:g} CPU and "
-            f"{cfg.resources.client_gpus:g} GPU; available now: {ray.available_resources()}"
+            f"{cfg.resources.client_gpus:g} GPU; free now: {ray.available_resources()}"
         )
     return {name: ray.get(ref) for name, ref in refs.items()}
 
 
+def _prepare_job_dir(cfg: JobConfig, workspace: Path, resume: Path | None) -> tuple[str, Path]:
+    if resume is None:
+        job_id = new_job_id(cfg.name)
+        job_dir = workspace / job_id
+        job_dir.mkdir(parents=True)
+    else:
+        job_dir, job_id = resume, resume.name
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return job_id, job_dir
+
+
 def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, workspace: str | Path = "workspace",
-            address: str | None = None, *, show_progress: bool = True) -> JobResult:
+            address: str | None = None, *, resume: str | Path | None = None,
+            show_progress: bool = True) -> JobResult:
     """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
 
     ``config`` is a JobConfig, a dict, or a YAML path (default: configs/fedavg_digits.yaml).
     ``address`` joins an existing Ray cluster (``RAY_ADDRESS`` does too); otherwise Ray starts locally.
-    Raises ConfigError for a bad config before Ray starts.
+    ``resume`` is a job directory: the job continues after its last completed round, in the same
+    directory and MLflow runs (``config`` then defaults to the job's own config.yaml).
+    Raises ConfigError for a bad config before Ray starts. Ctrl+C stops the job as KILLED, after
+    tracking is flushed and result.json written; a second Ctrl+C exits at once.
     """
     from fl_ray.actors.client import ClientActor
     from fl_ray.actors.receiver import receiver_actor_name, start_receiver
     from fl_ray.actors.server import ServerActor
 
+    resume = Path(resume).resolve() if resume is not None else None
+    if resume is not None and config is None:
+        config = resume / "config.yaml"
     cfg = _as_config(config)
     _check_plugins(cfg)
+    if resume is not None and not (resume / "config.yaml").exists():
+        raise ConfigError(f"--resume {str(resume)!r}: not a job directory (it has no config.yaml)")
     sites = cfg.site_names
     dataset = load_dataset(cfg.dataset, cfg.seed)  # a missing dataset fails here, before Ray starts
     parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
-    workspace = Path(workspace).resolve()
-    job_id = new_job_id(cfg.name)
-    job_dir = workspace / job_id
-    job_dir.mkdir(parents=True)
-    (job_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    job_id, job_dir = _prepare_job_dir(cfg, Path(workspace).resolve() if resume is None else resume.parent, resume)
 
     owns_ray = _init_ray(address)
     started = time.time()
@@ -154,10 +172,11 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     clients: dict[str, Any] = {}
     try:
         _check_resources(cfg)
-        ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=workspace,
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
                               sites=tuple(sites), config=cfg.to_dict(), tags=run_tags(job_id))
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
-                                  receiver_env(cfg.tracking.credentials))
+                                  receiver_env(cfg.tracking.credentials), here)
         config_dict = cfg.to_dict()
         strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
         for index, site in enumerate(sites):
@@ -169,30 +188,46 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         placed = _wait_placed(clients, cfg)
         site_info = {s: {"num_samples": int(len(idx)), "node_id": placed[s]["node_id"], "device": placed[s]["device"]}
                      for s, idx in zip(sites, parts)}
-        server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server").remote(
-            config_dict, receiver_actor_name(job_id), clients)
-        with RoundProgress(job_id, cfg.num_rounds, enabled=show_progress) as progress:
-            for r in range(1, cfg.num_rounds + 1):
+        server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
+                                     scheduling_strategy=here).remote(
+            config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
+        rounds = ray.get(server.completed_rounds.remote())
+        with RoundProgress(job_id, cfg.num_rounds, done=len(rounds), enabled=show_progress) as progress:
+            for r in range(len(rounds) + 1, cfg.num_rounds + 1):
                 summary = ray.get(server.run_round.remote(r))
                 rounds.append(summary)
                 progress.round_done(summary)
         status = FINISHED
     except KeyboardInterrupt:
-        status, error = KILLED, "interrupted"
+        status, error = KILLED, "interrupted (Ctrl+C)"
         raise
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        tracking = _close(cfg, receiver, server, clients, status)
-        result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
-                           tracking, site_info, error)
-        result_data = result.to_dict()
-        result_data["seconds"] = round(time.time() - started, 3)
-        (job_dir / "result.json").write_text(json.dumps(result_data, indent=2, default=_json_default))
-        if owns_ray:
-            ray.shutdown()
+        previous = signal.signal(signal.SIGINT, _exit_now) if _in_main_thread() else None
+        try:
+            tracking = _close(cfg, receiver, server, clients, status)
+            result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
+                               tracking, site_info, error)
+            result_data = result.to_dict()
+            result_data["seconds"] = round(time.time() - started, 3)
+            (job_dir / "result.json").write_text(json.dumps(result_data, indent=2, default=_json_default))
+            if owns_ray:
+                ray.shutdown()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     return result
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    """A second Ctrl+C while the job is shutting down: leave at once."""
+    os._exit(130)
 
 
 def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str) -> dict[str, Any]:

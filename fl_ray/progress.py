@@ -12,15 +12,17 @@ from rich.table import Table
 class RoundProgress:
     """A live progress bar whose line shows the last round's sites, global loss and accuracy."""
 
-    def __init__(self, job_id: str, num_rounds: int, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(self, job_id: str, num_rounds: int, done: int = 0, enabled: bool = True,
+                 console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self._progress = Progress(
             BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
             console=self.console, disable=not enabled, transient=False,
         )
         if enabled:
-            self.console.print(f"[bold]{job_id}[/]: {num_rounds} round(s)", highlight=False)
-        self._task = self._progress.add_task("", total=num_rounds, last="starting sites…")
+            resumed = f", resuming after round {done}" if done else ""
+            self.console.print(f"[bold]{job_id}[/]: {num_rounds} round(s){resumed}", highlight=False)
+        self._task = self._progress.add_task("", total=num_rounds, completed=done, last="starting sites…")
 
     def __enter__(self) -> RoundProgress:
         self._progress.start()

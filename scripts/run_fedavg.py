@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -20,8 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog="Example: %(prog)s --set num_rounds=10 --set dataset.partition=dirichlet --set dataset.alpha=0.3",
     )
-    parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
-                        help="job config (YAML); default: %(default)s")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}")
     parser.add_argument("--workspace", metavar="DIR", default="workspace",
                         help="where jobs write (<DIR>/<job_id>/...) and the default MLflow store lives; "
                              "default: %(default)s")
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                         help="override a config key (dotted, repeatable; VALUE is YAML, typed by the schema), "
                              "e.g. --set num_rounds=5 --set resources.client_gpus=0.25")
+    parser.add_argument("--resume", metavar="JOB_DIR", default=None,
+                        help="continue a stopped job after its last completed round, in the same job directory "
+                             "and MLflow runs (its config.yaml is the config; --set still applies)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -38,8 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
+    if args.resume is not None and args.config is not None:
+        console.print("[red]error:[/] --resume takes the job's own config.yaml; drop --config (use --set to change it)")
+        return 2
+    config = Path(args.resume) / "config.yaml" if args.resume is not None else args.config
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, args.overrides)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
@@ -47,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from fl_ray.progress import summary_table
 
     try:
-        result = run_job(cfg, workspace=args.workspace, address=args.address, show_progress=not args.quiet)
+        result = run_job(cfg, workspace=args.workspace, address=args.address, resume=args.resume,
+                         show_progress=not args.quiet)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] tracking was flushed, runs are marked KILLED and result.json is "
+                      "written; continue with --resume <job dir>")
+        return 130
     except Exception as exc:
         console.print(f"[red]job failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         return 1

@@ -92,3 +92,17 @@ def test_cli_help_documents_every_option():
     assert proc.returncode == 0
     for option in ("--config", "--workspace", "--address", "--set", "KEY=VALUE", "RAY_ADDRESS"):
         assert option in proc.stdout
+
+
+def test_credentials_in_the_config_are_never_written_out():
+    """tracking.credentials stay out of to_dict (config.yaml, the parent run's params, the sites' config)."""
+    cfg = load_config(DEFAULT_CONFIG, ["tracking.credentials={MLFLOW_TRACKING_PASSWORD: s3cret}"])
+    assert cfg.tracking.credentials == {"MLFLOW_TRACKING_PASSWORD": "s3cret"}
+    assert "s3cret" not in str(cfg.to_dict()) and "credentials" not in cfg.to_dict()["tracking"]
+    assert parse_config(cfg.to_dict()).tracking.credentials == {}
+
+
+def test_unknown_credential_names_are_refused():
+    """Only the documented tracking variables can be given as credentials."""
+    with pytest.raises(ConfigError, match="AWS_SECRET"):
+        parse_config({"tracking": {"credentials": {"AWS_SECRET": "x"}}})

@@ -61,14 +61,26 @@ class KnownValuesLearner(Learner):
         return {"loss": 1.0 / ctx.round, "accuracy": float(np.asarray(weights["w"])[0])}
 
 
-class FailingLearner(KnownValuesLearner):
-    """Like KnownValuesLearner, but ``site-2`` raises in round 2 (a client failure mid-round)."""
-
-    def train(self, weights, ctx):
-        if ctx.site == "site-2" and ctx.round == 2:
-            raise RuntimeError("site-2 broke in round 2")
-        return super().train(weights, ctx)
-
-
 class NotALearner:
     """Has the right shape but does not subclass fl_ray.Learner."""
+
+
+class FaultyLearner(KnownValuesLearner):
+    """KnownValuesLearner with faults on cue: ``faults`` maps "site:round" to raise, exit, or sleep:<s>."""
+
+    def __init__(self, faults: dict[str, str], auto_points: int = 3) -> None:
+        super().__init__(auto_points)
+        self.faults = faults
+
+    def train(self, weights, ctx):
+        fault = self.faults.get(f"{ctx.site}:{ctx.round}", "")
+        if fault == "raise":
+            raise RuntimeError(f"{ctx.site} broke in round {ctx.round}")
+        if fault == "exit":
+            ctx.mlflow.flush()
+            os._exit(1)  # the actor process dies mid-round
+        if fault.startswith("sleep:"):
+            import time
+
+            time.sleep(float(fault.split(":", 1)[1]))
+        return super().train(weights, ctx)

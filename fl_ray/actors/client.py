@@ -1,7 +1,8 @@
 """ClientActor: one site. Runs the configured learner on the site's data and logs through its writers.
 
 The actor drops every tracking credential from its environment at start, picks CUDA when Ray gave it
-a GPU (else the CPU), and flushes its tracking records at the end of each round.
+a GPU (else the CPU), samples system metrics (CPU, memory, GPUs via NVML) into its run, and flushes
+its tracking records at the end of each round.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from fl_ray.config import JobConfig
 from fl_ray.data import site_data
 from fl_ray.learners import LearnerContext, load_learner
+from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
 from fl_ray.tracking.site import SiteTracking
 
@@ -55,6 +57,11 @@ class ClientActor:
                                                config["resources"]["client_cpus"])
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)
+        self.system_metrics = None
+        tracking_cfg = self.ctx.config.tracking
+        if tracking_cfg.system_metrics:
+            self.ctx.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
+            self.system_metrics = SystemMetricsSampler(self.ctx.mlflow, tracking_cfg.system_metrics_interval).start()
 
     def train(self, weights: Mapping[str, np.ndarray], round_: int) -> dict[str, Any]:
         """Train one round from the global ``weights``; returns weights, sample count and metrics."""
@@ -74,5 +81,7 @@ class ClientActor:
                 "credentials": [k for k in CREDENTIAL_VARS if k in os.environ]}
 
     def close(self, timeout: float) -> dict[str, int]:
-        """Deliver every tracking record and stop; returns the sender's counters."""
+        """Take a last system sample, deliver every tracking record and stop; returns the sender's counters."""
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         return self.tracking.close(timeout)

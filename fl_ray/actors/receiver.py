@@ -26,6 +26,12 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQU
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+def quiet_http_retries() -> None:
+    """Keep back-end clients from logging every HTTP retry: the hub says once that a receiver is failing."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
 def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
     """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
     types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
@@ -37,7 +43,7 @@ class ReceiverActor:
     """Accepts every site's tracking batches and fans them out to the configured receivers."""
 
     def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]]) -> None:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        quiet_http_retries()
         receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
                      for name, spec in zip(receiver_names(specs), specs)]
         self.hub = TrackingHub(ctx, receivers)
@@ -65,14 +71,14 @@ def receiver_actor_name(job_id: str) -> str:
 
 
 def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: dict[str, str],
-                   max_restarts: int = 5) -> Any:
-    """Start the job's receiver actor on this (the driver's) node, with the credentials in its env."""
+                   placement: NodeAffinitySchedulingStrategy, max_restarts: int = 5) -> Any:
+    """Start the job's receiver actor where ``placement`` says (the driver's node), credentials in its env."""
     env = {k: v for k, v in HTTP_RETRY_DEFAULTS.items() if k not in os.environ}
     env.update(credentials)
     return ReceiverActor.options(
         num_cpus=0,
         max_restarts=max_restarts,
         name=receiver_actor_name(ctx.job_id),
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        scheduling_strategy=placement,
         runtime_env={"env_vars": env},
     ).remote(ctx, specs)

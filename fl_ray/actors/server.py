@@ -3,21 +3,27 @@
 Each round it samples sites with a seeded generator, puts the global weights in the object store
 once, folds client results into a streaming weighted average as they arrive (``ray.wait``), evaluates
 the new global model on the held-out test split and logs the round into the ``server`` run through
-the same tracking path as the sites. A client that fails or times out does not fail the round while
+the same tracking path as the sites, then checkpoints (weights, round, generator state) so the
+job can resume after the last completed round. A client that fails or times out does not fail the round while
 ``min_clients`` results arrive; below that the round is tried again, then the job fails.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
 from fl_ray.actors.client import make_context
+from fl_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fl_ray.fedavg import StreamingAverage, sample_sites, weighted_metrics
 from fl_ray.learners import load_learner
+
+
+RESTART_GRACE = 60.0  # seconds a round waits for a site that Ray is restarting
 
 
 class RoundError(RuntimeError):
@@ -28,15 +34,26 @@ class RoundError(RuntimeError):
 class ServerActor:
     """The FedAvg server of one job."""
 
-    def __init__(self, config: dict[str, Any], receiver_name: str, clients: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], receiver_name: str, clients: dict[str, Any],
+                 checkpoint_dir: str) -> None:
         self.ctx, self.tracking = make_context("server", None, config, receiver_name,
                                                config["resources"]["server_cpus"])
         self.cfg = self.ctx.config
         self.learner = load_learner(self.cfg.learner, self.cfg.learner_args)
         self.learner.setup(self.ctx)
-        self.weights = self.learner.get_weights()
-        self.rng = np.random.default_rng(self.cfg.seed)
         self.clients = clients
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.rng = np.random.default_rng(self.cfg.seed)
+        resumed = load_checkpoint(self.checkpoint_dir)
+        if resumed is None:
+            self.weights, self.rounds = self.learner.get_weights(), []
+        else:
+            self.weights, self.rounds = resumed.weights, resumed.rounds
+            self.rng.bit_generator.state = resumed.rng_state
+
+    def completed_rounds(self) -> list[dict[str, Any]]:
+        """Summaries of the rounds completed so far (from the checkpoint when the job resumed)."""
+        return list(self.rounds)
 
     def run_round(self, round_: int) -> dict[str, Any]:
         """Run round ``round_`` (1-based) and return its summary."""
@@ -66,13 +83,41 @@ class ServerActor:
         if failures:
             self.tracking.mlflow.log_text(_failure_text(round_, failures), f"failures/round_{round_}.txt")
         self.tracking.flush()
-        return {"round": round_, "sampled": sampled, "completed": sorted(results), "failures": failures,
-                "global": global_metrics, "client_mean": client_mean, "clients": results,
-                "seconds": time.perf_counter() - start}
+        summary = {"round": round_, "sampled": sampled, "completed": sorted(results), "failures": failures,
+                   "global": global_metrics, "client_mean": client_mean, "clients": results,
+                   "seconds": time.perf_counter() - start}
+        self.rounds.append(summary)
+        save_checkpoint(self.checkpoint_dir, Checkpoint(round_, self.weights, self.rng.bit_generator.state,
+                                                        self.rounds))
+        return summary
+
+    def _reachable(self, sites: list[str], failed: dict[str, str]) -> list[str]:
+        """The sites that answer; waits (up to RESTART_GRACE seconds) for those Ray is restarting."""
+        deadline = time.monotonic() + RESTART_GRACE
+        pending, alive = list(sites), []
+        while pending:
+            refs = {self.clients[s].info.remote(): s for s in pending}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                site = refs[ref]
+                try:
+                    ray.get(ref)
+                    alive.append(site)
+                except ray.exceptions.ActorUnavailableError:
+                    continue  # restarting: ask again
+                except ray.exceptions.RayError as exc:
+                    failed[site] = _reason(exc)
+                pending.remove(site)
+            if pending and time.monotonic() >= deadline:
+                failed.update({s: f"unreachable: still restarting after {RESTART_GRACE:g} s" for s in pending})
+                break
+            if pending:
+                time.sleep(0.2)
+        return [s for s in sites if s in alive]
 
     def _collect(self, weights_ref: Any, sites: list[str], round_: int):
-        pending = {self.clients[s].train.remote(weights_ref, round_): s for s in sites}
         avg, results, failed = StreamingAverage(), {}, {}
+        pending = {self.clients[s].train.remote(weights_ref, round_): s for s in self._reachable(sites, failed)}
         deadline = None if self.cfg.round_timeout is None else time.monotonic() + self.cfg.round_timeout
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -83,7 +128,7 @@ class ServerActor:
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                failed[site] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                failed[site] = _reason(exc)
                 continue
             avg.add(result.pop("weights"), result["num_samples"])
             results[site] = result
@@ -102,6 +147,10 @@ class ServerActor:
     def close(self, timeout: float) -> dict[str, int]:
         """Deliver the server's tracking records and stop."""
         return self.tracking.close(timeout)
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
 
 
 def _failure_text(round_: int, failures: dict[str, str]) -> str:

@@ -1,0 +1,269 @@
+"""A real two-node Ray cluster on this machine: a FedAvg job through `ray job submit`, and a job that asks too much.
+
+The cluster is two ``ray start`` processes (a head with the dashboard / job server, and a worker node
+that joins it), each a separate raylet on this host, marked with the custom resources ``head`` and
+``worker``. Jobs go in the way they would on a real cluster: ``ray job submit --working-dir`` with
+token authentication (``RAY_AUTH_MODE=token``), or a driver started with ``--address``.
+
+Isolation from any other Ray on the machine (e.g. a session-wide ``ray.init()`` of other tests, or a
+developer's own ``ray start``):
+
+* every port that Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, client
+  server 10001, dashboard agent 52365, workers 10002-19999) is a free port chosen here, or random;
+* both nodes use a temp dir of this test (so the ``ray_current_cluster`` file, which ``ray.init()``
+  without an address would follow, never lands in /tmp/ray);
+* the token is a fresh one in ``RAY_AUTH_TOKEN``, so ~/.ray/auth_token is neither read nor created;
+* this test process never imports Ray's driver state: everything runs in subprocesses.
+
+Cleanup never uses ``ray stop``, which stops every Ray on the machine. Each ``ray start`` runs in a
+new session (``start_new_session=True``), so its pid is the process group of every daemon it
+spawns (GCS, raylet, dashboard, agents, monitor). Ray's worker processes (actors, the job
+supervisor, the job's driver) move to groups of their own, but they are children of a raylet. At
+teardown the test takes the members of those groups plus all their descendants, sends SIGTERM,
+waits, then SIGKILLs what is left (the GCS ignores SIGTERM for a while), and checks that nothing
+of it survives. The fixture does this in a ``finally``, so a failed start is cleaned up too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).with_name("ray")
+# Not uploaded with --working-dir: the virtualenv (GBs), job outputs, data, VCS and caches.
+UPLOAD_EXCLUDES = [".venv", ".git", "workspace", "data", "mlruns", "**/__pycache__", "*.egg-info",
+                   ".pytest_cache", ".hypothesis"]
+START_TIMEOUT = 120
+JOB_TIMEOUT = 300
+TERM_GRACE = 5
+
+pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}")
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that are free now (held open together so they differ)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@dataclass
+class LocalCluster:
+    """Two raylets on this host, started and stopped by this test only."""
+
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="flrc-", dir="/tmp"))
+    pgids: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    gcs_address: str = ""
+    dashboard_url: str = ""
+    head_id: str = ""
+    worker_id: str = ""
+
+    def start(self) -> None:
+        # Short temp dir (/tmp/flrc-XXXX): Ray's unix sockets live under it, and paths are limited to 107 bytes.
+        gcs, dashboard, client, head_agent, worker_agent = _free_ports(5)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+        self.env = env
+        self.gcs_address = f"127.0.0.1:{gcs}"
+        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
+        common = ["--num-cpus", "2", "--temp-dir", self.temp_dir, "--min-worker-port", "0", "--max-worker-port", "0",
+                  "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats"]
+        self._ray_start(["--head", "--port", str(gcs), "--resources", '{"head": 1}', "--include-dashboard", "true",
+                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(head_agent),
+                         *common])
+        # One log monitor per host is enough (Ray's own multi-node test clusters do the same).
+        self._ray_start(["--address", self.gcs_address, "--resources", '{"worker": 1}',
+                         "--dashboard-agent-listen-port", str(worker_agent), "--include-log-monitor", "false",
+                         *common])
+        nodes = self._wait_for_nodes(2)
+        self.head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+        self.worker_id = next(n["node_id"] for n in nodes if "worker" in n["resources_total"])
+
+    def _ray_start(self, args: list[str]) -> None:
+        proc = subprocess.Popen([str(RAY), "start", *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.pgids.append(proc.pid)  # before waiting: a start that hangs or fails is still cleaned up
+        try:
+            out, _ = proc.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise RuntimeError(f"ray start {args[0]} took over {START_TIMEOUT} s:\n{_tail(out)}") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start {args[0]} failed ({proc.returncode}):\n{_tail(out)}")
+
+    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the ray CLI against this cluster's environment (token included)."""
+        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """`ray list nodes` of this cluster."""
+        res = self.ray("list", "nodes", "--address", self.dashboard_url, "--format", "json")
+        if res.returncode != 0:
+            raise RuntimeError(f"ray list nodes failed:\n{_tail(res.stdout + res.stderr)}")
+        return json.loads(res.stdout)
+
+    def _wait_for_nodes(self, n: int) -> list[dict[str, Any]]:
+        deadline, last = time.monotonic() + START_TIMEOUT, None
+        while time.monotonic() < deadline:
+            try:
+                alive = [x for x in self.nodes() if x["state"] == "ALIVE"]
+                if len(alive) >= n:
+                    return alive
+                last = alive
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+                last = exc
+            time.sleep(1)
+        raise RuntimeError(f"the cluster did not reach {n} alive nodes in {START_TIMEOUT} s; last: {last}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this cluster: members of the `ray start` groups and their descendants."""
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) in self.pgids:
+                    found[proc.pid] = proc
+                    for child in proc.children(recursive=True):
+                        found[child.pid] = child
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return [p for pid, p in found.items() if pid != os.getpid()]
+
+    def stop(self) -> list[str]:
+        """SIGTERM, wait, SIGKILL; returns what survived (should be nothing)."""
+        for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5)):
+            procs = self.processes()
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(procs, timeout=wait)
+        survivors = []
+        for p in self.processes():
+            try:
+                survivors.append(f"{p.pid} {p.name()}")
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return survivors
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        survivors = c.stop()
+        assert not survivors, f"processes of the test cluster still alive: {survivors}"
+
+
+def test_cluster_has_two_nodes(cluster):
+    """The head and the worker node are separate raylets of one cluster, with their own resources."""
+    nodes = {n["node_id"]: n for n in cluster.nodes() if n["state"] == "ALIVE"}
+
+    assert set(nodes) == {cluster.head_id, cluster.worker_id}
+    assert cluster.head_id != cluster.worker_id
+    assert nodes[cluster.head_id]["resources_total"]["head"] == 1
+    assert nodes[cluster.worker_id]["resources_total"]["worker"] == 1
+
+
+def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluster, tmp_path):
+    """`ray job submit` runs 4 sites spread over both nodes; MLflow gets a parent run with 4 site runs + server."""
+    from mlflow.tracking import MlflowClient
+
+    workspace = tmp_path / "workspace"
+    submission_id = f"fl-ray-test-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    res = cluster.ray(
+        "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+        "--", sys.executable, "scripts/run_fedavg.py", "--workspace", str(workspace),
+        "--set", "sites=4", "--set", "num_rounds=2", "--set", "resources.client_cpus=0.5",
+        "--set", "resources.placement=spread", "--quiet",
+        timeout=JOB_TIMEOUT,
+    )
+    seconds = time.monotonic() - started
+
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, f"job failed after {seconds:.0f} s:\n{_tail(output)}"
+    assert f"Job '{submission_id}' succeeded" in output
+    results = list(workspace.glob("*/result.json"))
+    assert len(results) == 1, results
+    result = json.loads(results[0].read_text())
+    assert result["status"] == "FINISHED" and result["error"] is None
+    assert len(result["rounds"]) == 2
+    # Placement: every site ran, spread over both raylets, which are exactly this cluster's nodes.
+    sites = result["sites"]
+    assert sorted(sites) == ["site-1", "site-2", "site-3", "site-4"]
+    assert {s["node_id"] for s in sites.values()} == {cluster.head_id, cluster.worker_id}
+    assert all(s["device"] == "cpu" and s["num_samples"] > 0 for s in sites.values())
+    # Tracking: the default store is in the workspace given on the command line.
+    mlflow = result["tracking"]["mlflow"]
+    assert mlflow["tracking_uri"] == f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
+    parent = client.get_run(mlflow["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["fl_ray.job_id"] == result["job_id"]
+    children = client.search_runs([mlflow["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{mlflow['parent_run_id']}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"site-1", "site-2", "site-3", "site-4", "server"}
+    assert {n: r.info.run_id for n, r in by_name.items()} == mlflow["run_ids"]
+    for name in sites:
+        run = by_name[name]
+        assert run.info.status == "FINISHED"
+        assert {"train_loss", "val_accuracy"} <= set(run.data.metrics), (name, run.data.metrics)
+    history = client.get_metric_history(by_name["server"].info.run_id, "global_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_available(cluster, tmp_path):
+    """A driver joining with --address and asking 1 GPU per site fails in bounded time, naming asked vs available."""
+    workspace = tmp_path / "workspace"
+    started = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--workspace", str(workspace),
+         "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=1", "--quiet"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )
+    seconds = time.monotonic() - started
+
+    message = " ".join((res.stdout + res.stderr).split())  # rich wraps lines at the terminal width
+    assert res.returncode == 1, f"exit {res.returncode}:\n{_tail(res.stdout + res.stderr)}"
+    assert seconds < 90, f"took {seconds:.0f} s to fail"
+    # What was asked (total and how it adds up) and what the cluster has; the exact wording may change.
+    assert re.search(r"job failed: ResourceError: .*\bask\w* for 4 GPU \(4 sites x 1\)", message), message
+    assert re.search(r"\bcluster has 0\b", message), message
+    result = json.loads(next(workspace.glob("*/result.json")).read_text())
+    assert result["status"] == "FAILED"
+    assert "ResourceError" in result["error"] and result["sites"] == {}
