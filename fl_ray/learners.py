@@ -104,18 +104,30 @@ def _as_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+LOG_SYNTAXES = ("mlflow", "tensorboard", "wandb")
+
+
 class ImageClassificationLearner(Learner):
-    """SGD on an image classifier from :mod:`fl_ray.models`, logging like a plain MLflow script.
+    """SGD on an image classifier from :mod:`fl_ray.models`, logging like a plain training script.
 
     Logs the hyper-parameters once per site, ``train_loss`` every ``log_every`` batches and
     ``val_accuracy`` after each local epoch (on the site's validation share), with steps that
-    continue across rounds.
+    continue across rounds. ``log_syntax`` picks the writer it logs through, as a script written for
+    that library would: ``mlflow`` (``log_params`` / ``log_metric``), ``tensorboard`` (the
+    hyper-parameters as a markdown table with ``add_text("hparams", ...)``, then ``add_scalar``) or
+    ``wandb`` (``config.update``, then ``log`` with a step counted per metric). Every configured
+    receiver gets the records whatever the syntax.
     """
 
-    def __init__(self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10) -> None:
+    def __init__(self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10,
+                 log_syntax: str = "mlflow") -> None:
+        if log_syntax not in LOG_SYNTAXES:
+            raise ValueError(f"log_syntax must be one of {', '.join(LOG_SYNTAXES)}, got {log_syntax!r}")
         self.model_name = model
         self.momentum = momentum
         self.log_every = log_every
+        self.log_syntax = log_syntax
+        self._steps: dict[str, int] = {}  # wandb syntax: the next step of each metric
 
     def setup(self, ctx: LearnerContext) -> None:
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
@@ -129,10 +141,31 @@ class ImageClassificationLearner(Learner):
         self.train_data = (x[order[n_val:]], y[order[n_val:]])
         if ctx.mlflow is not None and ctx.site != "server":
             cfg = ctx.config
-            ctx.mlflow.log_params({"model": self.model_name, "lr": cfg.lr, "batch_size": cfg.batch_size,
+            self._log_params(ctx, {"model": self.model_name, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                    "local_epochs": cfg.local_epochs, "momentum": self.momentum,
                                    "train_samples": len(self.train_data[1]), "val_samples": n_val,
                                    "device": str(self.device)})
+
+    def _log_params(self, ctx: LearnerContext, params: dict[str, Any]) -> None:
+        """The hyper-parameters, once per site, in the chosen syntax."""
+        if self.log_syntax == "mlflow":
+            ctx.mlflow.log_params(params)
+        elif self.log_syntax == "tensorboard":
+            rows = "".join(f"\n| {k} | {v} |" for k, v in params.items())
+            ctx.tensorboard.add_text("hparams", "| name | value |\n| --- | --- |" + rows)
+        else:
+            ctx.wandb.config.update(params)
+
+    def _log_metric(self, ctx: LearnerContext, key: str, value: float) -> None:
+        """One point of ``key`` at the step after its last one on this site."""
+        if self.log_syntax == "mlflow":
+            ctx.mlflow.log_metric(key, value)
+        elif self.log_syntax == "tensorboard":
+            ctx.tensorboard.add_scalar(key, value)
+        else:  # W&B's own step is one per run; count per metric, as the other two syntaxes do
+            step = self._steps.get(key, 0)
+            self._steps[key] = step + 1
+            ctx.wandb.log({key: value}, step=step)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return model_weights(self.model)
@@ -158,12 +191,12 @@ class ImageClassificationLearner(Learner):
                 running += loss.item()
                 losses.append(loss.item())
                 if ctx.mlflow is not None and (i + 1) % self.log_every == 0:
-                    ctx.mlflow.log_metric("train_loss", running / self.log_every)
+                    self._log_metric(ctx, "train_loss", running / self.log_every)
                     running = 0.0
             if len(self.val[1]):
                 val_acc = self._score(self.val)["accuracy"]
                 if ctx.mlflow is not None:
-                    ctx.mlflow.log_metric("val_accuracy", val_acc)
+                    self._log_metric(ctx, "val_accuracy", val_acc)
                 self.model.train()
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         if len(self.val[1]):

@@ -45,6 +45,7 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),
     ({"tracking": {"receivers": [{"type": "mlfow"}]}}, "tracking.receivers.0.type", "'mlfow'", "expected one of"),
     ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
+    ({"sites": ["a", ".."]}, "sites", "'..'", "not 'server'"),
 ])
 def test_bad_config_names_field_value_and_expectation(data, field, value, expected):
     """Each bad input raises ConfigError naming the field, the value and what is expected."""

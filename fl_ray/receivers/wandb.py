@@ -8,19 +8,20 @@ error, or its end. W&B keeps one run per process, so sites never share a run and
 ``_step`` only counts rows, so a record with a lower step than the last is kept, never dropped);
 params go to ``run.config``; tags to ``run.config["tags/<key>"]`` (W&B's native tags are plain
 labels, not key/value); texts to a one-row ``wandb.Table`` (columns ``step``, ``text``) logged
-under their key at their step (0 when none). The site process runs this file by path, as
-``__fl_ray_wandb_site__``, so it imports ``wandb`` but never the ``fl_ray`` package (nor Ray and
-torch with it): this module therefore imports nothing from ``fl_ray`` at the top.
+under their key at their step (0 when none). The only records W&B cannot hold are metrics and texts
+named like a history column it fills itself (``fl_step``, ``_step``, ``_runtime``, ``_timestamp``):
+those are counted per site under ``dropped`` and named once in a warning. The site process imports
+this module (``fl_ray`` loads lazily, so not Ray or torch) and ``wandb``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import multiprocessing
 import os
 import queue
-import runpy
 import sys
 import threading
 import time
@@ -28,17 +29,19 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-if TYPE_CHECKING:
-    from fl_ray.receivers.base import ReceiverContext
-    from fl_ray.tracking.events import TrackingEvent
+from fl_ray.receivers.base import FINISHED, ReceiverContext
+from fl_ray.tracking.events import EventKind, TrackingEvent
+
+log = logging.getLogger(__name__)
 
 STEP_METRIC = "fl_step"
+# History columns W&B (or, for fl_step, this receiver) fills itself: a metric or text so named is dropped.
+RESERVED_KEYS = frozenset({STEP_METRIC, "_step", "_runtime", "_timestamp"})
 MODES = ("online", "offline", "disabled")
-_SITE_RUN_NAME = "__fl_ray_wandb_site__"
-# Queue and pipe messages are (tag, payload) tuples of plain values: the site process cannot unpickle
-# anything defined in fl_ray. Parent -> site: BATCH, FLUSH, END. Site -> parent: ACK, ERROR, DONE.
+# Queue and pipe messages are (tag, payload) tuples of plain values.
+# Parent -> site: BATCH, FLUSH, END. Site -> parent: ACK, ERROR, DONE.
 _BATCH, _FLUSH, _END, _ACK, _ERROR, _DONE = "batch", "flush", "end", "ack", "error", "done"
 # W&B settings for a site's run: system metrics and host metadata would describe the receiver's host,
 # not the site, and console capture or code saving have nothing to show.
@@ -78,7 +81,7 @@ class WandBReceiver:
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
                  dir: str | None = None, close_timeout: float = 60.0) -> None:
         if importlib.util.find_spec("wandb") is None:
-            raise ImportError("WandBReceiver needs the wandb package: pip install 'fl_ray[wandb]' (or wandb)")
+            raise ImportError("WandBReceiver needs the wandb package, a dependency of fl_ray: pip install wandb")
         if mode is not None and mode not in MODES:
             raise ValueError(f"WandBReceiver: mode must be one of {', '.join(MODES)} or unset, got {mode!r}")
         if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)) or close_timeout <= 0:
@@ -92,6 +95,7 @@ class WandBReceiver:
         self._sites: dict[str, _Site] = {}
         self._unflushed: list[tuple[str, int]] = []  # (site, seq) written since the last good flush
         self._flushes = 0
+        self._dropped: dict[str, dict[str, int]] = {}  # site -> reserved key -> records left out
         self._summary: dict[str, Any] | None = None
         self._lock = threading.RLock()  # close() may come from another thread while a flush waits
         self._mp = multiprocessing.get_context("spawn")
@@ -107,10 +111,9 @@ class WandBReceiver:
         """Queue each record to its site's process; raise if a site process has failed.
 
         A batch that repeats what was written since the last successful flush (a retry after a
-        failed flush) is not queued twice: only what follows that prefix is.
+        failed flush) is not queued twice: only what follows that prefix is. A metric or text
+        under a name in :data:`RESERVED_KEYS` is counted, not queued.
         """
-        from fl_ray.tracking.events import EventKind
-
         with self._lock:
             self._check_open()
             self._receive(0)
@@ -118,12 +121,19 @@ class WandBReceiver:
             ids = [(e.site, e.seq) for e in events]
             skip = len(self._unflushed) if ids[:len(self._unflushed)] == self._unflushed else 0
             batches: dict[str, list[tuple[str, str, Any, int | None]]] = {}
+            dropped: list[TrackingEvent] = []
             for e in events[skip:]:
-                batches.setdefault(e.site, []).append((EventKind(e.kind).value, e.key, e.value, e.step))
+                kind = EventKind(e.kind)
+                if e.key in RESERVED_KEYS and kind in (EventKind.METRIC, EventKind.TEXT):
+                    dropped.append(e)
+                else:
+                    batches.setdefault(e.site, []).append((kind.value, e.key, e.value, e.step))
             for name, items in batches.items():
                 site = self._sites.get(name) or self._start(name)
                 site.inbox.put((_BATCH, items))
                 site.sent += len(items)
+            for e in dropped:
+                self._drop(e)
             self._unflushed += ids[skip:]
 
     def flush(self) -> None:
@@ -157,8 +167,6 @@ class WandBReceiver:
         still going then is terminated and reported under ``errors`` with its ``not_written`` count.
         Safe to call twice.
         """
-        from fl_ray.receivers.base import FINISHED
-
         with self._lock:
             if self._summary is not None:
                 return self._summary
@@ -185,6 +193,7 @@ class WandBReceiver:
                 "written": {s.name: s.written.value for s in sites},
                 "not_written": {s.name: s.not_written for s in sites if s.not_written},
                 "errors": {s.name: s.error for s in sites if s.error},
+                "dropped": {name: dict(keys) for name, keys in self._dropped.items()},
                 "runs": {s.name: s.done["run_dir"] for s in sites if s.done and "run_dir" in s.done},
             }
             return self._summary
@@ -200,15 +209,21 @@ class WandBReceiver:
         init = {"project": self.project or self._ctx.job_name, "entity": self.entity, "group": self._ctx.job_id,
                 "name": name, "dir": str(self._dir), "mode": self._mode, "settings": _SETTINGS}
         inbox, (replies, reply_end), written = self._mp.Queue(), self._mp.Pipe(duplex=False), self._mp.RawValue("q", 0)
-        process = self._mp.Process(
-            target=runpy.run_path, args=(__file__,), name=f"fl_ray-wandb-{name}", daemon=True,
-            kwargs={"run_name": _SITE_RUN_NAME,
-                    "init_globals": {"SITE_ARGS": {"site": name, "init": init, "inbox": inbox,
-                                                   "replies": reply_end, "written": written}}})
+        process = self._mp.Process(target=_site_main, args=(name, init, inbox, reply_end, written),
+                                   name=f"fl_ray-wandb-{name}", daemon=True)
         process.start()
         reply_end.close()  # the child holds the only write end: its exit reads as EOF here
         site = self._sites[name] = _Site(name, process, inbox, replies, written)
         return site
+
+    def _drop(self, e: TrackingEvent) -> None:
+        """Count a record W&B cannot hold; name its key in a warning the first time."""
+        if not any(e.key in keys for keys in self._dropped.values()):
+            log.warning("W&B receiver: %s %r (first from site %r) is not written: W&B fills the history column "
+                        "%r itself. Rename it; the records left out are counted per site under 'dropped' in the "
+                        "receiver's summary in result.json", EventKind(e.kind).value, e.key, e.site, e.key)
+        keys = self._dropped.setdefault(e.site, {})
+        keys[e.key] = keys.get(e.key, 0) + 1
 
     def _receive(self, timeout: float) -> None:
         """Take every reply that arrives within ``timeout`` seconds (0: only those already there)."""
@@ -326,7 +341,3 @@ def _log_row(run: Any, row: dict[str, Any], written: Any) -> None:
 
 def _config_key(kind: str, key: str) -> str:
     return key if kind == "param" else f"tags/{key}"
-
-
-if __name__ == _SITE_RUN_NAME:  # this file run by path in a site process (see WandBReceiver._start)
-    _site_main(**SITE_ARGS)  # type: ignore[name-defined]  # noqa: F821
