@@ -1,5 +1,7 @@
 """Server checkpoints: the global weights, the last completed round, the sampling generator's state
-and the round summaries so far, saved atomically after every round under ``<job>/checkpoints/``."""
+and the round summaries so far, saved atomically after every round under ``<job>/checkpoints/``
+(``last.pkl``); and the best global model so far by ``server.key_metric`` (``best.pt``), which the
+receiver actor logs as an MLflow model at the end of the job."""
 
 from __future__ import annotations
 
@@ -42,3 +44,67 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         return None
     with open(path, "rb") as f:
         return pickle.load(f)
+
+
+# --- the best global model so far, by server.key_metric ---------------------------------------------
+
+BEST = "best.pt"
+
+
+@dataclass
+class BestModel:
+    """The best global model so far: its round and metrics, a standalone ``torch.nn.Module`` holding its
+    weights (from ``Learner.export_model``) and an input example (a small batch, as the data holds it)."""
+
+    round: int
+    key_metric: str
+    key_mode: str
+    metrics: dict[str, float]
+    model: Any
+    input_example: np.ndarray
+
+    @property
+    def score(self) -> float:
+        """The value of the key metric."""
+        return self.metrics[self.key_metric]
+
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """True if ``value`` beats ``best`` (None: nothing kept yet) under ``mode`` (``max`` or ``min``).
+
+    A tie keeps the earlier round; NaN never improves.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"server.key_mode must be 'max' or 'min', got {mode!r}")
+    if value != value:  # NaN
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def save_best(directory: Path, best: BestModel) -> Path:
+    """Write ``best`` as ``<directory>/best.pt`` (``torch.save``), atomically like ``last.pkl``."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{BEST}.tmp"
+    torch.save(best, tmp)
+    os.replace(tmp, directory / BEST)
+    return directory / BEST
+
+
+def load_best(path: Path) -> BestModel | None:
+    """The best model saved at ``path`` (a ``best.pt`` file, or the directory holding it); None if none is.
+
+    The file is this job's own (``torch.load`` with ``weights_only=False``: it holds a module).
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=False)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+MAX_SITES = 100_000
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedavg_digits.yaml"
 
 
@@ -45,6 +46,8 @@ class ResourcesConfig(_Strict):
     client_cpus: float = Field(default=0.5, gt=0)
     client_gpus: float = Field(default=0.0, ge=0)
     placement: Literal["spread", "pack"] = "spread"
+    autoscale: bool = Field(default=False, description="ask Ray's autoscaler for nodes instead of failing when "
+                                                        "the cluster is too small now")
     server_cpus: float = Field(default=0.5, ge=0)
     max_client_restarts: int = Field(default=2, ge=0, description="Ray restarts of a failed client actor")
     schedule_timeout: float = Field(default=60.0, gt=0,
@@ -53,6 +56,8 @@ class ResourcesConfig(_Strict):
     @field_validator("client_gpus")
     @classmethod
     def _gpu_fraction(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("a GPU count must be a finite number")
         if v > 1 and v != int(v):
             raise ValueError(f"a fraction of a GPU must be at most 1, or a whole number of GPUs; got {v}")
         return v
@@ -95,6 +100,11 @@ class TrackingConfig(_Strict):
     close_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
     system_metrics: bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
     system_metrics_interval: float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
+    log_model: bool = Field(default=True, description="log the best global model to the server run at the end "
+                                                      "(receivers that can: MLflow)")
+    register_model_name: str | None = Field(
+        default=None, min_length=1,
+        description="also register the logged model under this name in the MLflow model registry")
 
     @field_validator("credentials")
     @classmethod
@@ -105,6 +115,15 @@ class TrackingConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
         return v
+
+
+class ServerConfig(_Strict):
+    """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.pt``)."""
+
+    key_metric: str = Field(default="accuracy", min_length=1,
+                            description="a global metric (a key of what the learner's evaluate returns)")
+    key_mode: Literal["max", "min"] = Field(default="max", description="max: higher key_metric is better; "
+                                                                       "min: lower is better")
 
 
 class JobConfig(_Strict):
@@ -128,22 +147,26 @@ class JobConfig(_Strict):
     learner_args: dict[str, Any] = Field(default_factory=dict)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    description: str = Field(default="", max_length=5000,
+                             description="a note on the job: the parent run's MLflow description")
 
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: int | list[str]) -> int | list[str]:
         if isinstance(v, int):
-            if v < 1:
-                raise ValueError(f"need at least one site, got {v}")
+            if not 1 <= v <= MAX_SITES:
+                raise ValueError(f"need 1 to {MAX_SITES} sites")
             return v
         if not v:
             raise ValueError("the list of site names is empty")
         dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
             raise ValueError(f"site names must be unique; repeated: {dup}")
-        bad = [s for s in v if s == "server" or not s or not all(c.isalnum() or c in "-_." for c in s)]
+        bad = [s for s in v if s in ("server", ".", "..") or not s or not all(c.isalnum() or c in "-_." for c in s)]
         if bad:
-            raise ValueError(f"invalid site name(s) {bad}: use letters, digits, '-', '_' or '.', and not 'server'")
+            raise ValueError(f"invalid site name(s) {bad}: use letters, digits, '-', '_' or '.' "
+                             "(not 'server', '.' or '..')")
         return v
 
     @field_validator("learner")
@@ -156,6 +179,9 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
+        if self.tracking.register_model_name and not self.tracking.log_model:
+            raise ValueError(f"tracking.register_model_name: {self.tracking.register_model_name!r} needs "
+                             "tracking.log_model: true (a model is registered when it is logged)")
         n = len(self.site_names)
         if self.min_clients > n:
             raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")

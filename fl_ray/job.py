@@ -2,7 +2,9 @@
 
 The job directory ``<workspace>/<job_id>`` gets ``config.yaml`` (the resolved config) before anything
 runs and ``result.json`` at the end, whatever the outcome: per-round global metrics, per-site sample
-counts and results, the final metrics and where the tracking records went.
+counts and results, the final metrics and where the tracking records went, including the best
+global model (``tracking.model``: its round and key metric, ``checkpoints/best.pt``, and once the
+receiver actor has logged it, its MLflow model URI and registered version).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fl_ray.checkpoint import BEST, load_best
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
 from fl_ray.learners import learner_class
@@ -96,8 +99,17 @@ def _init_ray(address: str | None) -> bool:
 
 
 def _check_resources(cfg: JobConfig) -> None:
-    """Fail at once, naming what was asked and what is there, if the whole cluster is too small."""
+    """Fail at once, naming what was asked and what is there, if the whole cluster is too small.
+
+    With ``resources.autoscale`` the job instead asks the autoscaler for the sites' resources and
+    relies on ``resources.schedule_timeout``.
+    """
     n, res = len(cfg.site_names), cfg.resources
+    if res.autoscale:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"CPU": res.client_cpus, "GPU": res.client_gpus}] * n)
+        return
     asked = {"CPU": (n * res.client_cpus + res.server_cpus, f"{n} sites x {res.client_cpus:g} + server "
                                                              f"{res.server_cpus:g}"),
              "GPU": (n * res.client_gpus, f"{n} sites x {res.client_gpus:g}")}
@@ -174,7 +186,8 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         _check_resources(cfg)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
-                              sites=tuple(sites), config=cfg.to_dict(), tags=run_tags(job_id))
+                              sites=tuple(sites), config=cfg.to_dict(),
+                              tags=run_tags(job_id, cfg.description, ray.cluster_resources()))
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
                                   receiver_env(cfg.tracking.credentials), here)
         config_dict = cfg.to_dict()
@@ -186,7 +199,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                 name=f"fl_ray-{job_id}-{site}",
             ).remote(site, index, config_dict, receiver_actor_name(job_id))
         placed = _wait_placed(clients, cfg)
-        site_info = {s: {"num_samples": int(len(idx)), "node_id": placed[s]["node_id"], "device": placed[s]["device"]}
+        site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
                      for s, idx in zip(sites, parts)}
         server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
                                      scheduling_strategy=here).remote(
@@ -207,7 +220,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     finally:
         previous = signal.signal(signal.SIGINT, _exit_now) if _in_main_thread() else None
         try:
-            tracking = _close(cfg, receiver, server, clients, status)
+            tracking = _close(cfg, receiver, server, clients, status, job_dir)
             result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
                                tracking, site_info, error)
             result_data = result.to_dict()
@@ -230,8 +243,9 @@ def _exit_now(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
-def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str) -> dict[str, Any]:
-    """Flush every site's tracking, then let the receiver actor deliver and end the runs."""
+def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str,
+           job_dir: Path | None = None) -> dict[str, Any]:
+    """Flush every site's tracking, have the receiver actor log the best model, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
     senders: dict[str, Any] = {}
     refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
@@ -246,13 +260,51 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     if receiver is None:
         return {"senders": senders}
     try:
+        model = _log_best_model(cfg, receiver, job_dir, status) if job_dir is not None else None
         report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
     finally:
         ray.kill(receiver, no_restart=True)
     report["senders"] = senders
+    if model is not None:
+        report["model"] = model
     mlflow_reports = [r for r in report["receivers"].values() if "run_ids" in r]
     if mlflow_reports:
         report["mlflow"] = mlflow_reports[0]
+    return report
+
+
+def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str) -> dict[str, Any] | None:
+    """The best global model the server kept (``checkpoints/best.pt``: round, key metric) and, for a
+    finished job with ``tracking.log_model``, where the receiver actor logged it (the model URI, and the
+    registered version with ``tracking.register_model_name``); None when the learner exports no model."""
+    path = job_dir / "checkpoints" / BEST
+    try:
+        best = load_best(path)
+    except Exception as exc:  # never keep the runs from being ended
+        log.warning("cannot read the best model %s: %s: %s", path, type(exc).__name__, exc)
+        return {"checkpoint": str(path), "error": f"{type(exc).__name__}: {exc}"}
+    if best is None:
+        if status == FINISHED:
+            log.info("the learner %s exports no model (Learner.export_model gives None): no model is logged",
+                     cfg.learner)
+        return None
+    report: dict[str, Any] = {"checkpoint": str(path), "round": best.round, "key_metric": best.key_metric,
+                              "key_mode": best.key_mode, "value": best.score}
+    if status != FINISHED or not cfg.tracking.log_model:
+        return report
+    timeout = cfg.tracking.close_timeout
+    try:
+        logged = ray.get(receiver.log_model.remote("server", str(path), cfg.tracking.register_model_name, timeout),
+                         timeout=timeout + 120)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        logged = {"receiver_actor": {"error": f"{type(exc).__name__}: the receiver actor did not log the model"}}
+    report["logged"] = logged
+    for name, entry in logged.items():
+        if "error" in entry:
+            log.warning("the best model (round %d) was not logged to %s: %s; it stays in %s",
+                        best.round, name, entry["error"], path)
+        elif "model_uri" in entry and "model_uri" not in report:
+            report.update({k: v for k, v in entry.items() if k != "run_id"})
     return report
 
 

@@ -11,6 +11,8 @@ built with ``Class(**learner_args)``. Each client actor builds one and calls, in
 * ``train(weights, ctx)`` each round the site is sampled: load the global ``weights``, train locally,
   return a :class:`TrainResult` (new weights, the sample count used to weight the average, metrics).
 * ``evaluate(weights, ctx)``: metrics of ``weights`` on ``ctx.data`` (the server logs these).
+* ``export_model(weights)`` (optional, server only): a torch module and an input example for the
+  best global model, which the job logs as an MLflow model; the default, None, logs none.
 
 ``ctx.round`` is the current round (1-based); ``ctx.mlflow``, ``ctx.tensorboard`` and ``ctx.wandb``
 are the site's writers.
@@ -18,6 +20,7 @@ are the site's writers.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
@@ -82,6 +85,13 @@ class Learner(ABC):
     @abstractmethod
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         """Metrics of ``weights`` on ``ctx.data``."""
+
+    def export_model(self, weights: Mapping[str, np.ndarray]) -> tuple[nn.Module, np.ndarray] | None:
+        """A standalone CPU ``torch.nn.Module`` holding ``weights`` and an input example for it (a NumPy
+        batch of a few inputs, more than one so the batch size stays free); called on the server for the
+        best global model, which is then logged as an MLflow model. None (the default): no model is logged.
+        """
+        return None
 
 
 def model_weights(model: nn.Module) -> dict[str, np.ndarray]:
@@ -207,6 +217,19 @@ class ImageClassificationLearner(Learner):
         load_weights(self.model, weights)
         return self._score(self.train_data if ctx.site == "server" else self.val)
 
+    def export_model(self, weights: Mapping[str, np.ndarray]) -> tuple[nn.Module, np.ndarray]:
+        """A CPU copy of the model holding ``weights``, in eval mode, and 8 inputs of this actor's data.
+
+        The module takes inputs as the dataset holds them: CIFAR-10's uint8 images are scaled inside it
+        (as training does), so the logged model needs no preprocessing.
+        """
+        model = copy.deepcopy(self.model).cpu()
+        load_weights(model, weights)
+        example = np.ascontiguousarray(self.train_data[0][:8].numpy())
+        if example.dtype == np.uint8:
+            model = ScaledInputModel(model)
+        return model.eval(), example
+
     @torch.no_grad()
     def _score(self, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         self.model.eval()
@@ -219,6 +242,17 @@ class ImageClassificationLearner(Learner):
             correct += (out.argmax(1) == yb).sum().item()
         n = max(1, len(y))
         return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+class ScaledInputModel(nn.Module):
+    """A model that takes uint8 images and scales them to [-1, 1] first, as the built-in learner trains."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_as_input(x))
 
 
 def learner_class(path: str) -> type[Learner]:

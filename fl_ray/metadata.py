@@ -1,7 +1,10 @@
-"""Run metadata for the job's parent run: fl_ray version, git commit and dirtiness, command line."""
+"""Run metadata for the job's parent run: fl_ray version, git commit and dirtiness, command line, the
+Ray cluster's resources and the job's description (MLflow shows ``mlflow.note.content`` as the run's
+description). This module imports no Ray: the job passes ``ray.cluster_resources()`` in."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -21,8 +24,22 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     return {"commit": commit, "dirty": str(dirty).lower()}
 
 
-def run_tags(job_id: str) -> dict[str, str]:
-    """Tags for the job's parent run."""
+MAX_TAG_LENGTH = 5000  # MLflow keeps tag values up to 8000 characters; leave room
+
+
+def cluster_resources_tag(resources: dict[str, float]) -> str:
+    """``ray.cluster_resources()`` as compact, sorted JSON; past MAX_TAG_LENGTH characters the per-node
+    ``node:<ip>`` markers (one per node, each 1.0) give way to a ``nodes`` count."""
+    text = json.dumps(dict(sorted(resources.items())), separators=(",", ":"))
+    if len(text) <= MAX_TAG_LENGTH:
+        return text
+    kept = {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
+    kept["nodes"] = sum(1 for k in resources if k.startswith("node:") and k != "node:__internal_head__")
+    return json.dumps(kept, separators=(",", ":"))[:MAX_TAG_LENGTH]
+
+
+def run_tags(job_id: str, description: str = "", cluster_resources: dict[str, float] | None = None) -> dict[str, str]:
+    """Tags for the job's parent run; ``description`` (if any) as MLflow's run description."""
     from fl_ray import __version__
 
     tags = {"fl_ray.job_id": job_id, "fl_ray.version": __version__,
@@ -31,4 +48,8 @@ def run_tags(job_id: str) -> dict[str, str]:
     if git:
         tags["mlflow.source.git.commit"] = git["commit"]
         tags["fl_ray.git_dirty"] = git["dirty"]
+    if cluster_resources is not None:
+        tags["fl_ray.ray_resources"] = cluster_resources_tag(cluster_resources)
+    if description:
+        tags["mlflow.note.content"] = description
     return tags

@@ -8,6 +8,7 @@ Exit status: 0 on success, 1 if the job failed, 2 for a bad config or command li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(args.workspace).is_absolute() and not args.resume:
+        console.print(f"[yellow]warning:[/] under `ray job submit` the relative workspace {args.workspace!r} lies in "
+                      "the job's temporary working directory; pass an absolute --workspace to keep the results")
     from fl_ray.job import run_job  # Ray and torch load only once the config is known to be good
     from fl_ray.progress import summary_table
 

@@ -11,7 +11,8 @@ from fl_ray import ConfigError, JobConfig, run_job
 def digits_config(**overrides):
     data = {"name": "e2e-digits", "seed": 3, "num_rounds": 3, "sites": 3, "min_clients": 3, "local_epochs": 1,
             "lr": 0.05, "dataset": {"name": "digits"}, "learner_args": {"model": "digits_cnn"},
-            "resources": {"client_cpus": 0.5, "server_cpus": 0.5}}
+            "resources": {"client_cpus": 0.5, "server_cpus": 0.5},
+            "tracking": {"log_model": False, "system_metrics": False}}
     data.update(overrides)
     return JobConfig.model_validate(data)
 

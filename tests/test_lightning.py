@@ -23,35 +23,10 @@ from fl_ray.data import ArrayData, load_dataset  # noqa: E402
 from fl_ray.learners import LearnerContext, load_learner  # noqa: E402
 from fl_ray.lightning import FLRayLogger, LightningLearner  # noqa: E402
 from fl_ray.tracking.events import EventKind  # noqa: E402
-from fl_ray.tracking.writers import MLflowWriter  # noqa: E402
+from fl_ray.tracking.writers import MLflowWriter
+from recording_sender import RecordingSender  # noqa: E402
 
 MODULE = "fl_ray.lightning:DigitsLitModule"
-
-
-class RecordingSender:
-    """EventSender's writer-facing surface, keeping events in a list (no Ray)."""
-
-    def __init__(self, site: str = "site-1") -> None:
-        self.site = site
-        self.events: list[tuple] = []
-        self._steps: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def record(self, kind, key, value, step, timestamp, group=None) -> None:
-        with self._lock:
-            self.events.append((kind, key, value, step))
-
-    def next_step(self, key: str, explicit: int | None = None) -> int:
-        with self._lock:
-            step = self._steps.get(key, 0) if explicit is None else explicit
-            self._steps[key] = max(self._steps.get(key, 0), step + 1)
-            return step
-
-    def params(self) -> dict[str, str]:
-        return {k: v for kind, k, v, _ in self.events if kind == EventKind.PARAM}
-
-    def steps(self, key: str) -> list[int]:
-        return [s for kind, k, _, s in self.events if kind == EventKind.METRIC and k == key]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +51,8 @@ def test_logger_sends_metrics_and_hyperparams_through_the_writer():
     logger.log_metrics({"loss": 0.5, "val/acc": 0.25, "note": "text is dropped"}, step=3)
 
     assert (logger.name, logger.version, logger.experiment) == ("job", "site-1", logger.experiment)
-    assert sender.params() == {"lr": "0.1", "optim/name": "sgd", "optim/betas": "(0.9, 0.99)", "a_b": "1"}
-    assert [(k, v, s) for kind, k, v, s in sender.events if kind == EventKind.METRIC] == \
+    assert sender.logged_params() == {"lr": "0.1", "optim/name": "sgd", "optim/betas": "(0.9, 0.99)", "a_b": "1"}
+    assert [(k, v, s) for kind, k, v, s, *_ in sender.events if kind == EventKind.METRIC] == \
         [("loss", 0.5, 3), ("val/acc", 0.25, 3)]
 
 
@@ -118,7 +93,7 @@ def test_learner_trains_rounds_and_logs_through_the_site_writer(digits, tmp_path
                                                                 start["model.fc2.weight"])
     assert {"train_loss", "val_loss", "val_accuracy"} <= set(second.metrics)
     assert set(after) == {"loss", "accuracy"} and after["loss"] < before["loss"] and after["accuracy"] > 0.5
-    params = sender.params()
+    params = sender.logged_params()
     assert params["module"] == MODULE and params["max_epochs"] == "2" and params["val_samples"] == str(n_val)
     assert (params["lr"], params["num_classes"]) == ("0.1", "10")  # the module's save_hyperparameters()
     for key in ("train_loss", "val_accuracy"):

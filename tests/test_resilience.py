@@ -103,7 +103,7 @@ def _wait_for(predicate, timeout):
 
 
 DIGITS = ["--set", "num_rounds=4", "--set", "sites=2", "--set", "local_epochs=1", "--set", "seed=11",
-          "--set", "tracking.system_metrics=false"]
+          "--set", "tracking.system_metrics=false", "--set", "tracking.log_model=false"]
 
 
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from fl_ray.system_metrics import SystemMetricsSampler, _Nvml, gpu_description
 from fl_ray.tracking.events import EventKind
 from fl_ray.tracking.writers import MLflowWriter
+from recording_sender import RecordingSender
 
 CPU_KEYS = {
     "system/cpu_utilization_percentage",
@@ -30,34 +31,6 @@ GPU0_KEYS = {f"system/gpu_0_{k}" for k in ("utilization_percentage", "memory_usa
                                             "memory_total_megabytes", "memory_usage_percentage",
                                             "power_usage_watts", "power_usage_percentage")}
 NO_GPU_WARNING = "sampling CPU and memory only"
-
-
-class RecordingSender:
-    """EventSender's writer-facing surface, keeping events in a list (thread-safe, no Ray)."""
-
-    def __init__(self, site: str = "site-1") -> None:
-        self.site = site
-        self.events: list[tuple] = []
-        self._steps: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def record(self, kind, key, value, step, timestamp, group=None) -> None:
-        with self._lock:
-            self.events.append((kind, key, value, step, timestamp, group))
-
-    def next_step(self, key: str, explicit: int | None = None) -> int:
-        with self._lock:
-            step = self._steps.get(key, 0) if explicit is None else explicit
-            self._steps[key] = max(self._steps.get(key, 0), step + 1)
-            return step
-
-    def metrics(self) -> dict[str, list[tuple[int, float]]]:
-        """Metric points by key, as (step, value)."""
-        out: dict[str, list[tuple[int, float]]] = {}
-        for kind, key, value, step, _, _ in list(self.events):
-            if kind == EventKind.METRIC:
-                out.setdefault(key, []).append((step, value))
-        return out
 
 
 class FakeNVMLError(Exception):

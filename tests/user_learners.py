@@ -84,3 +84,122 @@ class FaultyLearner(KnownValuesLearner):
 
             time.sleep(float(fault.split(":", 1)[1]))
         return super().train(weights, ctx)
+
+
+def stream_value(site: str, round_: int, i: int) -> float:
+    """The value StreamLearner logs as ``stream`` for point ``i`` of a round: distinct for every point."""
+    return site_number(site) * 1_000_000 + round_ * 1_000 + i + 0.25
+
+
+def expected_stream(site: str, rounds: int, points: int, sign: float = 1.0) -> list[tuple[int, float]]:
+    """``(step, value)`` of every ``stream`` point (``stream_neg`` with ``sign=-1``) a site logs in ``rounds``."""
+    return [((r - 1) * points + i, sign * stream_value(site, r, i))
+            for r in range(1, rounds + 1) for i in range(points)]
+
+
+class StreamLearner(Learner):
+    """Trains nothing; each round logs ``points`` points of ``stream`` and ``stream_neg`` with explicit
+    steps, spread over ``seconds``, so that a job keeps logging through a tracking-server outage or a
+    receiver-actor crash."""
+
+    def __init__(self, points: int = 100, seconds: float = 2.0) -> None:
+        self.points = points
+        self.seconds = seconds
+
+    def setup(self, ctx: LearnerContext) -> None:
+        self.weights = {"w": np.zeros(2, dtype=np.float32)}
+
+    def get_weights(self):
+        return self.weights
+
+    def train(self, weights, ctx: LearnerContext) -> TrainResult:
+        import time
+
+        w = ctx.mlflow
+        if ctx.round == 1:
+            w.log_params({"points": self.points, "site_name": ctx.site})
+        for i in range(self.points):
+            value = stream_value(ctx.site, ctx.round, i)
+            w.log_metrics({"stream": value, "stream_neg": -value}, step=(ctx.round - 1) * self.points + i)
+            time.sleep(self.seconds / self.points)
+        w.set_tag("last_round", ctx.round)
+        return TrainResult({"w": np.asarray(weights["w"]) + 1}, num_samples=10, metrics={"points": self.points})
+
+    def evaluate(self, weights, ctx):
+        return {"loss": 1.0 / ctx.round}
+
+
+
+SYNTAXES = ("mlflow", "tensorboard", "wandb")
+SYNTAX_PARAMS = {"lr": "0.125", "optimizer": "sgd"}
+
+
+def logged_in_round(site: str, round_: int) -> dict[str, list[tuple[int, float]]]:
+    """What SyntaxLearner logs on ``site`` in round ``round_``: {key: [(step, value), ...]}.
+
+    Values are exact in float32 (TensorBoard stores scalars as float32), so every back end reads them back equal.
+    """
+    n, r = site_number(site), round_
+    return {"loss": [(2 * r - 2, n + r / 4), (2 * r - 1, n + r / 4 + 1 / 8)], "acc": [(r, n / 2 + r / 16)],
+            "pair/a": [(r, r / 2)], "pair/b": [(r, -n * r / 2)], "fl_step": [(r, float(r))]}
+
+
+def expected_series(site: str, rounds: int) -> dict[str, list[tuple[int, float]]]:
+    """Everything SyntaxLearner logs on ``site`` in ``rounds`` rounds, by key, in step order."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in range(1, rounds + 1):
+        for key, points in logged_in_round(site, r).items():
+            series.setdefault(key, []).extend(points)
+    return {key: sorted(points) for key, points in series.items()}
+
+
+class SyntaxLearner(Learner):
+    """Trains nothing; logs :func:`logged_in_round` with explicit steps, and params, in one writer ``syntax``.
+
+    Each round: ``loss`` at steps 2r-2 and 2r-1, then ``acc`` at step r (below the last loss step from
+    round 2 on), the pair ``pair/a``, ``pair/b`` (TensorBoard syntax: ``add_scalars``) and a metric
+    named ``fl_step`` (a column W&B fills itself). In round 1 the params (not in TensorBoard syntax,
+    which has no params call). The server reports ``loss`` = 2**-round.
+    """
+
+    def __init__(self, syntax: str = "mlflow") -> None:
+        if syntax not in SYNTAXES:
+            raise ValueError(f"syntax must be one of {SYNTAXES}, got {syntax!r}")
+        self.syntax = syntax
+
+    def setup(self, ctx: LearnerContext) -> None:
+        self.weights = {"w": np.zeros(2, dtype=np.float32)}
+
+    def get_weights(self):
+        return self.weights
+
+    def train(self, weights, ctx: LearnerContext) -> TrainResult:
+        r, values = ctx.round, logged_in_round(ctx.site, ctx.round)
+        loss = values["loss"]
+        [(_, acc)], [(_, a)], [(_, b)], [(_, marker)] = (values[k] for k in ("acc", "pair/a", "pair/b", "fl_step"))
+        if self.syntax == "mlflow":
+            for step, value in loss:
+                ctx.mlflow.log_metric("loss", value, step=step)
+            ctx.mlflow.log_metric("acc", acc, step=r)
+            ctx.mlflow.log_metrics({"pair/a": a, "pair/b": b}, step=r)
+            ctx.mlflow.log_metric("fl_step", marker, step=r)
+            if r == 1:
+                ctx.mlflow.log_params(SYNTAX_PARAMS)
+        elif self.syntax == "tensorboard":
+            for step, value in loss:
+                ctx.tensorboard.add_scalar("loss", value, global_step=step)
+            ctx.tensorboard.add_scalar("acc", acc, global_step=r)
+            ctx.tensorboard.add_scalars("pair", {"a": a, "b": b}, global_step=r)
+            ctx.tensorboard.add_scalar("fl_step", marker, global_step=r)
+        else:
+            for step, value in loss:
+                ctx.wandb.log({"loss": value}, step=step)
+            ctx.wandb.log({"acc": acc}, step=r)
+            ctx.wandb.log({"pair": {"a": a, "b": b}}, step=r)
+            ctx.wandb.log({"fl_step": marker}, step=r)
+            if r == 1:
+                ctx.wandb.config.update(SYNTAX_PARAMS)
+        return TrainResult({"w": np.asarray(weights["w"]) + 1}, num_samples=10)
+
+    def evaluate(self, weights, ctx):
+        return {"loss": 2.0 ** -ctx.round}

@@ -37,3 +37,24 @@ class FlakyReceiver(MemoryReceiver):
 
     def close(self, status):
         return {"events": len(self.events), "attempts": self.attempts}
+
+
+class EchoReceiver(MemoryReceiver):
+    """Keeps events in memory and hands all of them back, as plain tuples, in its close report."""
+
+    def close(self, status):
+        return {"status": status, "echo": [tuple(e) for e in self.events]}
+
+
+class SeriesReceiver(MemoryReceiver):
+    """Keeps events in memory and returns, at close, every site's metric series and params (for result.json)."""
+
+    def close(self, status):
+        metrics: dict = {}
+        params: dict = {}
+        for e in self.events:
+            if e.kind == "metric":
+                metrics.setdefault(e.site, {}).setdefault(e.key, []).append([e.step, e.value])
+            elif e.kind == "param":
+                params.setdefault(e.site, {})[e.key] = e.value
+        return {"events": len(self.events), "status": status, "metrics": metrics, "params": params}

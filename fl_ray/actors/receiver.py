@@ -8,9 +8,7 @@ environment variables.
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from typing import Any
 
 import ray
@@ -19,23 +17,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fl_ray.receivers.base import ReceiverContext, build_receiver
 from fl_ray.tracking.credentials import CREDENTIAL_VARS
 from fl_ray.tracking.events import TrackingEvent
-from fl_ray.tracking.hub import TrackingHub
-
-# MLflow's HTTP client retries for minutes by default; the hub retries on its own, without blocking.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def quiet_http_retries() -> None:
-    """Keep back-end clients from logging every HTTP retry: the hub says once that a receiver is failing."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-
-
-def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
-    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
-    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
-    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]
+# receiver_names and HTTP_RETRY_DEFAULTS live with the hub (no Ray there) and are used from here too
+from fl_ray.tracking.hub import HTTP_RETRY_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names  # noqa: F401
 
 
 @ray.remote
@@ -59,6 +42,11 @@ class ReceiverActor:
 
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         return self.hub.close(status, timeout)
+
+    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
+                  timeout: float) -> dict[str, Any]:
+        """Log a saved model (e.g. the server's ``best.pt``) into ``site``'s run: here, where credentials are."""
+        return self.hub.log_model(site, checkpoint, registered_model_name, timeout)
 
     def credential_names(self) -> list[str]:
         """Which tracking credential variables this actor holds (names only)."""

@@ -4,8 +4,12 @@ Each round it samples sites with a seeded generator, puts the global weights in 
 once, folds client results into a streaming weighted average as they arrive (``ray.wait``), evaluates
 the new global model on the held-out test split and logs the round into the ``server`` run through
 the same tracking path as the sites, then checkpoints (weights, round, generator state) so the
-job can resume after the last completed round. A client that fails or times out does not fail the round while
-``min_clients`` results arrive; below that the round is tried again, then the job fails.
+job can resume after the last completed round. When the learner can export a model, the global
+model that is best so far by ``server.key_metric`` / ``key_mode`` is kept as ``best.pt`` beside the
+checkpoint (this actor runs on the driver's node, so the job can hand it to the receiver actor,
+which logs it to MLflow: this actor holds no tracking credentials). A client that fails or times
+out does not fail the round while ``min_clients`` results arrive; below that the round is tried
+again, then the job fails.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import numpy as np
 import ray
 
 from fl_ray.actors.client import make_context
-from fl_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_ray.checkpoint import BestModel, Checkpoint, improves, load_best, load_checkpoint, save_best, save_checkpoint
+from fl_ray.config import ConfigError
 from fl_ray.fedavg import StreamingAverage, sample_sites, weighted_metrics
-from fl_ray.learners import load_learner
+from fl_ray.learners import Learner, load_learner
 
 
 RESTART_GRACE = 60.0  # seconds a round waits for a site that Ray is restarting
@@ -50,6 +55,10 @@ class ServerActor:
         else:
             self.weights, self.rounds = resumed.weights, resumed.rounds
             self.rng.bit_generator.state = resumed.rng_state
+        # the learner can export a model (it overrides Learner.export_model): keep the best one
+        self.exports = type(self.learner).export_model is not Learner.export_model
+        best = load_best(self.checkpoint_dir) if resumed is not None else None
+        self.best_score = best.score if best is not None else None
 
     def completed_rounds(self) -> list[dict[str, Any]]:
         """Summaries of the rounds completed so far (from the checkpoint when the job resumed)."""
@@ -75,6 +84,7 @@ class ServerActor:
         self.weights = avg.result()
         self.ctx.round = round_
         global_metrics = self.learner.evaluate(self.weights, self.ctx)
+        self._keep_if_best(round_, global_metrics)
         client_mean = weighted_metrics([(r["metrics"], r["num_samples"]) for r in results.values()])
         logged = {f"global_{k}": v for k, v in global_metrics.items()}
         logged.update({f"clients_{k}": v for k, v in client_mean.items()})
@@ -90,6 +100,26 @@ class ServerActor:
         save_checkpoint(self.checkpoint_dir, Checkpoint(round_, self.weights, self.rng.bit_generator.state,
                                                         self.rounds))
         return summary
+
+    def _keep_if_best(self, round_: int, metrics: dict[str, float]) -> None:
+        """Save the global model as ``best.pt`` if it beats the best so far on ``server.key_metric``."""
+        if not self.exports:
+            return
+        key, mode = self.cfg.server.key_metric, self.cfg.server.key_mode
+        if key not in metrics:
+            raise ConfigError(f"server.key_metric: {key!r} is not one of the global metrics the learner's evaluate "
+                              f"returns ({', '.join(sorted(metrics)) or 'none'}); set server.key_metric to one of them")
+        value = float(metrics[key])
+        if not improves(value, self.best_score, mode):
+            return
+        exported = self.learner.export_model(self.weights)
+        if exported is None:  # this learner exports no model after all; the job says so at the end
+            self.exports = False
+            return
+        model, example = exported
+        save_best(self.checkpoint_dir, BestModel(round_, key, mode, {k: float(v) for k, v in metrics.items()},
+                                                 model, np.asarray(example)))
+        self.best_score = value
 
     def _reachable(self, sites: list[str], failed: dict[str, str]) -> list[str]:
         """The sites that answer; waits (up to RESTART_GRACE seconds) for those Ray is restarting."""

@@ -5,22 +5,32 @@ the job id, the fl_ray version and, when known, the git commit), with one nested
 named ``server``. Metrics, params and tags go in with ``MlflowClient.log_batch`` (which splits a
 batch within MLflow's limits of 1000 metrics, 100 params and 100 tags a call); texts with
 ``log_text``. Metric timestamps are the client's, so writing the same batch twice adds nothing.
-Run ids are kept in ``<job>/mlflow_runs.json`` so a restarted receiver (or a resumed job) writes into
-the same runs.
+Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a
+resumed job, or ``scripts/replay_spool.py``) writes into the same runs. A record MLflow refuses for
+good (``INVALID_PARAMETER_VALUE``, e.g. a param whose value changed after a site restarted) is found
+by splitting the batch, left out and reported, so it cannot hold up the records around it; any
+other failure is raised and the whole batch is retried. At the end of a job, ``log_model`` logs the
+best global model into the ``server`` run as an MLflow model (and registers it when asked).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from fl_ray.receivers.base import FINISHED, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import read_json, write_json_atomic
 
+log = logging.getLogger(__name__)
+
 RUNS_FILE = "mlflow_runs.json"
 SERVER_RUN = "server"
+# MLflow error codes that mean "this record will never be accepted", as opposed to "try again later".
+REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
+MAX_REPORTED_REFUSALS = 20
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -49,6 +59,9 @@ class MLflowReceiver:
         self.experiment_name = experiment_name
         self.buffer_flush_time = buffer_flush_time
         self._pending: dict[str, tuple[list, list, list, list]] = {}
+        self.refused: list[str] = []  # the first MAX_REPORTED_REFUSALS records MLflow refused, described
+        self.refused_count = 0
+        self._refused_seen: set[str] = set()
 
     def open(self, ctx: ReceiverContext) -> None:
         from mlflow.tracking import MlflowClient
@@ -67,26 +80,50 @@ class MLflowReceiver:
                 artifacts = (Path(ctx.workspace).resolve() / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         self._runs_path = Path(ctx.job_dir) / RUNS_FILE
-        saved = read_json(self._runs_path, {})
-        if saved.get("tracking_uri") == self.tracking_uri and saved.get("experiment_id") == self.experiment_id:
-            self.parent_run_id, self.run_ids = saved["parent_run_id"], saved["run_ids"]
+        saved = self._saved_runs()
+        if saved is None:
+            parent = self.client.create_run(self.experiment_id, run_name=ctx.job_id,
+                                            tags={"fl_ray.job_id": ctx.job_id, **ctx.tags})
+            self.parent_run_id, self.run_ids, self._complete = parent.info.run_id, {}, False
+            self._save_runs()  # before anything else, so a retried open reuses this parent run
+        else:
+            self.parent_run_id, self.run_ids, self._complete = \
+                saved["parent_run_id"], dict(saved["run_ids"]), saved.get("complete", True)
             for run_id in (self.parent_run_id, *self.run_ids.values()):
                 self.client.update_run(run_id, status="RUNNING")
-        else:
-            self._create_runs(ctx)
+        if not self._complete:
+            self._set_up_runs(ctx)
 
-    def _create_runs(self, ctx: ReceiverContext) -> None:
+    @property
+    def destination(self) -> str | None:
+        """Where records go (the tracking URI, once opened): progress marks are kept per destination."""
+        return self.tracking_uri
+
+    def _saved_runs(self) -> dict[str, Any] | None:
+        saved = read_json(self._runs_path, {})
+        entry = saved.get(self.tracking_uri) if isinstance(saved, dict) else None
+        if isinstance(entry, dict) and entry.get("experiment_id") == self.experiment_id:
+            return entry
+        return None
+
+    def _save_runs(self) -> None:
+        saved = read_json(self._runs_path, {})
+        saved = saved if isinstance(saved, dict) else {}
+        saved[self.tracking_uri] = {"experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
+                                    "run_ids": self.run_ids, "complete": self._complete}
+        write_json_atomic(self._runs_path, saved)
+
+    def _set_up_runs(self, ctx: ReceiverContext) -> None:
+        """The parent run's params and tags and a run per site; safe to repeat until it has completed once."""
         from mlflow.entities import Param, RunTag
 
-        tags = {"fl_ray.job_id": ctx.job_id, **ctx.tags}
-        parent = self.client.create_run(self.experiment_id, run_name=ctx.job_id, tags=tags)
-        self.parent_run_id = parent.info.run_id
         params = [Param(k, v) for k, v in flatten(ctx.config).items()]
         self.client.log_batch(self.parent_run_id, params=params)
-        self.run_ids: dict[str, str] = {}
         for site in (*ctx.sites, SERVER_RUN):
             self._site_run(site)
         self.client.log_batch(self.parent_run_id, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])
+        self._complete = True
+        self._save_runs()
 
     def _site_run(self, site: str) -> str:
         run_id = self.run_ids.get(site)
@@ -94,9 +131,7 @@ class MLflowReceiver:
             tags = {"mlflow.parentRunId": self.parent_run_id, "fl_ray.site": site, "fl_ray.job_id": self._ctx.job_id}
             run_id = self.client.create_run(self.experiment_id, run_name=site, tags=tags).info.run_id
             self.run_ids[site] = run_id
-            write_json_atomic(self._runs_path, {"tracking_uri": self.tracking_uri,
-                                                "experiment_id": self.experiment_id,
-                                                "parent_run_id": self.parent_run_id, "run_ids": self.run_ids})
+            self._save_runs()
         return run_id
 
     def write(self, events: Sequence[TrackingEvent]) -> None:
@@ -114,19 +149,108 @@ class MLflowReceiver:
                 texts.append((e.value, text_artifact(e.key, e.step)))
 
     def flush(self) -> None:
+        from mlflow.exceptions import MlflowException
+
         pending, self._pending = self._pending, {}
         for site, (metrics, params, tags, texts) in pending.items():
             run_id = self._site_run(site)
-            self.client.log_batch(run_id, metrics=metrics, params=_last_per_key(params), tags=_last_per_key(tags))
+            self._log_batch(site, run_id, metrics, _last_per_key(params), _last_per_key(tags))
             for text, artifact_file in texts:
-                self.client.log_text(run_id, text, artifact_file)
+                try:
+                    self.client.log_text(run_id, text, artifact_file)
+                except (NotADirectoryError, IsADirectoryError, FileExistsError, MlflowException) as exc:
+                    # refused, or a file-store path clash ("notes" and "notes/a.txt"): it will never succeed
+                    if isinstance(exc, MlflowException) and exc.error_code not in REFUSED:
+                        raise
+                    self._refuse(site, _Text(artifact_file, text), exc)
+
+    def _log_batch(self, site: str, run_id: str, metrics: list, params: list, tags: list) -> None:
+        """``log_batch``; if MLflow refuses the batch, split it until the refused records are isolated."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+            return
+        except MlflowException as exc:
+            if exc.error_code not in REFUSED:
+                raise
+            error = exc
+        items = [*metrics, *params, *tags]
+        if len(items) == 1:
+            self._refuse(site, items[0], error)
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        for half in (items[: len(items) // 2], items[len(items) // 2:]):
+            self._log_batch(site, run_id, [i for i in half if isinstance(i, Metric)],
+                            [i for i in half if isinstance(i, Param)], [i for i in half if isinstance(i, RunTag)])
+
+    def _refuse(self, site: str, item: Any, error: Exception) -> None:
+        kind = type(item).__name__.lower().lstrip("_")
+        what = f"{site}: {kind} {item.key!r} = {str(item.value)[:80]!r}" + \
+            (f" at step {item.step}" if kind == "metric" else "")
+        if what in self._refused_seen:  # the same batch again, after a failure elsewhere in it
+            return
+        self._refused_seen.add(what)
+        self.refused_count += 1
+        if len(self.refused) < MAX_REPORTED_REFUSALS:
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            self.refused.append(f"{what}: {reason}")
+            log.warning("MLflow refused a record, which is left out: %s (%s)", what, reason)
 
     def close(self, status: str = FINISHED) -> dict[str, Any]:
         for run_id in (*self.run_ids.values(), self.parent_run_id):
             self.client.set_terminated(run_id, status)
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
-                "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "ui": ui_command(self.tracking_uri)}
+        report = {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+                  "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
+                  "ui": ui_command(self.tracking_uri)}
+        if self.refused_count:
+            report.update(refused=self.refused_count, refused_examples=list(self.refused))
+        return report
+
+    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None = None) -> dict[str, Any]:
+        """Log the model saved at ``checkpoint`` (a :class:`~fl_ray.checkpoint.BestModel`, ``best.pt``) into
+        ``site``'s run with ``mlflow.pytorch.log_model`` and, given ``registered_model_name``, register it.
+
+        MLflow 3 saves it in the ``pt2`` format (``torch.export``), traced with the checkpoint's input
+        example, whose batch dimension stays free; the pip requirements are MLflow's defaults for the
+        flavor (inferring them would load the model again in a subprocess). Called from the receiver
+        actor's own thread, beside the delivery thread: it only reads the run ids set up by ``open``.
+        """
+        import mlflow
+        import mlflow.pytorch
+
+        from fl_ray.checkpoint import load_best
+
+        best = load_best(checkpoint)
+        if best is None:
+            raise FileNotFoundError(f"no saved model at {checkpoint}")
+        run_id = self.run_ids.get(site)
+        if run_id is None:
+            raise KeyError(f"no MLflow run for {site!r} in this job")
+        mlflow.set_tracking_uri(self.tracking_uri)  # this process writes to MLflow only through receivers
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(
+                best.model, name="model", input_example=best.input_example, step=best.round,
+                registered_model_name=registered_model_name,
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                tags={"fl_ray.job_id": self._ctx.job_id, "fl_ray.round": str(best.round),
+                      "fl_ray.key_metric": best.key_metric, "fl_ray.key_value": str(best.score)},
+                metadata={"fl_ray": {"job_id": self._ctx.job_id, "round": best.round, "key_metric": best.key_metric,
+                                     "key_mode": best.key_mode, "metrics": best.metrics}},
+            )
+        report = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": run_id}
+        if registered_model_name:
+            report.update(registered_model_name=registered_model_name,
+                          registered_model_version=info.registered_model_version)
+        return report
+
+
+class _Text(NamedTuple):
+    """A text artifact, described like a Metric, Param or RunTag when MLflow refuses it."""
+
+    key: str
+    value: str
 
 
 def text_artifact(key: str, step: int | None) -> str:

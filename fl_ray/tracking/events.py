@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import posixpath
 import re
 from enum import Enum
 from typing import Any, NamedTuple
@@ -43,21 +44,25 @@ class TrackingEvent(NamedTuple):
 
 
 # MLflow's rule for metric, param and tag names: alphanumerics, underscores, dashes, periods, spaces,
-# colons and slashes, at most 250 characters, not a path that climbs out ("..") or starts at "/".
+# colons and slashes, at most 250 characters, and a plain relative path: no "." or ".." part, no
+# leading, trailing or doubled "/", not starting with ".." (MLflow refuses any name that
+# ``posixpath.normpath`` changes, and any that starts with ".." or "/").
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
-_KEY_RE = re.compile(r"^[\w\-. :/]{1,250}$")
+MAX_INT64 = 2**63 - 1  # steps and timestamps are 64-bit integers in every back end
+_KEY_RE = re.compile(r"[\w\-. :/]{1,250}")
 
 
 def check_key(key: Any, what: str = "key") -> str:
     """Return ``key`` if MLflow accepts it as a name, else raise TypeError/ValueError naming it."""
     if type(key) is not str:
         raise TypeError(f"{what} must be a string, got {key!r} ({type(key).__name__})")
-    if _KEY_RE.match(key) is None or key.startswith("/") or ".." in key.split("/"):
+    if _KEY_RE.fullmatch(key) is None or posixpath.normpath(key) != key or key == "." or key.startswith(("/", "..")):
         raise ValueError(
             f"{what} {key!r} is not a valid name: expected 1-{MAX_KEY_LENGTH} characters of "
-            "letters, digits, '_', '-', '.', ' ', ':' or '/', not starting with '/' and with no '..' part"
+            "letters, digits, '_', '-', '.', ' ', ':' or '/', forming a relative path: not starting with '/' "
+            "or '..', with no '.' or '..' part and no trailing or doubled '/'"
         )
     return key
 
@@ -70,24 +75,29 @@ def check_metric_value(key: str, value: Any) -> float:
         if item is not None and getattr(value, "ndim", 1) == 0:
             return check_metric_value(key, item())
         raise TypeError(f"metric {key!r}: value must be a real number, got {value!r} ({type(value).__name__})")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"metric {key!r}: value {value!r:.80} is too large for a 64-bit float") from None
 
 
 def check_step(key: str, step: Any) -> int:
     """Return ``step`` if it is a non-negative integer, else raise naming the metric."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"metric {key!r}: step must be a non-negative integer, got {step!r} ({type(step).__name__})")
-    if step < 0:
-        raise ValueError(f"metric {key!r}: step must be a non-negative integer, got {step}")
+    if not 0 <= step <= MAX_INT64:
+        raise ValueError(f"metric {key!r}: step must be a non-negative 64-bit integer (0 to 2**63-1), got {step!r:.80}")
     return int(step)
 
 
 def check_timestamp(key: str, timestamp: Any) -> int:
     """Return ``timestamp`` (milliseconds since the epoch) as an int, else raise naming the metric."""
-    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or not math.isfinite(timestamp):
-        raise TypeError(f"metric {key!r}: timestamp must be milliseconds since the epoch, got {timestamp!r}")
-    if timestamp < 0:
-        raise ValueError(f"metric {key!r}: timestamp must be non-negative, got {timestamp}")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or \
+            (not isinstance(timestamp, numbers.Integral) and not math.isfinite(timestamp)):
+        raise TypeError(f"metric {key!r}: timestamp must be milliseconds since the epoch, got {timestamp!r:.80}")
+    if not 0 <= timestamp <= MAX_INT64:
+        raise ValueError(f"metric {key!r}: timestamp must be a non-negative 64-bit integer of milliseconds, "
+                         f"got {timestamp!r:.80}")
     return int(timestamp)
 
 
@@ -95,7 +105,23 @@ def check_text_value(what: str, key: str, value: Any, max_length: int) -> str:
     """Return ``value`` as the string a param or tag stores, refusing values MLflow would reject."""
     if isinstance(value, (dict, list, tuple, set)) and what == "param":
         raise TypeError(f"param {key!r}: value must be a scalar, got {type(value).__name__} {value!r:.80}")
-    text = str(value)
+    try:
+        text = str(value)
+    except Exception as exc:  # a user object whose __str__ fails
+        raise TypeError(f"{what} {key!r}: value of type {type(value).__name__} cannot be turned into a string "
+                        f"({type(exc).__name__}: {exc})") from None
     if len(text) > max_length:
         raise ValueError(f"{what} {key!r}: value is {len(text)} characters, more than the {max_length} allowed")
+    return check_unicode(what, key, text)
+
+
+def check_unicode(what: str, key: str, text: str) -> str:
+    """Return ``text`` if it can be stored as UTF-8 (no lone surrogates), else raise ValueError naming it."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} {key!r}: value is not valid Unicode text (character {text[exc.start]!r} at "
+                         f"position {exc.start} cannot be stored as UTF-8)") from None
     return text

@@ -5,13 +5,17 @@ the new ones to the :class:`~fl_ray.tracking.spool.Spool` and only then acknowle
 :class:`DeliveryPump` thread per receiver reads the spool from that receiver's progress mark and
 hands it batches (``write`` then ``flush``) at most every ``buffer_flush_time`` seconds; a receiver
 that fails is retried with back-off from the same mark, without holding up sites or other
-receivers. Everything it needs to go on after a crash (accepted seqs, step counters, site
-incarnations) is recovered from the spool directory.
+receivers, and is reported once per outage, not once per attempt. Everything it needs to go on after
+a crash (accepted seqs, step counters, site incarnations) is recovered from the spool directory; what
+a receiver has not got when the hub closes stays there for ``scripts/replay_spool.py``, which runs
+this same hub outside Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,22 @@ from fl_ray.tracking.spool import Spool, read_json, write_json_atomic
 log = logging.getLogger(__name__)
 
 INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late batches never collide
+
+# MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
+    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
+    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
+    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]
+
+
+def quiet_http_retries() -> None:
+    """Keep back-end clients from logging every HTTP retry: a pump says once that its receiver fails."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -47,7 +67,13 @@ class _SeenSeqs:
 
 
 class DeliveryPump:
-    """Delivers the spool to one receiver from its progress mark, retrying failures with back-off."""
+    """Delivers the spool to one receiver from its progress mark, retrying failures with back-off.
+
+    A receiver with a ``destination`` attribute (MLflow: its tracking URI, known once opened) has it
+    saved with the mark. A mark made for another destination is not this one's: the pump then keeps
+    its own, ``<name>@<hash of the destination>``, so records sent elsewhere (by a replay with another
+    tracking URI, say) still all reach this destination, once.
+    """
 
     def __init__(self, name: str, receiver: Receiver, ctx: ReceiverContext, spool: Spool,
                  max_batch: int = 10_000, max_backoff: float = 30.0) -> None:
@@ -58,14 +84,18 @@ class DeliveryPump:
         self._spool = spool
         self._max_batch = max_batch
         self._max_backoff = max_backoff
+        self.mark = name  # the progress mark this pump reads and moves
         mark = spool.load_progress(name)
         self.offset: int = mark["offset"]
         self.delivered: int = mark["events"]
+        self.sent = 0  # records delivered by this pump (since it started)
         self.opened = False
         self.error: str | None = None
         self.failures = 0
+        self.warned = False
         self._draining = False
         self._abandon = threading.Event()
+        self._wake = threading.Event()  # cuts a back-off short (drain, abandon)
         self._thread = threading.Thread(target=self._run, name=f"fl_ray-deliver-{name}", daemon=True)
         self._thread.start()
 
@@ -73,6 +103,8 @@ class DeliveryPump:
         spool = self._spool
         with spool.changed:
             while not self._abandon.is_set():
+                if not self.opened and spool.end > 0:
+                    return True  # open first, even with nothing past the mark: the mark may be another destination's
                 if self.offset < spool.end:
                     due = last_delivery + self.flush_time - time.monotonic()
                     if self._draining or due <= 0:
@@ -89,39 +121,65 @@ class DeliveryPump:
         while self._wait_for_work(last_delivery):
             try:
                 if not self.opened:
-                    self.receiver.open(self._ctx)
-                    self.opened = True
+                    self._open()
+                    if self.offset >= self._spool.end:
+                        continue
                 events, end = self._spool.read(self.offset, self._max_batch)
                 self.receiver.write(events)
                 self.receiver.flush()
             except Exception as exc:  # a back end failing must never stop the job: retry later
                 self.failures += 1
-                if self.error is None:
-                    log.warning("tracking receiver %r cannot deliver (%s: %s); records stay in the spool at %s "
-                                "and delivery is retried with back-off", self.name, type(exc).__name__, exc,
-                                self._spool.directory)
-                self.error = f"{type(exc).__name__}: {exc}"
-                self._abandon.wait(min(self._max_backoff, 0.5 * 2 ** min(self.failures - 1, 6)))
+                self.error = _describe(exc)
+                if not self.warned:  # one warning per outage, not one per attempt
+                    self.warned = True
+                    log.warning("tracking receiver %r cannot deliver (%s); nothing else waits for it: records are "
+                                "kept in the spool %s and delivery is retried with back-off. Whatever is still "
+                                "undelivered at the end can be sent later with: python scripts/replay_spool.py %s",
+                                self.name, self.error, self._spool.directory, self._ctx.job_dir)
+                self._wake.wait(min(self._max_backoff, 0.5 * 2 ** min(self.failures - 1, 6)))
+                self._wake.clear()
                 continue
-            self._spool.save_progress(self.name, end, self.delivered + len(events))
-            self.offset, self.delivered = end, self.delivered + len(events)
-            if self.error is not None:
+            self._spool.save_progress(self.mark, end, self.delivered + len(events),
+                                      getattr(self.receiver, "destination", None))
+            self.offset, self.delivered, self.sent = end, self.delivered + len(events), self.sent + len(events)
+            if self.warned:
                 log.warning("tracking receiver %r delivers again after %d failed attempt(s)", self.name, self.failures)
-            self.error, self.failures = None, 0
+            self.error, self.failures, self.warned = None, 0, False
             last_delivery = time.monotonic()
+
+    def _open(self) -> None:
+        self.receiver.open(self._ctx)
+        self.opened = True
+        destination = getattr(self.receiver, "destination", None)
+        made_for = self._spool.load_progress(self.name).get("destination")
+        if destination is not None and made_for not in (None, destination):
+            self.mark = f"{self.name}@{hashlib.sha1(str(destination).encode()).hexdigest()[:12]}"
+            mark = self._spool.load_progress(self.mark)
+            self.offset, self.delivered = mark["offset"], mark["events"]
 
     def drain(self, deadline: float) -> bool:
         """Deliver everything spooled so far, giving up at ``deadline``; True if all was delivered."""
         with self._spool.changed:
             self._draining = True
             self._spool.changed.notify_all()
+        self._wake.set()  # a receiver in back-off tries again now rather than at its next turn
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            self._abandon.set()
-            with self._spool.changed:
-                self._spool.changed.notify_all()
-            self._thread.join(1.0)
+            self.abandon(1.0)
         return self.offset >= self._spool.end and not self._thread.is_alive()
+
+    def abandon(self, timeout: float) -> None:
+        """Stop delivering (after the current attempt) and wait up to ``timeout`` seconds for the thread."""
+        self._abandon.set()
+        self._wake.set()
+        with self._spool.changed:
+            self._spool.changed.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def busy(self) -> bool:
+        """True while the delivery thread runs (after an abandon: still inside a back-end call)."""
+        return self._thread.is_alive()
 
 
 class TrackingHub:
@@ -178,6 +236,32 @@ class TrackingHub:
                                    "error": p.error} for p in self.pumps},
         }
 
+    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
+                  timeout: float) -> dict[str, Any]:
+        """Pass a saved model (``checkpoint``: a ``best.pt``) to every receiver that has ``log_model``, to log
+        into ``site``'s run; a report per such receiver. A receiver not yet open gets up to ``timeout``
+        seconds to open; one that fails is reported, never raised.
+        """
+        deadline = time.monotonic() + timeout
+        reports: dict[str, Any] = {}
+        for pump in self.pumps:
+            log_model = getattr(pump.receiver, "log_model", None)
+            if log_model is None:
+                continue
+            while not pump.opened and pump.error is None and pump.busy and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not pump.opened:
+                why = pump.error or f"not open after {timeout:g} s"
+                reports[pump.name] = {"error": f"model not logged: the receiver is not open ({why})"}
+                continue
+            try:
+                reports[pump.name] = log_model(site, checkpoint, registered_model_name) or {}
+            except Exception as exc:  # the model stays in the checkpoint; the job's records are unaffected
+                reports[pump.name] = {"error": _describe(exc)}
+                log.warning("tracking receiver %r could not log the model %s: %s", pump.name, checkpoint,
+                            reports[pump.name]["error"])
+        return reports
+
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         """Deliver what is spooled (up to ``timeout`` seconds), end every receiver's runs, and report."""
         deadline = time.monotonic() + timeout
@@ -187,16 +271,26 @@ class TrackingHub:
             complete = pump.drain(deadline)
             entry: dict[str, Any] = {"delivered": pump.delivered, "undelivered": self.accepted - pump.delivered}
             if not complete:
-                entry["error"] = pump.error or f"delivery did not finish within {timeout:.0f} s"
-                log.warning("tracking receiver %r: %d record(s) not delivered (%s); they stay in %s, "
-                            "replay them with scripts/replay_spool.py", pump.name, entry["undelivered"],
-                            entry["error"], self.spool.directory)
-            if pump.opened:
+                entry["error"] = pump.error or f"delivery did not finish within {timeout:g} s"
+                entry["replay"] = f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name}"
+                if not pump.warned:  # a failing receiver has said so already; a slow one has not
+                    log.warning("tracking receiver %r: %d record(s) not delivered (%s); they stay in %s, "
+                                "send them later with: %s", pump.name, entry["undelivered"], entry["error"],
+                                self.spool.directory, entry["replay"])
+            if pump.busy:  # still inside a back-end call: closing under it would race; runs end at replay
+                entry["close_error"] = "not closed: the receiver was still busy delivering"
+            elif pump.opened:
                 try:
                     entry.update(pump.receiver.close(status) or {})
                 except Exception as exc:
-                    entry["close_error"] = f"{type(exc).__name__}: {exc}"
-                    log.warning("tracking receiver %r failed to close: %s", pump.name, exc)
+                    entry["close_error"] = _describe(exc)
+                    log.warning("tracking receiver %r failed to close: %s", pump.name, entry["close_error"])
             report["receivers"][pump.name] = entry
         self.spool.close()
         return report
+
+
+def _describe(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (back-end errors can be pages long)."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

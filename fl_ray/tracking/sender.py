@@ -58,11 +58,13 @@ class EventSender:
         self._max_buffered = max(max_buffered, batch_size)
         self._seq = first_seq
         self._next_step: dict[str, int] = dict(steps or {})
+        self.params: dict[str, str] = {}  # params logged by any of the site's writers: a param never changes
         self._buffer: list[TrackingEvent] = []
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._in_flight: deque[tuple[Any, list[TrackingEvent]]] = deque()
         self._closed = False
+        self._failures = 0  # batches resent since the last acknowledgement
         self.stats = SenderStats()
         self._thread = threading.Thread(target=self._run, name=f"fl_ray-sender-{site}", daemon=True)
         self._thread.start()
@@ -96,6 +98,10 @@ class EventSender:
                 return step
         self._next_step[key] = step + 1
         return step
+
+    def auto_step(self, key: str) -> int:
+        """The step ``next_step(key)`` would give without an explicit one (nothing changes)."""
+        return self._next_step.get(key, 0)
 
     @property
     def steps(self) -> dict[str, int]:
@@ -181,12 +187,18 @@ class EventSender:
                 ray.exceptions.RayTaskError) as exc:
             # The receiver actor died or is restarting: send the same batch again; it drops duplicates.
             self.stats.retries += 1
-            log.warning("site %s: batch of %d events not acknowledged (%s); resending",
-                        self.site, len(batch), type(exc).__name__)
-            time.sleep(min(2.0, 0.1 * self.stats.retries))
+            self._failures += 1
+            if self._failures == 1:  # once per outage, not once per batch
+                log.warning("site %s: a batch of %d events was not acknowledged (%s); resending until the "
+                            "receiver actor is back", self.site, len(batch), type(exc).__name__)
+            time.sleep(min(2.0, 0.1 * self._failures))
             self._in_flight.appendleft((self._receiver.submit.remote(self.site, batch), batch))
             return
         self.stats.acknowledged += len(batch)
+        if self._failures:
+            log.warning("site %s: the receiver actor acknowledges again, after %d batch(es) were resent",
+                        self.site, self._failures)
+            self._failures = 0
 
     @property
     def pending(self) -> int:

@@ -1,10 +1,12 @@
 """The spool: an append-only file of accepted tracking batches, and each receiver's progress mark.
 
 The receiver actor appends a batch here before it acknowledges it, so a batch a client saw
-acknowledged survives a receiver-actor crash. Each frame is ``<length:4><crc32:4><pickle>``; a frame
-cut short by a crash is ignored and overwritten on the next append. Each receiver keeps its own
-progress mark (a byte offset) in ``progress-<name>.json``, written atomically after the receiver has
-flushed what came before it, so a receiver that stops resumes exactly where it stopped.
+acknowledged survives a receiver-actor crash (appends are flushed to the OS, not fsynced: a crash of
+the process loses nothing, a crash of the machine may lose the last batches). Each frame is
+``<length:4><crc32:4><pickle>``; a frame cut short by a crash is ignored and overwritten on the next
+append. Each receiver keeps its own progress mark (a byte offset, and the destination it delivers
+to when it tells one) in ``progress-<name>.json``, written atomically after the receiver has flushed
+what came before it, so a receiver that stops resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -73,18 +75,7 @@ class Spool:
             yield from batch
 
     def _frames(self, offset: int, limit: int | None) -> Iterator[tuple[list[TrackingEvent], int]]:
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            while limit is None or offset < limit:
-                header = f.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    return
-                size, crc = _HEADER.unpack(header)
-                payload = f.read(size)
-                if len(payload) < size or zlib.crc32(payload) != crc:
-                    return
-                offset += _HEADER.size + size
-                yield [TrackingEvent(*t) for t in pickle.loads(payload)], offset
+        return _frames(self.path, offset, limit)
 
     def close(self) -> None:
         """Close the append handle."""
@@ -94,15 +85,54 @@ class Spool:
     # -- progress marks ----------------------------------------------------------------------------
     def progress_path(self, name: str) -> Path:
         """Where receiver ``name`` keeps its progress mark."""
-        return self.directory / f"progress-{name}.json"
+        return progress_path(self.directory, name)
 
     def load_progress(self, name: str) -> dict:
-        """Receiver ``name``'s mark: ``{"offset": bytes, "events": count}`` (zeros if none yet)."""
-        return read_json(self.progress_path(name), {"offset": 0, "events": 0})
+        """Receiver ``name``'s mark (see :func:`load_progress`)."""
+        return load_progress(self.directory, name)
 
-    def save_progress(self, name: str, offset: int, events: int) -> None:
+    def save_progress(self, name: str, offset: int, events: int, destination: str | None = None) -> None:
         """Record atomically that receiver ``name`` has everything before ``offset``."""
-        write_json_atomic(self.progress_path(name), {"offset": offset, "events": events})
+        mark: dict[str, Any] = {"offset": offset, "events": events}
+        if destination is not None:
+            mark["destination"] = destination
+        write_json_atomic(self.progress_path(name), mark)
+
+
+def spooled_events(directory: Path) -> list[TrackingEvent]:
+    """Every event in the spool under ``directory``, read without opening it for appends."""
+    return [e for batch, _ in _frames(Path(directory) / EVENTS_FILE, 0, None) for e in batch]
+
+
+def _frames(path: Path, offset: int, limit: int | None) -> Iterator[tuple[list[TrackingEvent], int]]:
+    """Each complete frame's events from ``offset`` (up to ``limit``), with the offset after it."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while limit is None or offset < limit:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            size, crc = _HEADER.unpack(header)
+            payload = f.read(size)
+            if len(payload) < size or zlib.crc32(payload) != crc:
+                return
+            offset += _HEADER.size + size
+            yield [TrackingEvent(*t) for t in pickle.loads(payload)], offset
+
+
+def progress_path(directory: Path, name: str) -> Path:
+    """Where receiver ``name`` keeps its progress mark in the spool ``directory``."""
+    return Path(directory) / f"progress-{name}.json"
+
+
+def load_progress(directory: Path, name: str) -> dict:
+    """Receiver ``name``'s mark: ``{"offset": bytes, "events": count}`` (zeros if none yet), and the
+    ``destination`` it was delivering to when the receiver tells one (an MLflow tracking URI)."""
+    mark = read_json(progress_path(directory, name), {})
+    if not isinstance(mark, dict) or not isinstance(mark.get("offset"), int) or \
+            not isinstance(mark.get("events"), int):
+        return {"offset": 0, "events": 0}
+    return mark
 
 
 def read_json(path: Path, default: Any) -> Any:

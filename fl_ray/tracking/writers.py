@@ -17,6 +17,7 @@ import time
 from typing import Any, Mapping
 
 from fl_ray.tracking.events import (
+    MAX_INT64,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     EventKind,
@@ -25,6 +26,7 @@ from fl_ray.tracking.events import (
     check_step,
     check_text_value,
     check_timestamp,
+    check_unicode,
 )
 from fl_ray.tracking.sender import EventSender
 
@@ -41,7 +43,7 @@ class _SiteWriter:
     def __init__(self, sender: EventSender) -> None:
         self._sender = sender
         self._valid_keys: set[str] = set()
-        self._params: dict[str, str] = {}
+        self._params = sender.params  # shared by the site's writers, so no two of them set a param differently
 
     @property
     def site(self) -> str:
@@ -58,7 +60,11 @@ class _SiteWriter:
     def _metric(self, key: Any, value: Any, step: Any, timestamp: Any, group: str | None = None) -> tuple:
         key = self._key(key, "metric name")
         value = value if value.__class__ is float else check_metric_value(key, value)
-        step = None if step is None else check_step(key, step)
+        if step is None:
+            if self._sender.auto_step(key) > MAX_INT64:
+                raise ValueError(f"metric {key!r}: the next automatic step would pass 2**63-1; give a step")
+        else:
+            step = check_step(key, step)
         timestamp = _now_ms() if timestamp is None else check_timestamp(key, timestamp)
         return key, value, step, timestamp, group
 
@@ -91,6 +97,7 @@ class _SiteWriter:
         name = self._key(name, what)
         if not isinstance(text, str):
             raise TypeError(f"{what} {name!r}: text must be a string, got {type(text).__name__}")
+        text = check_unicode(what, name, str.__str__(text))  # a plain str, whatever subclass came in
         step = None if step is None else check_step(name, step)
         self._sender.record(TEXT, name, text, step, _now_ms())
 
@@ -211,10 +218,7 @@ class WandBWriter(_SiteWriter):
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"log takes a mapping of name to number, got {type(data).__name__}")
-        if step is None:
-            at = self._step
-        else:
-            at = check_step("step", step)
+        at = check_step("step", self._step if step is None else step)
         checked = [self._metric(k, v, at, None) for k, v in _flatten(data, "/").items()]
         self._emit_metrics(checked)
         if step is None:
