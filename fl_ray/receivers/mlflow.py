@@ -4,8 +4,8 @@ Run structure: a parent run per job (named after the job id; the resolved config
 the job id, the fl_ray version and, when known, the git commit), with one nested run per site and one
 named ``server``. Metrics, params and tags go in with ``MlflowClient.log_batch`` (which splits a
 batch within MLflow's limits of 1000 metrics, 100 params and 100 tags a call); texts with
-``log_text``. Metric timestamps are the client's, so writing the same batch twice adds nothing.
-Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a
+``log_text``; to a tracking server, the batches of different runs go out concurrently. Metric
+timestamps are the client's, so writing the same batch twice adds nothing. Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a
 resumed job, or ``scripts/replay_spool.py``) writes into the same runs. A record MLflow refuses for
 good (``INVALID_PARAMETER_VALUE``, e.g. a param whose value changed after a site restarted) is found
 by splitting the batch, left out and reported, so it cannot hold up the records around it; any
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -31,6 +33,7 @@ SERVER_RUN = "server"
 # MLflow error codes that mean "this record will never be accepted", as opposed to "try again later".
 REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
 MAX_REPORTED_REFUSALS = 20
+HTTP_CONCURRENCY = 4  # log_batch requests in flight at once to a tracking server (one per run)
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -62,6 +65,8 @@ class MLflowReceiver:
         self.refused: list[str] = []  # the first MAX_REPORTED_REFUSALS records MLflow refused, described
         self.refused_count = 0
         self._refused_seen: set[str] = set()
+        self._refusal_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def open(self, ctx: ReceiverContext) -> None:
         from mlflow.tracking import MlflowClient
@@ -70,6 +75,8 @@ class MLflowReceiver:
         self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
             default_tracking_uri(ctx.workspace)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.tracking_uri.startswith(("http://", "https://")) and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=HTTP_CONCURRENCY, thread_name_prefix="fl_ray-mlflow")
         name = self.experiment_name or ctx.job_name
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
@@ -149,13 +156,20 @@ class MLflowReceiver:
                 texts.append((e.value, text_artifact(e.key, e.step)))
 
     def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        runs = [(site, self._site_run(site), *lists) for site, lists in pending.items()]
+        if self._pool is None or len(runs) < 2:
+            for run in runs:
+                self._flush_run(*run)
+        else:  # a tracking server answers requests for different runs at once
+            for future in [self._pool.submit(self._flush_run, *run) for run in runs]:
+                future.result()
+
+    def _flush_run(self, site: str, run_id: str, metrics: list, params: list, tags: list, texts: list) -> None:
         from mlflow.exceptions import MlflowException
 
-        pending, self._pending = self._pending, {}
-        for site, (metrics, params, tags, texts) in pending.items():
-            run_id = self._site_run(site)
-            self._log_batch(site, run_id, metrics, _last_per_key(params), _last_per_key(tags))
-            for text, artifact_file in texts:
+        self._log_batch(site, run_id, metrics, _last_per_key(params), _last_per_key(tags))
+        for text, artifact_file in texts:
                 try:
                     self.client.log_text(run_id, text, artifact_file)
                 except (NotADirectoryError, IsADirectoryError, FileExistsError, MlflowException) as exc:
@@ -189,16 +203,21 @@ class MLflowReceiver:
         kind = type(item).__name__.lower().lstrip("_")
         what = f"{site}: {kind} {item.key!r} = {str(item.value)[:80]!r}" + \
             (f" at step {item.step}" if kind == "metric" else "")
-        if what in self._refused_seen:  # the same batch again, after a failure elsewhere in it
-            return
-        self._refused_seen.add(what)
-        self.refused_count += 1
-        if len(self.refused) < MAX_REPORTED_REFUSALS:
+        with self._refusal_lock:
+            if what in self._refused_seen:  # the same batch again, after a failure elsewhere in it
+                return
+            self._refused_seen.add(what)
+            self.refused_count += 1
+            report = len(self.refused) < MAX_REPORTED_REFUSALS
+        if report:
             reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             self.refused.append(f"{what}: {reason}")
             log.warning("MLflow refused a record, which is left out: %s (%s)", what, reason)
 
     def close(self, status: str = FINISHED) -> dict[str, Any]:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for run_id in (*self.run_ids.values(), self.parent_run_id):
             self.client.set_terminated(run_id, status)
         report = {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
