@@ -31,44 +31,49 @@ def server_history(result, key):
         info["run_ids"]["server"], key))
 
 
-def test_a_raising_client_does_not_fail_the_round(ray_session, tmp_path):
-    """site-2 raises in round 2: the round completes with 2 results; the failure is in result.json
+@pytest.fixture(scope="module")
+def faulty_job(ray_session, tmp_path_factory):
+    """One job, three faults: site-1 is slow in round 2 (with a 2 s grace period once min_clients
+    results are in), site-2 raises in round 3, and site-3's process dies in round 4."""
+    faults = {"site-1:2": "sleep:10", "site-2:3": "raise", "site-3:4": "exit"}
+    cfg = faulty_config(faults, num_rounds=5, wait_after_min_results=2.0)
+    return run_job(cfg, workspace=tmp_path_factory.mktemp("faulty"), show_progress=False)
+
+
+def test_a_raising_client_does_not_fail_the_round(faulty_job):
+    """site-2 raises in round 3: the round completes with 2 results; the failure is in result.json
     and in the server run."""
-    result = run_job(faulty_config({"site-2:2": "raise"}), workspace=tmp_path, show_progress=False)
-    r2 = result.rounds[1]
-    assert r2["completed"] == ["site-1", "site-3"]
-    assert list(r2["failures"]) == ["site-2 (attempt 1)"] and "site-2 broke in round 2" in r2["failures"]["site-2 (attempt 1)"]
-    assert result.rounds[2]["completed"] == ["site-1", "site-2", "site-3"]
+    result = faulty_job
+    r3 = result.rounds[2]
+    assert r3["completed"] == ["site-1", "site-3"]
+    assert list(r3["failures"]) == ["site-2 (attempt 1)"] and "site-2 broke in round 3" in r3["failures"]["site-2 (attempt 1)"]
     saved = json.loads((result.job_dir / "result.json").read_text())
-    assert saved["rounds"][1]["failures"] == r2["failures"]
-    assert server_history(result, "sites_failed") == [(1, 0.0), (2, 1.0), (3, 0.0)]
+    assert saved["rounds"][2]["failures"] == r3["failures"]
+    assert server_history(result, "sites_failed") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 0.0)]
     info = result.tracking["mlflow"]
-    text = MlflowClient(info["tracking_uri"]).download_artifacts(info["run_ids"]["server"], "failures/round_2.txt")
-    assert "site-2 broke in round 2" in open(text).read()
+    text = MlflowClient(info["tracking_uri"]).download_artifacts(info["run_ids"]["server"], "failures/round_3.txt")
+    assert "site-2 broke in round 3" in open(text).read()
 
 
-def test_a_dead_client_is_restarted_for_later_rounds(ray_session, tmp_path):
-    """site-3's process dies in round 2: the round goes on without it, Ray restarts the actor, and
-    site-3 trains again in round 3 with its step counters continued."""
-    result = run_job(faulty_config({"site-3:2": "exit"}), workspace=tmp_path, show_progress=False)
+def test_a_dead_client_is_restarted_for_later_rounds(faulty_job):
+    """site-3's process dies in round 4: the round goes on without it, Ray restarts the actor, and
+    site-3 trains again in round 5 with its step counters continued."""
+    result = faulty_job
     assert result.status == "FINISHED"
-    assert result.rounds[1]["completed"] == ["site-1", "site-2"] and "site-3 (attempt 1)" in result.rounds[1]["failures"]
-    assert result.rounds[2]["completed"] == ["site-1", "site-2", "site-3"]
+    assert result.rounds[3]["completed"] == ["site-1", "site-2"] and "site-3 (attempt 1)" in result.rounds[3]["failures"]
+    assert result.rounds[4]["completed"] == ["site-1", "site-2", "site-3"]
     info = result.tracking["mlflow"]
     auto = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_ids"]["site-3"], "auto")
     steps = sorted(m.step for m in auto)
-    assert steps == sorted(set(steps)) and len(steps) == 6  # rounds 1 and 3, 3 points each, no step reused
+    assert steps == sorted(set(steps)) and len(steps) == 12  # rounds 1-3 and 5, 3 points each, no step reused
 
 
-def test_stragglers_are_left_behind_after_the_grace_period(ray_session, tmp_path):
+def test_stragglers_are_left_behind_after_the_grace_period(faulty_job):
     """With wait_after_min_results, a slow site does not hold the round up; it is reported as a straggler."""
-    cfg = faulty_config({"site-3:2": "sleep:6"}, num_rounds=2, wait_after_min_results=0.5)
-    start = time.monotonic()
-    result = run_job(cfg, workspace=tmp_path, show_progress=False)
-    r2 = result.rounds[1]
-    assert r2["completed"] == ["site-1", "site-2"]
-    assert "straggler" in r2["failures"]["site-3 (attempt 1)"]
-    assert r2["seconds"] < 5
+    r2 = faulty_job.rounds[1]
+    assert r2["completed"] == ["site-2", "site-3"]
+    assert "straggler" in r2["failures"]["site-1 (attempt 1)"]
+    assert r2["seconds"] < 8  # not the 10 s site-1 took
 
 
 def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, tmp_path):
