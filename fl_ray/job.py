@@ -244,7 +244,7 @@ def _exit_now(signum: int, frame: Any) -> None:
 
 
 def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str,
-           job_dir: Path | None = None) -> dict[str, Any]:
+           job_dir: Path) -> dict[str, Any]:
     """Flush every site's tracking, have the receiver actor log the best model, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
     senders: dict[str, Any] = {}
@@ -260,7 +260,7 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     if receiver is None:
         return {"senders": senders}
     try:
-        model = _log_best_model(cfg, receiver, job_dir, status) if job_dir is not None else None
+        model = _log_best_model(cfg, receiver, job_dir, status)
         report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
     finally:
         ray.kill(receiver, no_restart=True)

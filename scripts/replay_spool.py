@@ -25,7 +25,7 @@ from rich.console import Console
 
 from fl_ray.config import ConfigError, parse_config
 from fl_ray.receivers.base import KILLED, ReceiverContext, build_receiver
-from fl_ray.tracking.hub import HTTP_RETRY_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
+from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 from fl_ray.tracking.spool import EVENTS_FILE, load_progress
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -118,7 +118,7 @@ def replay(job_dir: Path, to: str | None = None, tracking_uri: str | None = None
             console.print(f"[yellow]note:[/] {job_dir / 'result.json'} is missing (a job that was killed, or one "
                           "still running: do not replay a running job); runs end as KILLED")
     planned = plan(job_dir, cfg, to, tracking_uri)
-    for key, value in HTTP_RETRY_DEFAULTS.items():
+    for key, value in RECEIVER_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     quiet_http_retries()
     receivers = []

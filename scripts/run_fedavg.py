@@ -78,10 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     if mlflow:
         console.print(f"MLflow:   experiment {mlflow['experiment_id']}, run {mlflow['parent_run_id']}; "
                       f"view with: {mlflow['ui']}", highlight=False, soft_wrap=True)
+    model = result.tracking.get("model")
+    if model and model.get("model_uri"):
+        registered = (f", registered as {model['registered_model_name']} v{model['registered_model_version']}"
+                      if model.get("registered_model_version") else "")
+        console.print(f"model:    {model['model_uri']} (round {model['round']}, {model['key_metric']} "
+                      f"{model['value']:.4f}){registered}", highlight=False)
     for name, r in result.tracking.get("receivers", {}).items():
         if r.get("undelivered"):
             console.print(f"[yellow]warning:[/] {r['undelivered']} tracking record(s) not delivered to {name} "
-                          f"({r.get('error')}); they are kept in {result.tracking['spool']}")
+                          f"({r.get('error')}); they are kept in {result.tracking['spool']}; deliver them later "
+                          f"with: python scripts/replay_spool.py {result.job_dir}", highlight=False)
     return 0
 
 

@@ -17,8 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fl_ray.receivers.base import ReceiverContext, build_receiver
 from fl_ray.tracking.credentials import CREDENTIAL_VARS
 from fl_ray.tracking.events import TrackingEvent
-# receiver_names and HTTP_RETRY_DEFAULTS live with the hub (no Ray there) and are used from here too
-from fl_ray.tracking.hub import HTTP_RETRY_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names  # noqa: F401
+from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 
 
 @ray.remote
@@ -61,7 +60,7 @@ def receiver_actor_name(job_id: str) -> str:
 def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: dict[str, str],
                    placement: NodeAffinitySchedulingStrategy, max_restarts: int = 5) -> Any:
     """Start the job's receiver actor where ``placement`` says (the driver's node), credentials in its env."""
-    env = {k: v for k, v in HTTP_RETRY_DEFAULTS.items() if k not in os.environ}
+    env = {k: v for k, v in RECEIVER_ENV_DEFAULTS.items() if k not in os.environ}
     env.update(credentials)
     return ReceiverActor.options(
         num_cpus=0,

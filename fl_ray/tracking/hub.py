@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late batches never collide
 
 # MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# And a receiver has no one to show MLflow's "View run at" links to.
+RECEIVER_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
