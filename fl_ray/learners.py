@@ -104,6 +104,16 @@ def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
+def split_validation(ctx: LearnerContext) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``ctx.data`` as (train, validation) tensor pairs: a seeded ``dataset.val_fraction`` share is held out
+    on a site; the server keeps all of its data (the test split) on the training side."""
+    x = torch.from_numpy(np.array(ctx.data.x))
+    y = torch.from_numpy(np.array(ctx.data.y))
+    n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
+    return (x[order[n_val:]], y[order[n_val:]]), (x[order[:n_val]], y[order[:n_val]])
+
+
 def _site_number(site: str) -> int:
     return int.from_bytes(site.encode()[-8:].rjust(8, b"\0"), "big")
 
@@ -143,12 +153,8 @@ class ImageClassificationLearner(Learner):
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
         self.device = ctx.device
         self.model = build_model(self.model_name, ctx.input_shape, ctx.num_classes).to(self.device)
-        x = torch.from_numpy(np.array(ctx.data.x))
-        y = torch.from_numpy(np.array(ctx.data.y))
-        n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
-        self.val = (x[order[:n_val]], y[order[:n_val]])
-        self.train_data = (x[order[n_val:]], y[order[n_val:]])
+        self.train_data, self.val = split_validation(ctx)
+        n_val = len(self.val[1])
         if ctx.mlflow is not None and ctx.site != "server":
             cfg = ctx.config
             self._log_params(ctx, {"model": self.model_name, "lr": cfg.lr, "batch_size": cfg.batch_size,

@@ -33,7 +33,7 @@ except ImportError as exc:
                       "pip install 'fl_ray[lightning]'") from exc
 
 from fl_ray.importing import import_object
-from fl_ray.learners import Learner, LearnerContext, TrainResult, load_weights, model_weights
+from fl_ray.learners import Learner, LearnerContext, TrainResult, load_weights, model_weights, split_validation
 from fl_ray.models import DigitsCNN
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH
 
@@ -170,18 +170,13 @@ class LightningLearner(Learner):
     def setup(self, ctx: LearnerContext) -> None:
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
         self.module = _build_module(self.module_path, self.module_args)
-        x = torch.from_numpy(np.array(ctx.data.x))
-        y = torch.from_numpy(np.array(ctx.data.y))
-        n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
-        self.val = (x[order[:n_val]], y[order[:n_val]])
-        self.train_data = (x[order[n_val:]], y[order[n_val:]])
+        self.train_data, self.val = split_validation(ctx)
         self.logger = None
         if ctx.mlflow is not None and ctx.site != "server":
             self.logger = FLRayLogger(ctx.mlflow, name=ctx.config.name)
             ctx.mlflow.log_params({"module": self.module_path, "batch_size": ctx.config.batch_size,
                                    "max_epochs": self.max_epochs or ctx.config.local_epochs,
-                                   "train_samples": len(self.train_data[1]), "val_samples": n_val,
+                                   "train_samples": len(self.train_data[1]), "val_samples": len(self.val[1]),
                                    "device": str(ctx.device)})
 
     def get_weights(self) -> dict[str, np.ndarray]:
