@@ -2,7 +2,8 @@
 
 It serves a sqlite store and an artifact folder under ``root``, can be stopped and started again on
 the same store and port (to play a tracking-server outage), and counts the HTTP requests it served
-(from its access log).
+(from its access log). It runs without MLflow's job-execution processes (used for GenAI jobs, not
+for tracking), which would otherwise take seconds of CPU at every start.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def free_port() -> int:
 
 
 class LocalMlflowServer:
-    """``mlflow server`` on a free loopback port with a sqlite backend under ``root``."""
+    """``mlflow server`` on a free loopback port with a sqlite backend under ``root``, with ``workers``
+    worker processes (None: MLflow's default)."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, workers: int | None = 1) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.workers = workers
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "server.log"
@@ -39,9 +42,12 @@ class LocalMlflowServer:
         """Start the server and wait until it answers /health."""
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+               "--artifacts-destination", str(self.root / "artifacts")]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=5000, help="metric points per site (default %(default)s)")
     parser.add_argument("--baseline-sample", type=int, default=300,
                         help="points the baseline logs one by one, then extrapolates (default %(default)s)")
+    parser.add_argument("--server-workers", type=int, default=None,
+                        help="worker processes of the mlflow server (default: mlflow server's own default)")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     total = args.sites * args.points
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fl_ray_bench_") as tmp:
         root = Path(tmp)
         console.print(f"starting mlflow server and Ray; {args.sites} sites x {args.points} points = {total:,}")
-        with LocalMlflowServer(root / "server") as server:
+        with LocalMlflowServer(root / "server", workers=args.server_workers) as server:
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             ctx = ReceiverContext(job_id="bench", job_name="bench-tracking", job_dir=root / "job",
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             ctx.job_dir.mkdir()
             receiver = start_receiver(ctx, [{"type": "mlflow", "tracking_uri": server.uri}], {}, here)
             actors = [BenchSite.remote(s, receiver_actor_name("bench")) for s in sites]
-            ray.get([a.log.remote(1, "warmup") for a in actors])  # actors up, runs created
+            ray.get([a.log.remote(1, "warmup") for a in actors])  # actors up...
+            while ray.get(receiver.status.remote())["receivers"]["mlflow"]["pending"]:  # ...and runs created
+                time.sleep(0.05)
             requests_before = server.requests_served()
 
             start = time.perf_counter()
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     points_per_s = total / elapsed
     result = {
-        "sites": args.sites, "points_per_site": args.points, "points": total,
+        "sites": args.sites, "points_per_site": args.points, "points": total, "server_workers": args.server_workers,
         "seconds": round(elapsed, 3), "points_per_s": round(points_per_s, 1), "lost": lost, "duplicated": dupes,
         "http_requests": requests, "http_requests_per_1000_points": round(requests * 1000 / total, 3),
         "writer_call_us_median": round(statistics.median(costs) / 1000, 3),

@@ -117,6 +117,46 @@ def test_buffer_flush_time_batches_deliveries(tmp_path):
     hub.close("FINISHED", timeout=5)
 
 
+def test_a_full_batch_is_delivered_without_waiting_for_buffer_flush_time(tmp_path):
+    """Once a whole batch (10,000 records) waits, it goes out at once, not at the next flush time."""
+    class Slow(MemoryReceiver):
+        buffer_flush_time = 60.0
+
+    sink = Slow()
+    hub = TrackingHub(ctx(tmp_path), [("slow", sink)])
+    hub.submit("site-1", [metric("site-1", 0, 0)])
+    wait_until(lambda: len(sink.events) == 1)  # the first delivery opens the receiver: 60 s until the next
+    hub.submit("site-1", [metric("site-1", i, i) for i in range(1, 4)])
+    time.sleep(0.3)
+    assert len(sink.events) == 1  # a part batch waits for the flush time...
+    hub.submit("site-1", [metric("site-1", i, i) for i in range(4, 10_004)])
+    wait_until(lambda: len(sink.events) == 10_004, timeout=10)  # ...a full one does not
+    hub.close("FINISHED", timeout=5)
+
+
+def test_a_receiver_slower_than_buffer_flush_time_is_fed_back_to_back(tmp_path):
+    """The flush time counts from the start of the last delivery: a long delivery is not followed by a pause."""
+    class Busy(MemoryReceiver):
+        buffer_flush_time = 0.5
+        spans: list = []
+
+        def write(self, events):
+            start = time.monotonic()
+            time.sleep(0.8)
+            super().write(events)
+            Busy.spans.append((start, time.monotonic()))
+
+    sink = Busy()
+    hub = TrackingHub(ctx(tmp_path), [("busy", sink)])
+    for i in range(3):
+        hub.submit("site-1", [metric("site-1", i, i)])
+        time.sleep(0.1)  # arrives while the previous delivery is under way
+    wait_until(lambda: len(sink.events) == 3)
+    hub.close("FINISHED", timeout=5)
+    gaps = [start - end for (_, end), (start, _) in zip(Busy.spans, Busy.spans[1:])]
+    assert gaps and all(gap < 0.3 for gap in gaps), gaps
+
+
 def test_torn_spool_frame_is_ignored(tmp_path):
     """A frame cut short by a crash is dropped on reopen; the complete ones are kept."""
     spool = Spool(tmp_path)
@@ -126,9 +166,9 @@ def test_torn_spool_frame_is_ignored(tmp_path):
     data = (tmp_path / "events.bin").read_bytes()
     (tmp_path / "events.bin").write_bytes(data[:-5])
     reopened = Spool(tmp_path)
-    assert [e.seq for e in reopened] == [0]
-    reopened.append([metric("site-1", 2, 2)])
-    assert [e.seq for e in reopened] == [0, 2]
+    assert [e.seq for e in reopened] == [0] and reopened.events == 1
+    reopened.append([metric("site-1", 2, 2), metric("site-1", 3, 3)])
+    assert [e.seq for e in reopened] == [0, 2, 3] and reopened.events == 3
 
 
 @pytest.mark.parametrize("kind", [EventKind.PARAM, EventKind.TAG, EventKind.TEXT])

@@ -5,11 +5,12 @@ the job id, the fl_ray version and, when known, the git commit), with one nested
 named ``server``. Metrics, params and tags go in with ``MlflowClient.log_batch`` (which splits a
 batch within MLflow's limits of 1000 metrics, 100 params and 100 tags a call); texts with
 ``log_text``; to a tracking server, the batches of different runs go out concurrently. Metric
-timestamps are the client's, so writing the same batch twice adds nothing. Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a
-resumed job, or ``scripts/replay_spool.py``) writes into the same runs. A record MLflow refuses for
-good (``INVALID_PARAMETER_VALUE``, e.g. a param whose value changed after a site restarted) is found
-by splitting the batch, left out and reported, so it cannot hold up the records around it; any
-other failure is raised and the whole batch is retried. At the end of a job, ``log_model`` logs the
+timestamps are the client's, so writing the same batch twice adds nothing. Run ids are kept in
+``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a resumed job, or
+``scripts/replay_spool.py``) writes into the same runs. A record MLflow refuses for good
+(``INVALID_PARAMETER_VALUE``, e.g. a param whose value changed after a site restarted) is found by
+splitting the batch, left out and reported, so it cannot hold up the records around it; any other
+failure is raised and the whole batch is retried. At the end of a job, ``log_model`` logs the
 best global model into the ``server`` run as an MLflow model (and registers it when asked).
 """
 
@@ -170,13 +171,13 @@ class MLflowReceiver:
 
         self._log_batch(site, run_id, metrics, _last_per_key(params), _last_per_key(tags))
         for text, artifact_file in texts:
-                try:
-                    self.client.log_text(run_id, text, artifact_file)
-                except (NotADirectoryError, IsADirectoryError, FileExistsError, MlflowException) as exc:
-                    # refused, or a file-store path clash ("notes" and "notes/a.txt"): it will never succeed
-                    if isinstance(exc, MlflowException) and exc.error_code not in REFUSED:
-                        raise
-                    self._refuse(site, _Text(artifact_file, text), exc)
+            try:
+                self.client.log_text(run_id, text, artifact_file)
+            except (NotADirectoryError, IsADirectoryError, FileExistsError, MlflowException) as exc:
+                # refused, or a file-store path clash ("notes" and "notes/a.txt"): it will never succeed
+                if isinstance(exc, MlflowException) and exc.error_code not in REFUSED:
+                    raise
+                self._refuse(site, _Text(artifact_file, text), exc)
 
     def _log_batch(self, site: str, run_id: str, metrics: list, params: list, tags: list) -> None:
         """``log_batch``; if MLflow refuses the batch, split it until the refused records are isolated."""

@@ -3,7 +3,8 @@
 It accepts batches from sites, drops events it has already accepted (by ``(site, seq)``), appends
 the new ones to the :class:`~fl_ray.tracking.spool.Spool` and only then acknowledges. One
 :class:`DeliveryPump` thread per receiver reads the spool from that receiver's progress mark and
-hands it batches (``write`` then ``flush``) at most every ``buffer_flush_time`` seconds; a receiver
+hands it batches (``write`` then ``flush``): a delivery starts ``buffer_flush_time`` seconds after the
+last one started, or at once when a full batch waits, so a busy receiver is fed back to back; a receiver
 that fails is retried with back-off from the same mark, without holding up sites or other
 receivers, and is reported once per outage, not once per attempt. Everything it needs to go on after
 a crash (accepted seqs, step counters, site incarnations) is recovered from the spool directory; what
@@ -100,15 +101,17 @@ class DeliveryPump:
         self._thread = threading.Thread(target=self._run, name=f"fl_ray-deliver-{name}", daemon=True)
         self._thread.start()
 
-    def _wait_for_work(self, last_delivery: float) -> bool:
+    def _wait_for_work(self, last_start: float) -> bool:
+        """Wait until there is work: records ``flush_time`` after the last delivery began (so a receiver
+        slower than that is fed back to back), a full batch, a drain, or an unopened receiver."""
         spool = self._spool
         with spool.changed:
             while not self._abandon.is_set():
                 if not self.opened and spool.end > 0:
                     return True  # open first, even with nothing past the mark: the mark may be another destination's
                 if self.offset < spool.end:
-                    due = last_delivery + self.flush_time - time.monotonic()
-                    if self._draining or due <= 0:
+                    due = last_start + self.flush_time - time.monotonic()
+                    if self._draining or due <= 0 or spool.events - self.delivered >= self._max_batch:
                         return True
                     spool.changed.wait(due)
                 elif self._draining:
@@ -118,8 +121,9 @@ class DeliveryPump:
             return False
 
     def _run(self) -> None:
-        last_delivery = 0.0
-        while self._wait_for_work(last_delivery):
+        last_start = 0.0
+        while self._wait_for_work(last_start):
+            last_start = time.monotonic()
             try:
                 if not self.opened:
                     self._open()
@@ -146,7 +150,6 @@ class DeliveryPump:
             if self.warned:
                 log.warning("tracking receiver %r delivers again after %d failed attempt(s)", self.name, self.failures)
             self.error, self.failures, self.warned = None, 0, False
-            last_delivery = time.monotonic()
 
     def _open(self) -> None:
         self.receiver.open(self._ctx)

@@ -27,7 +27,8 @@ EVENTS_FILE = "events.bin"
 
 
 class Spool:
-    """Durable, append-only log of event batches under ``directory``."""
+    """Durable, append-only log of event batches under ``directory``: ``end`` is the offset after the last
+    whole batch and ``events`` the number of events before it."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -36,16 +37,16 @@ class Spool:
         self.path.touch(exist_ok=True)
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
-        self.end = self._valid_end()
+        self.end, self.events = self._valid_end()
         with open(self.path, "r+b") as f:  # drop a frame a crash cut short
             f.truncate(self.end)
         self._file = open(self.path, "ab")
 
-    def _valid_end(self) -> int:
-        end = 0
-        for _, offset in self._frames(0, None):
-            end = offset
-        return end
+    def _valid_end(self) -> tuple[int, int]:
+        end = events = 0
+        for batch, offset in self._frames(0, None):
+            end, events = offset, events + len(batch)
+        return end, events
 
     def append(self, events: list[TrackingEvent]) -> int:
         """Append one batch durably (flushed to the OS) and return the new end offset."""
@@ -55,6 +56,7 @@ class Spool:
             self._file.write(frame)
             self._file.flush()
             self.end += len(frame)
+            self.events += len(events)
             self.changed.notify_all()
             return self.end
 
