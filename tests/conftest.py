@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+# For test learners that ignore the data: a small synthetic set, so no actor imports a dataset library.
+NO_DATA = {"name": "synthetic", "num_samples": 100}
 
 SESSION_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "fl-ray-test", "MLFLOW_TRACKING_PASSWORD": "not-a-real-secret"}
 
@@ -45,3 +49,27 @@ def mlflow_server(tmp_path_factory):
     """A running `mlflow server` on a free loopback port, for the whole session."""
     with LocalMlflowServer(tmp_path_factory.mktemp("mlflow_server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A sqlite MLflow store whose tables exist: MLflow takes seconds of CPU to create them in a
+    fresh store, so job workspaces start from a copy (see ``workspace``). One test keeps a fresh store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def new_workspace(path: Path, store: Path) -> Path:
+    """A workspace directory at ``path`` holding a copy of the prepared ``store`` as its mlflow.db."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(store, path / "mlflow.db")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, mlflow_store):
+    """A job workspace whose default MLflow store is ready (a copy of ``mlflow_store``)."""
+    return new_workspace(tmp_path / "ws", mlflow_store)

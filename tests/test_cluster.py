@@ -46,6 +46,8 @@ from typing import Any
 import psutil
 import pytest
 
+from conftest import new_workspace
+
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
 # Not uploaded with --working-dir: the virtualenv (GBs), job outputs, data, VCS and caches.
@@ -198,11 +200,11 @@ def test_cluster_has_two_nodes(cluster):
     assert nodes[cluster.worker_id]["resources_total"]["worker"] == 1
 
 
-def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluster, tmp_path):
+def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluster, tmp_path, mlflow_store):
     """`ray job submit` runs 4 sites spread over both nodes; MLflow gets a parent run with 4 site runs + server."""
     from mlflow.tracking import MlflowClient
 
-    workspace = tmp_path / "workspace"
+    workspace = new_workspace(tmp_path / "workspace", mlflow_store)
     submission_id = f"fl-ray-test-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     res = cluster.ray(
@@ -270,10 +272,10 @@ def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_availab
     assert "ResourceError" in result["error"] and result["sites"] == {}
 
 
-def test_fractional_gpus_put_four_sites_on_one_gpu(cluster, tmp_path):
+def test_fractional_gpus_put_four_sites_on_one_gpu(cluster, tmp_path, mlflow_store):
     """4 sites at 0.25 GPU share the cluster's one GPU: all are placed on its node and given GPU 0
     (Ray sets CUDA_VISIBLE_DEVICES; the learner uses cuda:0 where CUDA exists, the CPU here)."""
-    workspace = tmp_path / "workspace"
+    workspace = new_workspace(tmp_path / "workspace", mlflow_store)
     res = subprocess.run(
         [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--workspace", str(workspace),
          "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=0.25",

@@ -19,7 +19,7 @@ from fl_ray.actors.receiver import receiver_actor_name
 from fl_ray.mlflow_server import LocalMlflowServer, free_port
 from fl_ray.tracking.spool import load_progress, spooled_events
 
-from conftest import REPO
+from conftest import NO_DATA, REPO
 from user_learners import expected_stream
 
 SITES = ("site-1", "site-2")
@@ -29,6 +29,7 @@ def stream_config(name, rounds, points, seconds, receivers, **tracking):
     return JobConfig.model_validate({
         "name": name, "num_rounds": rounds, "sites": list(SITES), "min_clients": 2,
         "learner": "user_learners:StreamLearner", "learner_args": {"points": points, "seconds": seconds},
+        "dataset": NO_DATA,
         "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
         "tracking": {"receivers": receivers, "system_metrics": False, **tracking}})
 
@@ -152,12 +153,12 @@ def actor_pid(actor, not_pid: int | None = None, timeout: float = 120.0) -> int:
         time.sleep(0.2)
 
 
-def test_receiver_actor_crash_mid_job_loses_and_doubles_nothing(ray_session, tmp_path):
+def test_receiver_actor_crash_mid_job_loses_and_doubles_nothing(ray_session, workspace):
     """The receiver actor is killed twice while sites log; Ray restarts it, it recovers from the spool
     and its progress marks, and MLflow holds every point exactly once."""
     rounds, points = 5, 60
     cfg = stream_config("crash", rounds, points, 3.0, [{"type": "mlflow", "buffer_flush_time": 0.2}])
-    job = JobThread(cfg, tmp_path)
+    job = JobThread(cfg, workspace)
     job.start()
     job_dir = job.job_dir()
     actor = ray.get_actor(receiver_actor_name(job_dir.name))

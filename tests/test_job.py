@@ -7,6 +7,8 @@ import yaml
 
 from fl_ray import ConfigError, JobConfig, run_job
 
+from conftest import NO_DATA, new_workspace
+
 
 def digits_config(**overrides):
     data = {"name": "e2e-digits", "seed": 3, "num_rounds": 3, "sites": 3, "min_clients": 3, "local_epochs": 1,
@@ -18,8 +20,8 @@ def digits_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def digits_job(ray_session, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ws")
+def digits_job(ray_session, tmp_path_factory, mlflow_store):
+    ws = new_workspace(tmp_path_factory.mktemp("ws"), mlflow_store)
     return run_job(digits_config(), workspace=ws, show_progress=False), ws
 
 
@@ -53,19 +55,20 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
     assert data["tracking"]["receivers"]["mlflow"]["undelivered"] == 0
 
 
-def test_same_config_and_seed_give_identical_metrics(digits_job, tmp_path):
+def test_same_config_and_seed_give_identical_metrics(digits_job, workspace):
     """A second run of the same config and seed reproduces every round's global metrics exactly."""
     first, _ = digits_job
-    again = run_job(digits_config(), workspace=tmp_path, show_progress=False)
+    again = run_job(digits_config(), workspace=workspace, show_progress=False)
     assert [r["global"] for r in again.rounds] == [r["global"] for r in first.rounds]
 
 
-def test_user_learner_by_import_path_and_sampling(ray_session, tmp_path):
+def test_user_learner_by_import_path_and_sampling(ray_session, workspace):
     """A learner from the user's own module runs; sampling picks max(min_clients, ceil(f*n)) sites."""
     cfg = JobConfig.model_validate({
         "name": "user-learner", "num_rounds": 2, "sites": 4, "min_clients": 1, "sample_fraction": 0.5,
-        "learner": "user_learners:KnownValuesLearner", "resources": {"client_cpus": 0.25, "server_cpus": 0.25}})
-    result = run_job(cfg, workspace=tmp_path, show_progress=False)
+        "learner": "user_learners:KnownValuesLearner", "dataset": NO_DATA,
+        "resources": {"client_cpus": 0.25, "server_cpus": 0.25}})
+    result = run_job(cfg, workspace=workspace, show_progress=False)
     for r in result.rounds:
         assert len(r["sampled"]) == 2 and r["completed"] == r["sampled"]
         # FedAvg of w = 0 + site_number, weighted by site_number * 10 samples

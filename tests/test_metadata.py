@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 from fl_ray import JobConfig, run_job
 from fl_ray.metadata import MAX_TAG_LENGTH, cluster_resources_tag, run_tags
 
+from conftest import new_workspace
+
 DESCRIPTION = "Checking whether two sites reach 0.9 on digits in one round."
 
 
@@ -48,7 +50,7 @@ def test_outside_a_repository_there_is_no_commit_tag(outside_git):
     assert "mlflow.note.content" not in run_tags("job-1")
 
 
-def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session, tmp_path, monkeypatch):
+def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session, tmp_path, mlflow_store, monkeypatch):
     """A job started in a dirty git repository: the parent run's tags name its commit, dirty=true, the
     command line, the Ray cluster's resources (JSON) and the config's description."""
     repo = tmp_path / "repo"
@@ -66,7 +68,7 @@ def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session
         "name": "metadata", "num_rounds": 1, "sites": 2, "min_clients": 2, "description": DESCRIPTION,
         "learner_args": {"model": "digits_cnn"}, "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
         "tracking": {"system_metrics": False, "log_model": False}})
-    result = run_job(cfg, workspace=tmp_path / "ws", show_progress=False)
+    result = run_job(cfg, workspace=new_workspace(tmp_path / "ws", mlflow_store), show_progress=False)
     assert result.status == "FINISHED"
 
     info = result.tracking["mlflow"]

@@ -99,22 +99,22 @@ def test_uint8_images_export_with_their_scaling(tmp_path):
         assert torch.allclose(loaded(x), expected, atol=1e-5)
 
 
-def test_best_model_is_logged_and_reproduces_its_round(ray_session, tmp_path, monkeypatch):
+def test_best_model_is_logged_and_reproduces_its_round(ray_session, workspace, monkeypatch):
     """Default sqlite store: best.pt by max accuracy, logged to the server run; loaded back it scores the
     accuracy the job reported for that round; result.json records the model URI."""
     import mlflow.pytorch
 
     cfg = small_job("best-model")
-    result = run_job(cfg, workspace=tmp_path, show_progress=False)
+    result = run_job(cfg, workspace=workspace, show_progress=False)
     assert result.status == "FINISHED"
 
     best = best_round(result, "accuracy", "max")
     model_info = result.tracking["model"]
     assert model_info["round"] == best["round"] and model_info["key_metric"] == "accuracy"
     assert model_info["value"] == best["global"]["accuracy"] and "registered_model_version" not in model_info
-    saved = load_best(tmp_path / result.job_id / "checkpoints" / BEST)
+    saved = load_best(workspace / result.job_id / "checkpoints" / BEST)
     assert saved.round == best["round"] and saved.metrics == best["global"]
-    on_disk = json.loads((tmp_path / result.job_id / "result.json").read_text())["tracking"]["model"]
+    on_disk = json.loads((workspace / result.job_id / "result.json").read_text())["tracking"]["model"]
     assert on_disk["model_uri"] == model_info["model_uri"] and model_info["model_uri"].startswith("models:/")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking["mlflow"]["tracking_uri"])

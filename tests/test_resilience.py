@@ -13,12 +13,12 @@ from mlflow.tracking import MlflowClient
 from fl_ray import JobConfig, run_job
 from fl_ray.actors.server import RoundError
 
-from conftest import REPO
+from conftest import NO_DATA, REPO, new_workspace
 
 
 def faulty_config(faults, **overrides):
     data = {"name": "faulty", "num_rounds": 3, "sites": 3, "min_clients": 2,
-            "learner": "user_learners:FaultyLearner", "learner_args": {"faults": faults},
+            "learner": "user_learners:FaultyLearner", "learner_args": {"faults": faults}, "dataset": NO_DATA,
             "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
             "tracking": {"system_metrics": False}}
     data.update(overrides)
@@ -32,12 +32,12 @@ def server_history(result, key):
 
 
 @pytest.fixture(scope="module")
-def faulty_job(ray_session, tmp_path_factory):
+def faulty_job(ray_session, tmp_path_factory, mlflow_store):
     """One job, three faults: site-1 is slow in round 2 (with a 2 s grace period once min_clients
     results are in), site-2 raises in round 3, and site-3's process dies in round 4."""
     faults = {"site-1:2": "sleep:10", "site-2:3": "raise", "site-3:4": "exit"}
     cfg = faulty_config(faults, num_rounds=5, wait_after_min_results=2.0)
-    return run_job(cfg, workspace=tmp_path_factory.mktemp("faulty"), show_progress=False)
+    return run_job(cfg, workspace=new_workspace(tmp_path_factory.mktemp("faulty"), mlflow_store), show_progress=False)
 
 
 def test_a_raising_client_does_not_fail_the_round(faulty_job):
@@ -76,13 +76,13 @@ def test_stragglers_are_left_behind_after_the_grace_period(faulty_job):
     assert r2["seconds"] < 8  # not the 10 s site-1 took
 
 
-def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, tmp_path):
+def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, workspace):
     """Every site fails round 2 (and its retry): the job fails with a clear error, result.json says
     FAILED, and round 1's tracking records are still in MLflow."""
     faults = {f"site-{i}:2": "raise" for i in (1, 2, 3)}
     with pytest.raises(RoundError, match=r"round 2: fewer than min_clients=2 .* in 2 attempt"):
-        run_job(faulty_config(faults, round_retries=1), workspace=tmp_path, show_progress=False)
-    job_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("faulty"))
+        run_job(faulty_config(faults, round_retries=1), workspace=workspace, show_progress=False)
+    job_dir = next(p for p in workspace.iterdir() if p.is_dir() and p.name.startswith("faulty"))
     saved = json.loads((job_dir / "result.json").read_text())
     assert saved["status"] == "FAILED" and "RoundError" in saved["error"]
     assert [r["round"] for r in saved["rounds"]] == [1]
@@ -93,10 +93,13 @@ def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, 
 
 
 def _start_job(workspace, *args):
+    """run_fedavg.py in its own process (so it can get a SIGINT), on the session's Ray instance."""
+    import ray
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_fedavg.py"), "--workspace", str(workspace),
-                             "--quiet", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--address", ray.get_runtime_context().gcs_address, "--quiet", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, timeout):
@@ -111,10 +114,10 @@ DIGITS = ["--set", "num_rounds=4", "--set", "sites=2", "--set", "local_epochs=1"
           "--set", "tracking.system_metrics=false", "--set", "tracking.log_model=false"]
 
 
-def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
+def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, mlflow_store):
     """Ctrl+C after round 2: runs end KILLED and result.json is written; --resume finishes rounds 3-4
     in the same job and MLflow runs, and every round's global metrics equal an uninterrupted run's."""
-    ws = tmp_path / "ws"
+    ws = new_workspace(tmp_path / "ws", mlflow_store)
     proc = _start_job(ws, *DIGITS)
     _wait_for(lambda: any(ws.glob("*/checkpoints/last.pkl")), timeout=240)
     checkpoint = next(ws.glob("*/checkpoints/last.pkl"))
@@ -137,7 +140,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path):
     assert final["tracking"]["mlflow"]["run_ids"] == mlflow["run_ids"]
 
     uninterrupted = run_job(JobConfig.model_validate(__import__("yaml").safe_load((job_dir / "config.yaml").read_text())),
-                            workspace=tmp_path / "ref", show_progress=False)
+                            workspace=new_workspace(tmp_path / "ref", mlflow_store), show_progress=False)
     assert [r["global"] for r in final["rounds"]] == [r["global"] for r in uninterrupted.rounds]
     history = client.get_metric_history(mlflow["run_ids"]["server"], "global_accuracy")
     assert sorted((m.step, m.value) for m in history) == [
@@ -156,7 +159,7 @@ def _round_of(path):
         return 0
 
 
-def test_a_second_ctrl_c_exits_at_once(tmp_path):
+def test_a_second_ctrl_c_exits_at_once(ray_session, tmp_path):
     """While the first Ctrl+C waits on a tracking server that is down, a second one exits at once."""
     ws = tmp_path / "ws"
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port

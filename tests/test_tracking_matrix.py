@@ -21,7 +21,7 @@ from fl_ray.learners import load_learner
 from fl_ray.receivers.base import build_receiver
 from fl_ray.receivers.wandb import RESERVED_KEYS
 
-from conftest import REPO
+from conftest import NO_DATA, REPO, new_workspace
 
 from user_learners import SYNTAX_PARAMS, SYNTAXES, expected_series
 from wandb_reader import read_runs
@@ -37,16 +37,17 @@ Series = dict[str, list[tuple[int, object]]]  # key -> sorted [(step, value as f
 def syntax_config(syntax: str, receivers: list[dict] | None = None, **tracking) -> JobConfig:
     return JobConfig.model_validate({
         "name": f"matrix-{syntax}", "num_rounds": ROUNDS, "sites": len(SITES), "min_clients": len(SITES),
-        "learner": "user_learners:SyntaxLearner", "learner_args": {"syntax": syntax},
+        "learner": "user_learners:SyntaxLearner", "learner_args": {"syntax": syntax}, "dataset": NO_DATA,
         "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
         "tracking": {"receivers": receivers or [{"type": "mlflow"}, {"type": "tensorboard"}, {"type": "wandb"},
                                                 {"type": "user_receivers:SeriesReceiver"}], **tracking}})
 
 
 @pytest.fixture(scope="module")
-def jobs(ray_session, tmp_path_factory):
+def jobs(ray_session, tmp_path_factory, mlflow_store):
     """One job per writer syntax, each into all four receivers at once."""
-    return {syntax: run_job(syntax_config(syntax), workspace=tmp_path_factory.mktemp(syntax), show_progress=False)
+    return {syntax: run_job(syntax_config(syntax), workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store),
+                            show_progress=False)
             for syntax in SYNTAXES}
 
 
@@ -214,14 +215,14 @@ def test_example_configs_are_valid(name, receivers):
 
 
 @pytest.mark.parametrize("syntax", ["tensorboard", "wandb"])
-def test_builtin_learner_logs_in_the_chosen_syntax(ray_session, tmp_path, syntax):
+def test_builtin_learner_logs_in_the_chosen_syntax(ray_session, workspace, tmp_path, syntax):
     """configs/fedavg_digits_tb_syntax_to_mlflow.yaml (and its W&B-syntax twin): the built-in learner's
     train_loss and val_accuracy reach MLflow with steps that continue across rounds, and its
     hyper-parameters as params (W&B syntax) or as the text ``hparams`` (TensorBoard syntax)."""
     cfg = load_config(REPO / "configs" / "fedavg_digits_tb_syntax_to_mlflow.yaml",
                       [f"learner_args.log_syntax={syntax}", f"num_rounds={ROUNDS}", "local_epochs=1",
                        "resources.client_cpus=0.25", "resources.server_cpus=0.25"])
-    result = run_job(cfg, workspace=tmp_path, show_progress=False)
+    result = run_job(cfg, workspace=workspace, show_progress=False)
     info = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])
     for site in SITES:

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from fl_ray import JobConfig, run_job
 
-from conftest import SESSION_CREDENTIALS
+from conftest import NO_DATA, SESSION_CREDENTIALS
 from user_learners import INVALID_CALLS, expected_known, site_number
 
 ROUNDS, SITES, AUTO = 2, ("site-1", "site-2", "site-3"), 3
@@ -16,7 +16,7 @@ ROUNDS, SITES, AUTO = 2, ("site-1", "site-2", "site-3"), 3
 def known_config(receivers, name="known-values"):
     return JobConfig.model_validate({
         "name": name, "num_rounds": ROUNDS, "sites": 3, "min_clients": 3,
-        "learner": "user_learners:KnownValuesLearner", "learner_args": {"auto_points": AUTO},
+        "learner": "user_learners:KnownValuesLearner", "learner_args": {"auto_points": AUTO}, "dataset": NO_DATA,
         "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
         "tracking": {"receivers": receivers}})
 
@@ -81,12 +81,12 @@ def test_known_values_reach_a_real_mlflow_server(ray_session, mlflow_server, tmp
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_only_the_receiver_actor_holds_credentials(ray_session, tmp_path, monkeypatch):
+def test_only_the_receiver_actor_holds_credentials(ray_session, workspace, monkeypatch):
     """Every worker of the session starts with tracking credentials; clients drop them (they log
     credentials_seen=none), the receiver actor keeps them and also gets the driver's."""
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "driver-token")
     cfg = known_config([{"type": "mlflow"}, {"type": "user_receivers:CredentialProbe"}], name="credentials")
-    result = run_job(cfg, workspace=tmp_path, show_progress=False)
+    result = run_job(cfg, workspace=workspace, show_progress=False)
     probe = result.tracking["receivers"]["user_receivers_CredentialProbe"]
     assert probe["credentials"] == sorted([*SESSION_CREDENTIALS, "MLFLOW_TRACKING_TOKEN"])
     client = MlflowClient(result.tracking["mlflow"]["tracking_uri"])
