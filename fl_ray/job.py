@@ -198,9 +198,10 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                 max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
                 name=f"fl_ray-{job_id}-{site}",
             ).remote(site, index, config_dict, receiver_actor_name(job_id))
+        # the server starts up while the clients do
         server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
                                      scheduling_strategy=here).remote(
-            config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))  # starts beside them
+            config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
         placed = _wait_placed(clients, cfg)
         site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
                      for s, idx in zip(sites, parts)}

@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             receiver = start_receiver(ctx, [{"type": "mlflow", "tracking_uri": server.uri}], {}, here)
             actors = [BenchSite.remote(s, receiver_actor_name("bench")) for s in sites]
             ray.get([a.log.remote(1, "warmup") for a in actors])  # actors up...
-            while ray.get(receiver.status.remote())["receivers"]["mlflow"]["pending"]:  # ...and runs created
+            deadline = time.monotonic() + 300
+            while (status := ray.get(receiver.status.remote())["receivers"]["mlflow"])["pending"]:  # ...runs made
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the warm-up points did not reach MLflow within 300 s: {status}")
                 time.sleep(0.05)
             requests_before = server.requests_served()
 

@@ -37,7 +37,8 @@ def faulty_job(ray_session, tmp_path_factory, mlflow_store):
     results are in), site-2 raises in round 3, and site-3's process dies in round 4."""
     faults = {"site-1:2": "sleep:10", "site-2:3": "raise", "site-3:4": "exit"}
     cfg = faulty_config(faults, num_rounds=5, wait_after_min_results=2.0)
-    return run_job(cfg, workspace=new_workspace(tmp_path_factory.mktemp("faulty"), mlflow_store), show_progress=False)
+    workspace = new_workspace(tmp_path_factory.mktemp("faulty"), mlflow_store)
+    return run_job(cfg, workspace=workspace, show_progress=False)
 
 
 def test_a_raising_client_does_not_fail_the_round(faulty_job):
@@ -139,8 +140,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     assert final["status"] == "FINISHED" and [r["round"] for r in final["rounds"]] == [1, 2, 3, 4]
     assert final["tracking"]["mlflow"]["run_ids"] == mlflow["run_ids"]
 
-    uninterrupted = run_job(JobConfig.model_validate(__import__("yaml").safe_load((job_dir / "config.yaml").read_text())),
-                            workspace=new_workspace(tmp_path / "ref", mlflow_store), show_progress=False)
+    config = JobConfig.model_validate(__import__("yaml").safe_load((job_dir / "config.yaml").read_text()))
+    uninterrupted = run_job(config, workspace=new_workspace(tmp_path / "ref", mlflow_store), show_progress=False)
     assert [r["global"] for r in final["rounds"]] == [r["global"] for r in uninterrupted.rounds]
     history = client.get_metric_history(mlflow["run_ids"]["server"], "global_accuracy")
     assert sorted((m.step, m.value) for m in history) == [

@@ -46,8 +46,8 @@ def syntax_config(syntax: str, receivers: list[dict] | None = None, **tracking) 
 @pytest.fixture(scope="module")
 def jobs(ray_session, tmp_path_factory, mlflow_store):
     """One job per writer syntax, each into all four receivers at once."""
-    return {syntax: run_job(syntax_config(syntax), workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store),
-                            show_progress=False)
+    return {syntax: run_job(syntax_config(syntax), show_progress=False,
+                            workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store))
             for syntax in SYNTAXES}
 
 
