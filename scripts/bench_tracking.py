@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fl_ray_bench_") as tmp:
         root = Path(tmp)
-        workers = "its default" if args.server_workers is None else str(args.server_workers)
+        workers = "default" if args.server_workers is None else str(args.server_workers)
         console.print(f"starting mlflow server ({workers} workers) and Ray; "
                       f"{args.sites} sites x {args.points} points = {total:,}")
         with LocalMlflowServer(root / "server", workers=args.server_workers) as server:
