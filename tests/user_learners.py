@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -21,17 +22,25 @@ def expected_known(site: str, round_: int) -> float:
     return site_number(site) * 100 + round_ + 0.5
 
 
-class KnownValuesLearner(Learner):
-    """Trains nothing; logs known values through every MLflowWriter method, and tries invalid calls."""
+class UntrainedLearner(Learner):
+    """A learner whose model is one zero vector ``w`` of ``size`` float32s (its train decides the update)."""
 
-    def __init__(self, auto_points: int = 3) -> None:
-        self.auto_points = auto_points
+    size = 2
 
     def setup(self, ctx: LearnerContext) -> None:
-        self.weights = {"w": np.zeros(3, dtype=np.float32)}
+        self.weights = {"w": np.zeros(self.size, dtype=np.float32)}
 
     def get_weights(self):
         return self.weights
+
+
+class KnownValuesLearner(UntrainedLearner):
+    """Trains nothing; logs known values through every MLflowWriter method, and tries invalid calls."""
+
+    size = 3
+
+    def __init__(self, auto_points: int = 3) -> None:
+        self.auto_points = auto_points
 
     def train(self, weights, ctx: LearnerContext) -> TrainResult:
         site, r, w = ctx.site, ctx.round, ctx.mlflow
@@ -80,8 +89,6 @@ class FaultyLearner(KnownValuesLearner):
             ctx.mlflow.flush()
             os._exit(1)  # the actor process dies mid-round
         if fault.startswith("sleep:"):
-            import time
-
             time.sleep(float(fault.split(":", 1)[1]))
         return super().train(weights, ctx)
 
@@ -97,7 +104,7 @@ def expected_stream(site: str, rounds: int, points: int, sign: float = 1.0) -> l
             for r in range(1, rounds + 1) for i in range(points)]
 
 
-class StreamLearner(Learner):
+class StreamLearner(UntrainedLearner):
     """Trains nothing; each round logs ``points`` points of ``stream`` and ``stream_neg`` with explicit
     steps, spread over ``seconds``, so that a job keeps logging through a tracking-server outage or a
     receiver-actor crash."""
@@ -106,15 +113,7 @@ class StreamLearner(Learner):
         self.points = points
         self.seconds = seconds
 
-    def setup(self, ctx: LearnerContext) -> None:
-        self.weights = {"w": np.zeros(2, dtype=np.float32)}
-
-    def get_weights(self):
-        return self.weights
-
     def train(self, weights, ctx: LearnerContext) -> TrainResult:
-        import time
-
         w = ctx.mlflow
         if ctx.round == 1:
             w.log_params({"points": self.points, "site_name": ctx.site})
@@ -153,7 +152,7 @@ def expected_series(site: str, rounds: int) -> dict[str, list[tuple[int, float]]
     return {key: sorted(points) for key, points in series.items()}
 
 
-class SyntaxLearner(Learner):
+class SyntaxLearner(UntrainedLearner):
     """Trains nothing; logs :func:`logged_in_round` with explicit steps, and params, in one writer ``syntax``.
 
     Each round: ``loss`` at steps 2r-2 and 2r-1, then ``acc`` at step r (below the last loss step from
@@ -166,12 +165,6 @@ class SyntaxLearner(Learner):
         if syntax not in SYNTAXES:
             raise ValueError(f"syntax must be one of {SYNTAXES}, got {syntax!r}")
         self.syntax = syntax
-
-    def setup(self, ctx: LearnerContext) -> None:
-        self.weights = {"w": np.zeros(2, dtype=np.float32)}
-
-    def get_weights(self):
-        return self.weights
 
     def train(self, weights, ctx: LearnerContext) -> TrainResult:
         r, values = ctx.round, logged_in_round(ctx.site, ctx.round)
