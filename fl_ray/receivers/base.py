@@ -1,14 +1,20 @@
-"""The Receiver protocol: where tracking records end up.
+"""The Receiver contract: where tracking records end up.
 
 A receiver is a sink for :class:`~fl_ray.tracking.events.TrackingEvent` batches. The receiver actor
 opens each configured receiver once per job, calls :meth:`Receiver.write` with batches read from the
 durable spool, then :meth:`Receiver.flush`, and only after ``flush`` returns counts the batch as
-delivered. A receiver that raises is retried with back-off from the same place, so ``write`` +
-``flush`` should be idempotent for a batch it has already seen (or at least never lose records).
+delivered: it then saves the receiver's progress mark, together with what :meth:`Receiver.checkpoint`
+returns, atomically. A receiver that raises is retried with back-off from the same place. After a
+crash, the receiver is opened again and handed, by :meth:`Receiver.resume`, the checkpoint saved with
+the mark it restarts from; records past that mark are written again, so a receiver whose back end
+cannot tell a repeated record (an event file, a W&B history) uses its checkpoint to cut back what it
+wrote past the mark. A record the back end refuses for good (a 4xx, or the same error for the same
+record again and again) is not raised: the receiver passes it to :meth:`Receiver.set_aside` with the
+reason, and the hub keeps it in the job's dead-letter file instead of holding up everything after it.
 
 Writing your own::
 
-    class PrintReceiver:
+    class PrintReceiver(Receiver):
         def open(self, ctx: ReceiverContext) -> None: ...
         def write(self, events: Sequence[TrackingEvent]) -> None:
             for e in events:
@@ -22,9 +28,10 @@ keys of the entry are passed to its constructor.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 from fl_ray.importing import import_object
 from fl_ray.tracking.events import TrackingEvent
@@ -48,24 +55,56 @@ class ReceiverContext:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@runtime_checkable
-class Receiver(Protocol):
-    """A tracking back end: ``open`` once, ``write``/``flush`` batches, ``close`` once."""
+class Receiver(ABC):
+    """A tracking back end: ``open`` once, ``write``/``flush`` batches, ``close`` once.
 
+    Optional capabilities have defaults here: ``buffer_flush_time`` (seconds between deliveries;
+    0: deliver as records arrive), ``destination`` (where records go, when the receiver can be
+    pointed elsewhere: progress marks are kept per destination), and ``checkpoint``/``resume``.
+    """
+
+    buffer_flush_time: float = 0.0
+
+    @property
+    def destination(self) -> str | None:
+        """Where records go (known once opened), or None when there is only one place."""
+        return None
+
+    @abstractmethod
     def open(self, ctx: ReceiverContext) -> None:
         """Prepare the back end (create runs, files, processes)."""
 
+    @abstractmethod
     def write(self, events: Sequence[TrackingEvent]) -> None:
         """Take a batch of events (any sites, any kinds, in arrival order)."""
 
+    @abstractmethod
     def flush(self) -> None:
         """Make every event written so far durable in the back end; raise if that failed."""
 
+    @abstractmethod
     def close(self, status: str) -> dict[str, Any]:
         """End the job's runs with ``status`` (FINISHED, FAILED or KILLED); return a summary for result.json."""
 
+    def checkpoint(self) -> dict[str, Any]:
+        """JSON-able state that goes with the progress mark after each successful ``flush``."""
+        return {}
 
-class MemoryReceiver:
+    def resume(self, state: dict[str, Any]) -> None:
+        """Called once after ``open`` with the checkpoint saved with the mark delivery restarts from
+        (``{}`` when there is none): everything written after that checkpoint is written again."""
+
+    def set_aside(self, event: TrackingEvent, reason: str) -> None:
+        """Report ``event`` as refused for good by the back end (called from ``write`` or ``flush``); the
+        hub moves it to the job's dead-letter file once the flush has returned."""
+        self.__dict__.setdefault("_set_aside", []).append((event, reason))
+
+    def take_set_aside(self) -> list[tuple[TrackingEvent, str]]:
+        """The records set aside since the last call, with their reasons (the hub calls this)."""
+        return self.__dict__.pop("_set_aside", [])
+
+
+class MemoryReceiver(Receiver):
     """Keeps every event in a list: a ready receiver for tests and for custom pipelines."""
 
     def __init__(self) -> None:
@@ -98,7 +137,7 @@ def build_receiver(type_: str, params: dict[str, Any]) -> Receiver:
     """Instantiate a receiver from its config entry (``type`` plus constructor parameters)."""
     cls = import_object(BUILTIN_RECEIVERS.get(type_, type_), "tracking.receivers[].type")
     receiver = cls(**params)
-    missing = [m for m in ("open", "write", "flush", "close") if not callable(getattr(receiver, m, None))]
-    if missing:
-        raise TypeError(f"receiver {type_!r} lacks the method(s) {', '.join(missing)} of the Receiver protocol")
+    if not isinstance(receiver, Receiver):
+        raise TypeError(f"receiver {type_!r} is a {type(receiver).__name__}, not a subclass of "
+                        "fl_ray.receivers.base.Receiver (open, write, flush, close)")
     return receiver

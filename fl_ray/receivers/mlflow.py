@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-from fl_ray.receivers.base import FINISHED, ReceiverContext
+from fl_ray.receivers.base import FINISHED, Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import read_json, write_json_atomic
 
@@ -52,7 +52,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(data)[:6000]}
 
 
-class MLflowReceiver:
+class MLflowReceiver(Receiver):
     """Writes tracking events to an MLflow tracking server or store."""
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None,

@@ -20,14 +20,14 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from fl_ray.receivers.base import ReceiverContext
+from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 
 # Text tags of the per-site tables, keyed by the kind of record they gather.
 _TABLE_TAGS = {EventKind.PARAM: "params", EventKind.TAG: "tags"}
 
 
-class TensorBoardReceiver:
+class TensorBoardReceiver(Receiver):
     """Writes every site's metrics, texts, params and tags as TensorBoard event files.
 
     ``log_dir`` replaces the default ``<job_dir>/tb_events``; ``flush_secs`` is how often the

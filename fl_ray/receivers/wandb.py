@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Sequence
 
-from fl_ray.receivers.base import FINISHED, ReceiverContext
+from fl_ray.receivers.base import FINISHED, Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class _Site:
         return self.sent - self.written.value
 
 
-class WandBReceiver:
+class WandBReceiver(Receiver):
     """Writes each site's records to its own W&B run (project = ``project`` or the job name).
 
     ``mode`` is ``online``, ``offline`` or ``disabled``; by default online when ``WANDB_API_KEY``
