@@ -33,8 +33,13 @@ from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
 from fl_ray.tracking.credentials import receiver_env
+from fl_ray.tracking.hub import receiver_names
+from fl_ray.tracking.spool import spool_report
 
 log = logging.getLogger(__name__)
+
+
+CLOSE_ATTEMPTS = 3  # times the job asks a receiver actor that died while closing to close again
 
 
 class ResourceError(RuntimeError):
@@ -187,7 +192,8 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
                               sites=tuple(sites), config=cfg.to_dict(),
-                              tags=run_tags(job_id, cfg.description, ray.cluster_resources()))
+                              tags=run_tags(job_id, cfg.description, ray.cluster_resources()),
+                              life="first" if resume is None else f"resume-{new_job_id('at')}")
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
                                   receiver_env(cfg.tracking.credentials), here)
         config_dict = cfg.to_dict()
@@ -262,7 +268,7 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
         return {"senders": senders}
     try:
         model = _log_best_model(cfg, receiver, job_dir, status)
-        report = ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+        report = _close_receiver(cfg, receiver, status, job_dir)
     finally:
         ray.kill(receiver, no_restart=True)
     report["senders"] = senders
@@ -271,6 +277,32 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     mlflow_reports = [r for r in report["receivers"].values() if "run_ids" in r]
     if mlflow_reports:
         report["mlflow"] = mlflow_reports[0]
+    return report
+
+
+def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path) -> dict[str, Any]:
+    """The receiver actor's close report. An actor that dies while closing is restarted by Ray and asked
+    again (it recovers from the spool); if it cannot close, the report says, from the spool on disk,
+    what each receiver still has to get, and how to send it later."""
+    timeout = cfg.tracking.close_timeout
+    error = ""
+    for attempt in range(1, CLOSE_ATTEMPTS + 1):
+        try:
+            return ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+        except ray.exceptions.GetTimeoutError:
+            error = f"the receiver actor did not close within {timeout + 60:g} s"
+            break
+        except ray.exceptions.RayError as exc:
+            error = f"{type(exc).__name__}: the receiver actor died while closing"
+            log.warning("%s (attempt %d of %d)%s", error, attempt, CLOSE_ATTEMPTS,
+                        "; asking its restarted actor" if attempt < CLOSE_ATTEMPTS else "")
+    specs = [{"type": r.type, **r.params} for r in cfg.tracking.receivers]
+    report = spool_report(job_dir / "spool", receiver_names(specs))
+    for name, entry in report["receivers"].items():
+        entry["replay"] = f"python scripts/replay_spool.py {job_dir} --to {name}"
+    report["error"] = error
+    log.warning("tracking was not closed (%s); what each receiver still has to get is in result.json, and "
+                "`python scripts/replay_spool.py %s` sends it", error, job_dir)
     return report
 
 

@@ -5,7 +5,9 @@ Rebuilds the job's receivers from <job dir>/config.yaml (or only the one named w
 each one every record of <job dir>/spool/ past its progress mark, through the same delivery pumps the
 receiver actor uses. Marks move as records are delivered, so running this again sends nothing twice.
 MLflow marks (and run ids) are kept per tracking URI: --tracking-uri elsewhere delivers everything
-there, once. Credentials come from the environment (MLFLOW_TRACKING_USERNAME, ...), as for the job.
+there, once. With --dead-letters, the records a receiver refused for good (<job dir>/dead_letters.jsonl)
+are tried again first; those refused again stay there. Credentials come from the environment
+(MLFLOW_TRACKING_USERNAME, ...), as for the job.
 Exit status: 0 when everything was delivered, 1 when some records could not be, 2 for a bad job
 directory or command line.
 """
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="send MLflow records here instead of where the job sent them")
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
                         help="give up on a receiver that still fails after this long; default: %(default)s")
+    parser.add_argument("--dead-letters", action="store_true",
+                        help="also try again the records each receiver set aside as refused (dead_letters.jsonl)")
     parser.add_argument("--status", choices=STATUSES, default=None,
                         help="status the runs end with; default: the job's, from result.json (KILLED without one)")
     return parser.parse_args(argv)
@@ -107,8 +111,9 @@ def plan(job_dir: Path, cfg: Any, to: str | None, tracking_uri: str | None) -> l
 
 
 def replay(job_dir: Path, to: str | None = None, tracking_uri: str | None = None, timeout: float = 120.0,
-           status: str | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Deliver ``job_dir``'s spool past each receiver's mark; returns the hub's close report plus counts."""
+           status: str | None = None, console: Console | None = None, dead_letters: bool = False) -> dict[str, Any]:
+    """Deliver ``job_dir``'s spool past each receiver's mark (and, with ``dead_letters``, try its set-aside
+    records again); returns the hub's close report plus counts."""
     console = console or Console(stderr=True)
     job_dir = job_dir.resolve()
     raw, cfg, job_status = load_job(job_dir)
@@ -132,9 +137,12 @@ def replay(job_dir: Path, to: str | None = None, tracking_uri: str | None = None
     ctx = ReceiverContext(job_id=job_dir.name, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
                           sites=tuple(cfg.site_names), config=raw, tags=run_tags(job_dir.name))
     hub = TrackingHub(ctx, receivers)
+    retried = hub.retry_dead_letters(timeout) if dead_letters else {}
     report = hub.close(status, timeout)
     for pump in hub.pumps:
         report["receivers"][pump.name]["replayed"] = pump.sent
+        if pump.name in retried:
+            report["receivers"][pump.name]["dead_letters_retried"] = retried[pump.name]
     return report
 
 
@@ -143,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = replay(args.job_dir, args.to, args.tracking_uri, args.timeout, args.status, console)
+        report = replay(args.job_dir, args.to, args.tracking_uri, args.timeout, args.status, console,
+                        args.dead_letters)
     except ReplayError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
     out = Console()
-    out.print(f"spool: {report['spool']} ({report['accepted']} record(s))", highlight=False)
+    spool = report["spool"]
+    out.print(f"spool: {spool['path']} ({report['accepted']} record(s))", highlight=False)
+    for damage in spool.get("damaged", []):
+        out.print(f"  [yellow]warning:[/] a damaged record at offset {damage['offset']} ({damage['bytes']} bytes) "
+                  "was skipped", highlight=False)
     failed = False
     for name, entry in report["receivers"].items():
         line = (f"{name}: {entry['replayed']} record(s) delivered now, {entry['delivered']} in all, "
@@ -161,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             out.print(f"  [red]error:[/] {entry.get('error')}", highlight=False, soft_wrap=True)
         elif entry.get("close_error"):  # everything was delivered; only ending the runs failed
             out.print(f"  [yellow]warning:[/] {entry['close_error']}", highlight=False, soft_wrap=True)
-        if entry.get("refused"):
-            out.print(f"  [yellow]refused by MLflow:[/] {entry['refused']} record(s), e.g. "
-                      f"{entry['refused_examples'][0]}", highlight=False, soft_wrap=True)
+        retried = entry.get("dead_letters_retried")
+        if retried:
+            out.print(f"  dead letters: {retried['retried']} tried again, {retried['delivered']} delivered"
+                      + (f" ({retried['error']})" if retried.get("error") else ""), highlight=False, soft_wrap=True)
+        if entry.get("dead_letters"):
+            out.print(f"  [yellow]set aside:[/] {entry['dead_letters']} record(s) refused for good, in "
+                      f"{entry['dead_letter_file']} (try again with --dead-letters)", highlight=False, soft_wrap=True)
     return 1 if failed else 0
 
 

@@ -53,6 +53,7 @@ class ReceiverContext:
     sites: tuple[str, ...]
     config: dict[str, Any]
     tags: dict[str, str] = field(default_factory=dict)
+    life: str = "first"  # one run of the job: its first start or a --resume (see TrackingHub)
 
 
 class Receiver(ABC):

@@ -15,16 +15,19 @@ this same hub outside Ray.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.spool import Spool, read_json, write_json_atomic
+from fl_ray.tracking.spool import Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,11 @@ class _SeenSeqs:
     next: int
     above: set[int] = field(default_factory=set)
 
+    def new(self, seq: int) -> bool:
+        return seq >= self.next and seq not in self.above
+
     def add(self, seq: int) -> bool:
-        if seq < self.next or seq in self.above:
+        if not self.new(seq):
             return False
         if seq == self.next:
             self.next += 1
@@ -78,17 +84,18 @@ class DeliveryPump:
     """
 
     def __init__(self, name: str, receiver: Receiver, ctx: ReceiverContext, spool: Spool,
-                 max_batch: int = 10_000, max_backoff: float = 30.0) -> None:
+                 dead_letters: DeadLetters, max_batch: int = 10_000, max_backoff: float = 30.0) -> None:
         self.name = name
         self.receiver = receiver
-        self.flush_time = float(getattr(receiver, "buffer_flush_time", 0) or 0)
+        self.flush_time = float(receiver.buffer_flush_time or 0)
         self._ctx = ctx
+        self._dead_letters = dead_letters
         self._spool = spool
         self._max_batch = max_batch
         self._max_backoff = max_backoff
         self.mark = name  # the progress mark this pump reads and moves
         mark = spool.load_progress(name)
-        self.offset: int = mark["offset"]
+        self.offset: int = mark["offset"]  # read again when the receiver opens (its destination picks the mark)
         self.delivered: int = mark["events"]
         self.sent = 0  # records delivered by this pump (since it started)
         self.opened = False
@@ -144,22 +151,39 @@ class DeliveryPump:
                 self._wake.wait(min(self._max_backoff, 0.5 * 2 ** min(self.failures - 1, 6)))
                 self._wake.clear()
                 continue
-            self._spool.save_progress(self.mark, end, self.delivered + len(events),
-                                      getattr(self.receiver, "destination", None))
+            self._commit(end, self.delivered + len(events))
             self.offset, self.delivered, self.sent = end, self.delivered + len(events), self.sent + len(events)
             if self.warned:
                 log.warning("tracking receiver %r delivers again after %d failed attempt(s)", self.name, self.failures)
             self.error, self.failures, self.warned = None, 0, False
 
+    def _commit(self, offset: int, delivered: int) -> None:
+        """After a successful flush: keep what the receiver set aside, then move the mark with its checkpoint."""
+        self._dead_letters.add(self.mark, self.receiver.take_set_aside())
+        self._spool.save_progress(self.mark, offset, delivered, self.receiver.destination, self.receiver.checkpoint())
+
     def _open(self) -> None:
         self.receiver.open(self._ctx)
-        self.opened = True
-        destination = getattr(self.receiver, "destination", None)
-        made_for = self._spool.load_progress(self.name).get("destination")
-        if destination is not None and made_for not in (None, destination):
+        destination = self.receiver.destination
+        mark = self._spool.load_progress(self.name)
+        if destination is not None and mark.get("destination") not in (None, destination):
             self.mark = f"{self.name}@{hashlib.sha1(str(destination).encode()).hexdigest()[:12]}"
             mark = self._spool.load_progress(self.mark)
-            self.offset, self.delivered = mark["offset"], mark["events"]
+        self.offset, self.delivered = mark["offset"], mark["events"]
+        self.receiver.resume(mark.get("state") or {})
+        self.opened = True
+
+    def redeliver(self, letters: list[tuple[TrackingEvent, str]]) -> list[tuple[TrackingEvent, str]]:
+        """Write and flush records set aside earlier (the thread must have stopped); those set aside again
+        are returned, and the mark keeps the receiver's new checkpoint."""
+        if not self.opened:
+            self._open()
+        self.receiver.write([event for event, _ in letters])
+        self.receiver.flush()
+        again = self.receiver.take_set_aside()
+        self._spool.save_progress(self.mark, self.offset, self.delivered, self.receiver.destination,
+                                  self.receiver.checkpoint())
+        return again
 
     def drain(self, deadline: float) -> bool:
         """Deliver everything spooled so far, giving up at ``deadline``; True if all was delivered."""
@@ -186,35 +210,127 @@ class DeliveryPump:
         return self._thread.is_alive()
 
 
+class DeadLetters:
+    """``<job_dir>/dead_letters.jsonl``: records a receiver refused for good, one JSON line each with the
+    receiver's mark name and the reason, appended durably before the receiver's mark moves past them."""
+
+    FILE = "dead_letters.jsonl"
+
+    def __init__(self, job_dir: Path) -> None:
+        self.path = Path(job_dir) / self.FILE
+        self._lock = threading.Lock()
+        self.entries: dict[tuple[str, str, int], tuple[TrackingEvent, str]] = {}
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                event = decode_event(entry["event"].encode())
+            except (ValueError, KeyError, AttributeError, TypeError):
+                event = None
+            if event is None:
+                log.warning("dead-letter file %s: an unreadable line is skipped", self.path)
+                continue
+            self.entries[(entry["receiver"], event.site, event.seq)] = (event, entry["reason"])
+
+    def add(self, receiver: str, letters: list[tuple[TrackingEvent, str]]) -> None:
+        """Keep ``letters`` (record, reason) of ``receiver``; one written twice (after a crash) counts once."""
+        if not letters:
+            return
+        with self._lock:
+            with open(self.path, "ab") as f:
+                for event, reason in letters:
+                    f.write(_dead_letter_line(receiver, event, reason))
+                f.flush()
+                os.fsync(f.fileno())
+            for event, reason in letters:
+                if (receiver, event.site, event.seq) not in self.entries:
+                    log.warning("tracking receiver %r refused a record for good; it is kept in %s: %s %r of site "
+                                "%r (%s)", receiver, self.path, EventKind(event.kind).value, event.key, event.site,
+                                reason)
+                self.entries[(receiver, event.site, event.seq)] = (event, reason)
+
+    def of(self, receiver: str) -> list[tuple[TrackingEvent, str]]:
+        """The records ``receiver`` set aside, in spool order."""
+        with self._lock:
+            return sorted(((e, r) for (name, _, _), (e, r) in self.entries.items() if name == receiver),
+                          key=lambda item: (item[0].site, item[0].seq))
+
+    def replace(self, receiver: str, letters: list[tuple[TrackingEvent, str]]) -> None:
+        """Keep only ``letters`` for ``receiver`` (after a retry) and rewrite the file atomically."""
+        with self._lock:
+            self.entries = {k: v for k, v in self.entries.items() if k[0] != receiver}
+            self.entries.update({(receiver, e.site, e.seq): (e, r) for e, r in letters})
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                for (name, _, _), (event, reason) in self.entries.items():
+                    f.write(_dead_letter_line(name, event, reason))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    def count(self, receiver: str) -> int:
+        """How many records ``receiver`` has set aside."""
+        return sum(name == receiver for name, _, _ in self.entries)
+
+
+def _dead_letter_line(receiver: str, event: TrackingEvent, reason: str) -> bytes:
+    entry = {"receiver": receiver, "site": event.site, "seq": event.seq, "kind": EventKind(event.kind).value,
+             "key": event.key, "reason": reason, "event": encode_event(event)[:-1].decode()}
+    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+
+
 class TrackingHub:
-    """Dedup, spool and fan-out of every site's tracking events to every receiver."""
+    """Dedup, spool and fan-out of every site's tracking events to every receiver.
+
+    ``ctx.life`` names one run of the job (a first start or a ``--resume``). After a resume, a metric or
+    text at a ``(site, key, step)`` that an earlier life already accepted is dropped: the round cut off
+    by the crash is run again, and each of its steps keeps the value the first life recorded.
+    """
 
     def __init__(self, ctx: ReceiverContext, receivers: list[tuple[str, Receiver]]) -> None:
         self.ctx = ctx
         self.spool = Spool(ctx.job_dir / "spool")
+        self.dead_letters = DeadLetters(ctx.job_dir)
         self._sites_path = self.spool.directory / "sites.json"
         self._seen: dict[tuple[str, int], _SeenSeqs] = {}
         self._next_step: dict[str, dict[str, int]] = {}
+        self._earlier_lives: set[tuple[str, str, str, int | None] | None] = set()  # (site, kind, key, step)
         self.accepted = 0
         self.duplicates = 0
-        for event in self.spool:
+        self.resumed_duplicates = 0
+        self.spool_error: dict[str, Any] | None = None
+        lives_path = self.spool.directory / "lives.json"
+        lives = read_json(lives_path, {})
+        if ctx.life not in lives:
+            lives[ctx.life] = self.spool.end
+            write_json_atomic(lives_path, lives)
+        boundary = lives[ctx.life]
+        for event, offset in self.spool.records():
             self._accept(event)
+            if offset <= boundary and len(lives) > 1:
+                self._earlier_lives.add(_step_key(event))
+        self._earlier_lives.discard(None)
         self._incarnations: dict[str, int] = read_json(self._sites_path, {})
-        self.pumps = [DeliveryPump(name, r, ctx, self.spool) for name, r in receivers]
+        self.pumps = [DeliveryPump(name, r, ctx, self.spool, self.dead_letters) for name, r in receivers]
 
-    def _accept(self, event: TrackingEvent) -> bool:
+    def _new(self, event: TrackingEvent) -> bool:
+        seen = self._seen.get((event.site, event.seq >> INCARNATION_BITS))
+        return seen is None or seen.new(event.seq)
+
+    def _accept(self, event: TrackingEvent) -> None:
         block = event.seq >> INCARNATION_BITS
         seen = self._seen.get((event.site, block))
         if seen is None:
             seen = self._seen[(event.site, block)] = _SeenSeqs(block << INCARNATION_BITS)
-        if not seen.add(event.seq):
-            return False
+        seen.add(event.seq)
         if event.kind == EventKind.METRIC and event.step is not None:
             steps = self._next_step.setdefault(event.site, {})
             if event.step >= steps.get(event.key, 0):
                 steps[event.key] = event.step + 1
         self.accepted += 1
-        return True
 
     def open_site(self, site: str) -> tuple[int, dict[str, int]]:
         """Start (or restart) a site's sender: its first seq, and the next step of each metric so far."""
@@ -224,21 +340,67 @@ class TrackingHub:
         return incarnation << INCARNATION_BITS, dict(self._next_step.get(site, {}))
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
-        """Accept a batch from ``site``: spool what is new, then acknowledge with the count accepted."""
-        fresh = [e for e in events if self._accept(e)]
+        """Accept a batch from ``site``: store what is new durably, then acknowledge with the count accepted.
+
+        Raises :class:`~fl_ray.tracking.spool.SpoolError` if the spool cannot store it (disk full, say):
+        then nothing of the batch counts as accepted, and the site sends it again.
+        """
+        fresh, ids = [], set()
+        for e in events:
+            if (e.site, e.seq) not in ids and self._new(e):
+                ids.add((e.site, e.seq))
+                fresh.append(e)
         self.duplicates += len(events) - len(fresh)
+        if self._earlier_lives:
+            kept = [e for e in fresh if _step_key(e) not in self._earlier_lives]
+            for e in fresh:
+                if _step_key(e) in self._earlier_lives:
+                    self._mark_seen(e)
+            self.resumed_duplicates += len(fresh) - len(kept)
+            fresh = kept
         if fresh:
-            self.spool.append(fresh)
+            try:
+                self.spool.append(fresh)
+            except SpoolError as exc:
+                waiting = (self.spool_error or {}).get("waiting", 0) + len(fresh)
+                if self.spool_error is None:
+                    log.error("%s; the sites keep these records and send them again until the spool takes them",
+                              exc.strerror)
+                self.spool_error = {"error": exc.strerror, "path": str(self.spool.path), "waiting": waiting}
+                raise
+            if self.spool_error is not None:
+                log.warning("tracking spool %s stores records again", self.spool.path)
+                self.spool_error = None
+            for e in fresh:
+                self._accept(e)
         return len(fresh)
 
+    def _mark_seen(self, event: TrackingEvent) -> None:
+        block = event.seq >> INCARNATION_BITS
+        self._seen.setdefault((event.site, block), _SeenSeqs(block << INCARNATION_BITS)).add(event.seq)
+
     def status(self) -> dict[str, Any]:
-        """Counts so far: accepted, duplicates dropped, and per receiver delivered and last error."""
+        """Counts so far: accepted, duplicates dropped, spool state, and per receiver delivered and last error."""
         return {
             "accepted": self.accepted,
             "duplicates_dropped": self.duplicates,
+            "spool": self._spool_report(),
             "receivers": {p.name: {"delivered": p.delivered, "pending": self.accepted - p.delivered,
-                                   "error": p.error} for p in self.pumps},
+                                   "dead_letters": self.dead_letters.count(p.mark), "error": p.error}
+                          for p in self.pumps},
         }
+
+    def _spool_report(self) -> dict[str, Any]:
+        spool = self.spool
+        report: dict[str, Any] = {"path": str(spool.path), "records": spool.events, "bytes": spool.end,
+                                  "syncs": spool.syncs, "sync_seconds": round(spool.sync_seconds, 4)}
+        if spool.damaged:
+            report["damaged"] = [{"offset": o, "bytes": n} for o, n in spool.damaged]
+        if self.spool_error is not None:
+            report["error"] = self.spool_error
+        if self.resumed_duplicates:
+            report["dropped_after_resume"] = self.resumed_duplicates
+        return report
 
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
@@ -270,10 +432,15 @@ class TrackingHub:
         """Deliver what is spooled (up to ``timeout`` seconds), end every receiver's runs, and report."""
         deadline = time.monotonic() + timeout
         report: dict[str, Any] = {"accepted": self.accepted, "duplicates_dropped": self.duplicates,
-                                  "spool": str(self.spool.directory), "receivers": {}}
+                                  "spool": self._spool_report(), "receivers": {}}
         for pump in self.pumps:
             complete = pump.drain(deadline)
             entry: dict[str, Any] = {"delivered": pump.delivered, "undelivered": self.accepted - pump.delivered}
+            letters = self.dead_letters.count(pump.mark)
+            if letters:
+                entry.update(dead_letters=letters, dead_letter_file=str(self.dead_letters.path),
+                             dead_letter_replay=f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name} "
+                                                "--dead-letters")
             if not complete:
                 entry["error"] = pump.error or f"delivery did not finish within {timeout:g} s"
                 entry["replay"] = f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name}"
@@ -292,6 +459,35 @@ class TrackingHub:
             report["receivers"][pump.name] = entry
         self.spool.close()
         return report
+
+    def retry_dead_letters(self, timeout: float) -> dict[str, Any]:
+        """Deliver again, to each receiver, the records it set aside; those refused again stay set aside.
+        Call before :meth:`close`; a report per receiver: retried, delivered, still set aside, error."""
+        report: dict[str, Any] = {}
+        for pump in self.pumps:
+            letters = self.dead_letters.of(pump.mark)
+            if not letters:
+                continue
+            pump.drain(time.monotonic() + timeout)
+            entry: dict[str, Any] = {"retried": len(letters)}
+            try:
+                again = pump.redeliver(letters)
+            except Exception as exc:  # the back end still fails as a whole: nothing changes
+                entry["error"] = _describe(exc)
+                again = letters
+            else:
+                self.dead_letters.replace(pump.mark, again)
+            entry.update(delivered=len(letters) - len(again), set_aside=len(again))
+            report[pump.name] = entry
+        return report
+
+
+def _step_key(event: TrackingEvent) -> tuple[str, str, str, int | None] | None:
+    """What a resumed job must not record twice: a metric's or text's (site, kind, key, step); None for
+    params and tags, which setting again changes nothing."""
+    if event.kind in (EventKind.METRIC, EventKind.TEXT):
+        return event.site, EventKind(event.kind).value, event.key, event.step
+    return None
 
 
 def _describe(exc: BaseException, limit: int = 400) -> str:

@@ -189,8 +189,8 @@ class EventSender:
             self.stats.retries += 1
             self._failures += 1
             if self._failures == 1:  # once per outage, not once per batch
-                log.warning("site %s: a batch of %d events was not acknowledged (%s); resending until the "
-                            "receiver actor is back", self.site, len(batch), type(exc).__name__)
+                log.warning("site %s: a batch of %d events was not acknowledged (%s); the site keeps it and sends "
+                            "it again until the receiver actor stores it", self.site, len(batch), _reason(exc))
             time.sleep(min(2.0, 0.1 * self._failures))
             self._in_flight.appendleft((self._receiver.submit.remote(self.site, batch), batch))
             return
@@ -205,3 +205,9 @@ class EventSender:
         """Events recorded but not yet acknowledged."""
         with self._cond:
             return len(self._buffer) + sum(len(b) for _, b in self._in_flight)
+
+
+def _reason(exc: Exception) -> str:
+    """Why a batch was not acknowledged: the receiver's own error (a full spool, say), else the Ray error's type."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
+    return f"{type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
