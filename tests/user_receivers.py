@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
+import threading
 
 from fl_ray.receivers.base import MemoryReceiver
 from fl_ray.tracking.credentials import CREDENTIAL_VARS
@@ -58,3 +61,37 @@ class SeriesReceiver(MemoryReceiver):
             elif e.kind == "param":
                 params.setdefault(e.site, {})[e.key] = e.value
         return {"events": len(self.events), "status": status, "metrics": metrics, "params": params}
+
+
+class DiesWhileClosing(EchoReceiver):
+    """A real crash at a chosen moment: the first close() kills its own process (the receiver actor) with
+    SIGKILL; Ray restarts the actor, whose close() then runs normally. A marker file in the job directory
+    remembers that it died."""
+
+    def close(self, status):
+        marker = self.ctx.job_dir / "died-while-closing"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().close(status)
+
+
+class FullDiskWindow(EchoReceiver):
+    """A real full disk for the receiver actor: when first opened, it caps the size of every file its process
+    writes (RLIMIT_FSIZE) at the spool's size plus ``room`` bytes, for ``seconds``; appends that do not fit
+    fail for real (EFBIG). Once per job (a marker file), so a restarted actor does not do it again."""
+
+    def __init__(self, seconds: float = 4.0, room: int = 20_000) -> None:
+        super().__init__()
+        self.seconds, self.room = seconds, room
+
+    def open(self, ctx):
+        super().open(ctx)
+        marker = ctx.job_dir / "full-disk-window"
+        if marker.exists():
+            return
+        marker.write_text("")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        size = (ctx.job_dir / "spool" / "events.jsonl").stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + self.room, hard))
+        threading.Timer(self.seconds, resource.setrlimit, (resource.RLIMIT_FSIZE, (soft, hard))).start()
