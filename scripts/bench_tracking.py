@@ -5,7 +5,8 @@ Each site is a Ray actor with the real tracking path (MLflowWriter -> EventSende
 spool -> MLflowReceiver -> `mlflow server` on loopback, started here with its default number of
 workers unless ``--server-workers`` says otherwise; runs are created before the clock starts).
 Reports the writer call's median cost inside an actor, end-to-end points per second until every
-point is readable in MLflow, points lost or duplicated, HTTP requests per 1,000 points, and a
+point is readable in MLflow, points lost or duplicated, HTTP requests per 1,000 points, the cost of
+the spool's durability (its synced appends: how many, and their time in all), and a
 baseline measured in the same run against the same server: one process calling
 ``MlflowClient.log_metric`` once per point (a sample, extrapolated). The last line printed is one
 JSON object with the figures.
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = server.requests_served() - requests_before
 
             run_ids = report["receivers"]["mlflow"]["run_ids"]
+            spool = report["spool"]
             client = MlflowClient(server.uri)
             found = dupes = 0
             for site in sites:
@@ -129,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         "writer_call_us_p99": round(sorted(costs)[int(len(costs) * 0.99)] / 1000, 3),
         "baseline_points_per_s": round(base, 1), "baseline_seconds_extrapolated": round(total / base, 1),
         "speedup": round(points_per_s / base, 1),
+        "spool_syncs": spool["syncs"], "spool_sync_seconds": spool["sync_seconds"],
+        "spool_sync_share": round(spool["sync_seconds"] / elapsed, 4),
     }
     console.print(f"end to end: {total:,} points in {elapsed:.2f} s = {points_per_s:,.0f} points/s; "
                   f"lost {lost}, duplicated {dupes}")
     console.print(f"writer call: median {result['writer_call_us_median']} µs, p99 {result['writer_call_us_p99']} µs")
     console.print(f"HTTP requests: {requests} ({result['http_requests_per_1000_points']} per 1,000 points)")
+    console.print(f"spool: {spool['syncs']} synced appends (one per acknowledged batch) took "
+                  f"{spool['sync_seconds']:.3f} s in all, {result['spool_sync_share']:.1%} of the run")
     console.print(f"baseline: {base:,.0f} points/s, {1000 / base:.0f} ms a call (would take {total / base:,.0f} s); "
                   f"speedup {result['speedup']}x")
     print(json.dumps(result))
