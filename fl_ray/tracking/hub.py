@@ -301,7 +301,8 @@ class TrackingHub:
         self.accepted = 0
         self.duplicates = 0
         self.resumed_duplicates = 0
-        self.spool_error: dict[str, Any] | None = None
+        self.spool_error: dict[str, Any] | None = None  # the last failed append, while records wait for the spool
+        self._refused: set[tuple[str, int]] = set()  # (site, seq) refused by a failing spool, not stored yet
         lives_path = self.spool.directory / "lives.json"
         lives = read_json(lives_path, {})
         if ctx.life not in lives:
@@ -362,13 +363,14 @@ class TrackingHub:
             try:
                 self.spool.append(fresh)
             except SpoolError as exc:
-                waiting = (self.spool_error or {}).get("waiting", 0) + len(fresh)
+                self._refused.update((e.site, e.seq) for e in fresh)
                 if self.spool_error is None:
                     log.error("%s; the sites keep these records and send them again until the spool takes them",
                               exc.strerror)
-                self.spool_error = {"error": exc.strerror, "path": str(self.spool.path), "waiting": waiting}
+                self.spool_error = {"error": exc.strerror, "path": str(self.spool.path), "waiting": len(self._refused)}
                 raise
-            if self.spool_error is not None:
+            self._refused.difference_update((e.site, e.seq) for e in fresh)
+            if self.spool_error is not None and not self._refused:
                 log.warning("tracking spool %s stores records again", self.spool.path)
                 self.spool_error = None
             for e in fresh:
