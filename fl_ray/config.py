@@ -97,6 +97,11 @@ class TrackingConfig(_Strict):
         description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD); "
                     "never written to config.yaml, MLflow params or the sites",
     )
+    credentials_file: str | None = Field(
+        default=None, min_length=1,
+        description="a file of NAME=value lines (e.g. MLFLOW_TRACKING_PASSWORD=...) on the driver's node that "
+                    "only the receiver actor reads; an absolute path or one starting with ~",
+    )
     close_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
     system_metrics: bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
     system_metrics_interval: float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
@@ -114,6 +119,14 @@ class TrackingConfig(_Strict):
         unknown = sorted(set(v) - set(CREDENTIAL_VARS))
         if unknown:
             raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
+        return v
+
+    @field_validator("credentials_file")
+    @classmethod
+    def _absolute_file(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("~") or Path(v).is_absolute()):
+            raise ValueError("expected an absolute path (or one starting with ~): the receiver actor does not "
+                             "run in the driver's working directory")
         return v
 
 

@@ -14,13 +14,16 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import psutil
 import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -32,7 +35,7 @@ from fl_ray.learners import learner_class
 from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
-from fl_ray.tracking.credentials import receiver_env
+from fl_ray.tracking.credentials import masked_argv, receiver_credentials, without_credentials
 from fl_ray.tracking.hub import receiver_names
 from fl_ray.tracking.spool import spool_report
 
@@ -93,13 +96,19 @@ def _check_plugins(cfg: JobConfig) -> None:
 
 
 def _init_ray(address: str | None) -> bool:
-    """Start or join Ray unless this process already did; True if this call started it."""
+    """Start or join Ray unless this process already did; True if this call started it.
+
+    A Ray started here inherits no tracking credential, and the command line Ray records as the job's
+    entrypoint (``ray list jobs``, the dashboard) has its secrets masked.
+    """
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
+    entrypoint = subprocess.list2cmdline(masked_argv(psutil.Process().cmdline()))
+    with without_credentials(), mock.patch.object(ray._private.utils, "get_entrypoint_name", lambda: entrypoint):
+        ray.init(address=address, **kwargs)
     return True
 
 
@@ -195,7 +204,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                               tags=run_tags(job_id, cfg.description, ray.cluster_resources()),
                               life="first" if resume is None else f"resume-{new_job_id('at')}")
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
-                                  receiver_env(cfg.tracking.credentials), here)
+                                  receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file), here)
         config_dict = cfg.to_dict()
         strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
         for index, site in enumerate(sites):

@@ -1,6 +1,7 @@
-"""Run metadata for the job's parent run: fl_ray version, git commit and dirtiness, command line, the
-Ray cluster's resources and the job's description (MLflow shows ``mlflow.note.content`` as the run's
-description). This module imports no Ray: the job passes ``ray.cluster_resources()`` in."""
+"""Run metadata for the job's parent run: fl_ray version, git commit and dirtiness, command line (its
+secrets masked), the Ray cluster's resources and the job's description (MLflow shows
+``mlflow.note.content`` as the run's description). This module imports no Ray: the job passes
+``ray.cluster_resources()`` in."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from fl_ray.tracking.credentials import masked_argv
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
@@ -39,11 +42,12 @@ def cluster_resources_tag(resources: dict[str, float]) -> str:
 
 
 def run_tags(job_id: str, description: str = "", cluster_resources: dict[str, float] | None = None) -> dict[str, str]:
-    """Tags for the job's parent run; ``description`` (if any) as MLflow's run description."""
+    """Tags for the job's parent run (the command line with its secrets masked); ``description`` (if any)
+    as MLflow's run description."""
     from fl_ray import __version__
 
     tags = {"fl_ray.job_id": job_id, "fl_ray.version": __version__,
-            "fl_ray.command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000]}
+            "fl_ray.command": shlex.join(masked_argv([Path(sys.argv[0]).name, *sys.argv[1:]]))[:5000]}
     git = git_state()
     if git:
         tags["mlflow.source.git.commit"] = git["commit"]

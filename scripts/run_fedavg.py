@@ -2,7 +2,8 @@
 """Run a federated averaging job on Ray.
 
 With no arguments: configs/fedavg_digits.yaml on a local Ray instance, results under ./workspace.
-Exit status: 0 on success, 1 if the job failed, 2 for a bad config or command line.
+Exit status: 0 on success, 1 if the job failed, 2 for a bad config or command line. Secrets given on the
+command line (``--set tracking.credentials.MLFLOW_TRACKING_PASSWORD=...``) are masked in what it prints.
 """
 
 from __future__ import annotations
@@ -11,14 +12,28 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from fl_ray.config import DEFAULT_CONFIG, ConfigError, load_config
+from fl_ray.tracking.credentials import argv_secrets, mask
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error messages mask ``secrets``."""
+
+    def __init__(self, secrets: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.secrets = secrets
+
+    def error(self, message: str) -> NoReturn:
+        super().error(mask(message, self.secrets))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        argv_secrets(sys.argv[1:] if argv is None else argv),
         description=__doc__.splitlines()[0],
         epilog="Example: %(prog)s --set num_rounds=10 --set dataset.partition=dirichlet --set dataset.alpha=0.3",
     )
@@ -41,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    secrets = argv_secrets(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     console = Console(stderr=True)
     if args.resume is not None and args.config is not None:
@@ -50,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, args.overrides)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {mask(str(exc), secrets)}", highlight=False)
         return 2
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(args.workspace).is_absolute() and not args.resume:
         console.print(f"[yellow]warning:[/] under `ray job submit` the relative workspace {args.workspace!r} lies in "
@@ -62,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run_job(cfg, workspace=args.workspace, address=args.address, resume=args.resume,
                          show_progress=not args.quiet)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {mask(str(exc), secrets)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] tracking was flushed, runs are marked KILLED and result.json is "
                       "written; continue with --resume <job dir>")
         return 130
     except Exception as exc:
-        console.print(f"[red]job failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        console.print(f"[red]job failed:[/] {type(exc).__name__}: {mask(str(exc), secrets)}", highlight=False)
         return 1
     data = result.to_dict()
     console.print(summary_table(data))
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow = result.tracking.get("mlflow")
     if mlflow:
         console.print(f"MLflow:   experiment {mlflow['experiment_id']}, run {mlflow['parent_run_id']}; "
-                      f"view with: {mlflow['ui']}", highlight=False, soft_wrap=True)
+                      f"view with: {mask(mlflow['ui'], secrets)}", highlight=False, soft_wrap=True)
     model = result.tracking.get("model")
     if model and model.get("model_uri"):
         registered = (f", registered as {model['registered_model_name']} v{model['registered_model_version']}"
@@ -87,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result.tracking.get("receivers", {}).items():
         if r.get("undelivered"):
             console.print(f"[yellow]warning:[/] {r['undelivered']} tracking record(s) not delivered to {name} "
-                          f"({r.get('error')}); they are kept in {result.tracking['spool']}; deliver them later "
-                          f"with: python scripts/replay_spool.py {result.job_dir}", highlight=False)
+                          f"({mask(str(r.get('error')), secrets)}); they are kept in {result.tracking['spool']}; "
+                          f"deliver them later with: python scripts/replay_spool.py {result.job_dir}", highlight=False)
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Run metadata on the job's parent run: command line, git commit and dirtiness (in a repository only),
+"""Run metadata on the job's parent run: command line (secrets masked), git commit and dirtiness (in a repository only),
 the Ray cluster's resources and the config's description as MLflow's run description."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -48,6 +49,16 @@ def test_outside_a_repository_there_is_no_commit_tag(outside_git):
     assert tags["mlflow.note.content"] == "a note" and json.loads(tags["fl_ray.ray_resources"]) == {"CPU": 2.0}
     assert tags["fl_ray.command"] and tags["fl_ray.job_id"] == "job-1"
     assert "mlflow.note.content" not in run_tags("job-1")
+
+
+def test_the_command_line_tag_masks_secrets(outside_git, monkeypatch):
+    """Credentials given with --set, and a URL's password, show as *** in fl_ray.command; the rest as typed."""
+    monkeypatch.setattr(sys, "argv", ["/repo/scripts/run_fedavg.py", "--set", "num_rounds=2", "--set",
+                                      "tracking.credentials.MLFLOW_TRACKING_PASSWORD=s3cret-pw",
+                                      "--address", "ray://ann:pw-2@head:10001"])
+    assert run_tags("job-1")["fl_ray.command"] == ("run_fedavg.py --set num_rounds=2 --set "
+                                                   "'tracking.credentials.MLFLOW_TRACKING_PASSWORD=***' "
+                                                   "--address 'ray://ann:***@head:10001'")
 
 
 def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session, tmp_path, mlflow_store, monkeypatch):

@@ -9,13 +9,13 @@ environment variables.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fl_ray.receivers.base import ReceiverContext, build_receiver
-from fl_ray.tracking.credentials import CREDENTIAL_VARS
+from fl_ray.tracking.credentials import CREDENTIAL_VARS, ReceiverCredentials
 from fl_ray.tracking.events import TrackingEvent
 from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 
@@ -24,7 +24,8 @@ from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_r
 class ReceiverActor:
     """Accepts every site's tracking batches and fans them out to the configured receivers."""
 
-    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]]) -> None:
+    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: ReceiverCredentials) -> None:
+        os.environ.update(credentials.resolve())  # this process only; MLflow and W&B read them from here
         quiet_http_retries()
         receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
                      for name, spec in zip(receiver_names(specs), specs)]
@@ -57,15 +58,19 @@ def receiver_actor_name(job_id: str) -> str:
     return f"fl_ray-receiver-{job_id}"
 
 
-def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: dict[str, str],
-                   placement: NodeAffinitySchedulingStrategy, max_restarts: int = 5) -> Any:
-    """Start the job's receiver actor where ``placement`` says (the driver's node), credentials in its env."""
+def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]],
+                   credentials: ReceiverCredentials | Mapping[str, str], placement: NodeAffinitySchedulingStrategy,
+                   max_restarts: int = 5) -> Any:
+    """Start the job's receiver actor where ``placement`` says (the driver's node). ``credentials`` (or a
+    plain mapping of credential variables) go as a constructor argument, which Ray keeps for restarts
+    but neither logs nor shows, unlike ``runtime_env``."""
+    if not isinstance(credentials, ReceiverCredentials):
+        credentials = ReceiverCredentials(configured=dict(credentials))
     env = {k: v for k, v in RECEIVER_ENV_DEFAULTS.items() if k not in os.environ}
-    env.update(credentials)
     return ReceiverActor.options(
         num_cpus=0,
         max_restarts=max_restarts,
         name=receiver_actor_name(ctx.job_id),
         scheduling_strategy=placement,
         runtime_env={"env_vars": env},
-    ).remote(ctx, specs)
+    ).remote(ctx, specs, credentials)
