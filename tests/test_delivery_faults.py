@@ -254,7 +254,7 @@ def test_unreachable_tracking_server_keeps_records_for_replay(ray_session, mlflo
 
 def test_records_mlflow_refuses_do_not_hold_up_the_others(tmp_path):
     """A batch holding records MLflow will never take (a bad name, a param changed after a restart):
-    those are left out and reported, everything else in the batch arrives, delivery goes on."""
+    those are set aside with MLflow's reason, everything else in the batch arrives, delivery goes on."""
     from fl_ray.receivers.base import ReceiverContext
     from fl_ray.receivers.mlflow import MLflowReceiver
     from fl_ray.tracking.events import EventKind, TrackingEvent
@@ -273,8 +273,10 @@ def test_records_mlflow_refuses_do_not_hold_up_the_others(tmp_path):
     refused = [event(1, EventKind.PARAM, "lr", "0.2"), event(100, EventKind.METRIC, "a//b", 1.0, 0)]
     hub.submit("site-1", [*good[:20], *refused, *good[20:], event(101, EventKind.TAG, "t", "x")])
     report = hub.close("FINISHED", timeout=60)["receivers"]["mlflow"]
-    assert report["undelivered"] == 0 and report["refused"] == 2, report
-    assert any("'a//b'" in r for r in report["refused_examples"])
+    assert report["undelivered"] == 0 and report["dead_letters"] == 2, report
+    letters = hub.dead_letters.of("mlflow")
+    assert [e.seq for e, _ in letters] == [1, 100], letters
+    assert all("INVALID_PARAMETER_VALUE" in reason for _, reason in letters), letters
     client = MlflowClient(receiver.tracking_uri)
     run = client.get_run(report["run_ids"]["site-1"])
     assert history(client, run.info.run_id, "loss") == [(i, float(i)) for i in range(40)]

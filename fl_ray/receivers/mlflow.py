@@ -2,39 +2,62 @@
 
 Run structure: a parent run per job (named after the job id; the resolved config as params; tags for
 the job id, the fl_ray version and, when known, the git commit), with one nested run per site and one
-named ``server``. Metrics, params and tags go in with ``MlflowClient.log_batch`` (which splits a
-batch within MLflow's limits of 1000 metrics, 100 params and 100 tags a call); texts with
-``log_text``; to a tracking server, the batches of different runs go out concurrently. Metric
-timestamps are the client's, so writing the same batch twice adds nothing. Run ids are kept in
-``<job>/mlflow_runs.json``, per tracking URI, so a restarted receiver (or a resumed job, or
-``scripts/replay_spool.py``) writes into the same runs. A record MLflow refuses for good
-(``INVALID_PARAMETER_VALUE``, e.g. a param whose value changed after a site restarted) is found by
-splitting the batch, left out and reported, so it cannot hold up the records around it; any other
-failure is raised and the whole batch is retried. At the end of a job, ``log_model`` logs the
-best global model into the ``server`` run as an MLflow model (and registers it when asked).
+named ``server``. Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted
+receiver (or a resumed job, or ``scripts/replay_spool.py``) writes into the same runs. Creating a run
+is idempotent beyond that file too: the run is first looked up by its tags (``fl_ray.job_id``, and
+``fl_ray.site`` for a site's run), and after creating one the receiver looks again and keeps the
+earliest, so a create whose answer was lost (and was sent again by MLflow's HTTP client, or by a
+retried ``open``) leaves no second run: empty extras are ended and deleted.
+
+Metrics, params and tags go in with ``MlflowClient.log_batch``, in requests within MLflow's limits
+(1000 metrics, 100 params and 100 tags a request); texts with ``log_text``; to a tracking server, the
+requests of different runs go out concurrently. Metric timestamps are the client's, so writing the
+same batch twice adds nothing; a param keeps its first value, as in MLflow.
+
+Every record remembers its event, so a failure can be pinned on the record that causes it: a request
+that MLflow answers with an error is split until the failing records are alone (at most
+:data:`MAX_SPLITS` splits a delivery). A record MLflow refuses (a 4xx other than a timeout or rate
+limit: a bad name, a param whose value changed; in a local store, a text path that clashes with
+another) is set aside at once; one that fails with the same 5xx in :data:`MAX_SERVER_ERRORS`
+deliveries in a row (a text at ``notes/a.txt`` after one at ``notes``) is set aside then, and sent
+alone in between, while ``flush`` raises so the batch is written again. Both only while MLflow takes
+other writes (a write of the same delivery succeeded, or a probe write does): when no write succeeds,
+or MLflow does not answer at all, that is an outage, nothing is set aside and ``flush`` raises.
+Records set aside go to :meth:`~fl_ray.receivers.base.Receiver.set_aside` and are left out while the
+same batch is written again after a failed ``flush``. At the end of a job, ``log_model`` logs the best
+global model into the ``server`` run as an MLflow model (and registers it when asked).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 
-from fl_ray.receivers.base import FINISHED, Receiver, ReceiverContext
+from fl_ray.receivers.base import FINISHED, KILLED, Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Param, Run, RunTag
 
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "mlflow_runs.json"
 SERVER_RUN = "server"
-# MLflow error codes that mean "this record will never be accepted", as opposed to "try again later".
-REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
-MAX_REPORTED_REFUSALS = 20
+JOB_TAG, SITE_TAG, PARENT_TAG = "fl_ray.job_id", "fl_ray.site", "mlflow.parentRunId"
 HTTP_CONCURRENCY = 4  # log_batch requests in flight at once to a tracking server (one per run)
+MAX_SERVER_ERRORS = 3  # deliveries in a row a record may fail with the same 5xx before it is set aside
+MAX_SPLITS = 32  # splits of failing requests per delivery, to find the records that fail
+# Answers that say "later", not "never": a request timeout and a rate limit.
+TRANSIENT_STATUSES = frozenset({408, 429})
+# Local artifact stores: a text path that clashes with another ("notes" and "notes/a.txt").
+PATH_CLASHES = (NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -52,6 +75,75 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(data)[:6000]}
 
 
+class _Text(NamedTuple):
+    """A text artifact to log."""
+
+    path: str
+    text: str
+
+
+class _Record(NamedTuple):
+    """What goes to MLflow for one event, with the event it came from."""
+
+    event: TrackingEvent
+    entity: Union[Metric, Param, RunTag, _Text]
+
+
+@dataclass
+class _Batch:
+    """One site's records waiting for ``flush``."""
+
+    metrics: list[_Record] = field(default_factory=list)
+    params: dict[str, _Record] = field(default_factory=dict)  # the first value of each key
+    tags: dict[str, _Record] = field(default_factory=dict)  # the last value of each key
+    texts: list[_Record] = field(default_factory=list)
+
+
+class _Failure(NamedTuple):
+    """A request MLflow answered with an error: its records, the HTTP status and what MLflow said."""
+
+    records: list[_Record]
+    status: int
+    error: str
+
+
+class _Delivery:
+    """What one ``flush`` learned, from the threads that send each run's records."""
+
+    def __init__(self, probe_write: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._probe_write = probe_write
+        self._takes_writes: bool | None = None
+        self._splits = MAX_SPLITS
+        self.failures: list[_Failure] = []
+        self.unanswered: list[Exception] = []  # no answer, a timeout, a rate limit: an outage for now
+        self.delivered: list[_Record] = []  # records sent alone that got through
+
+    def succeeded(self, records: list[_Record]) -> None:
+        with self._lock:
+            self._takes_writes = True
+            if len(records) == 1:
+                self.delivered.append(records[0])
+
+    def takes_writes(self) -> bool:
+        """True once a write of this delivery succeeded; else tries one probe write (once a delivery)."""
+        with self._lock:
+            if self._takes_writes is None:
+                try:
+                    self._probe_write()
+                    self._takes_writes = True
+                except Exception as exc:  # noqa: BLE001 - whatever it is, MLflow does not take writes now
+                    log.debug("MLflow probe write failed: %s", exc)
+                    self._takes_writes = False
+            return self._takes_writes
+
+    def may_split(self) -> bool:
+        """Whether a failing request may be split further (splits are left)."""
+        with self._lock:
+            self._splits -= 1
+            return self._splits >= 0
+
+
 class MLflowReceiver(Receiver):
     """Writes tracking events to an MLflow tracking server or store."""
 
@@ -62,11 +154,9 @@ class MLflowReceiver(Receiver):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.buffer_flush_time = buffer_flush_time
-        self._pending: dict[str, tuple[list, list, list, list]] = {}
-        self.refused: list[str] = []  # the first MAX_REPORTED_REFUSALS records MLflow refused, described
-        self.refused_count = 0
-        self._refused_seen: set[str] = set()
-        self._refusal_lock = threading.Lock()
+        self._pending: dict[str, _Batch] = {}
+        self._strikes: dict[tuple[str, int], tuple[int, int]] = {}  # (site, seq): (5xx status, deliveries in a row)
+        self._given_up: set[tuple[str, int]] = set()  # (site, seq) set aside since the last flush that returned
         self._pool: ThreadPoolExecutor | None = None
 
     def open(self, ctx: ReceiverContext) -> None:
@@ -90,9 +180,8 @@ class MLflowReceiver(Receiver):
         self._runs_path = Path(ctx.job_dir) / RUNS_FILE
         saved = self._saved_runs()
         if saved is None:
-            parent = self.client.create_run(self.experiment_id, run_name=ctx.job_id,
-                                            tags={"fl_ray.job_id": ctx.job_id, **ctx.tags})
-            self.parent_run_id, self.run_ids, self._complete = parent.info.run_id, {}, False
+            self.parent_run_id, self.run_ids, self._complete = "", {}, False
+            self.parent_run_id = self._find_or_create_runs([None])[None]
             self._save_runs()  # before anything else, so a retried open reuses this parent run
         else:
             self.parent_run_id, self.run_ids, self._complete = \
@@ -127,93 +216,199 @@ class MLflowReceiver(Receiver):
 
         params = [Param(k, v) for k, v in flatten(ctx.config).items()]
         self.client.log_batch(self.parent_run_id, params=params)
-        for site in (*ctx.sites, SERVER_RUN):
-            self._site_run(site)
+        self._site_runs([*ctx.sites, SERVER_RUN])
         self.client.log_batch(self.parent_run_id, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])
         self._complete = True
         self._save_runs()
 
-    def _site_run(self, site: str) -> str:
-        run_id = self.run_ids.get(site)
-        if run_id is None:
-            tags = {"mlflow.parentRunId": self.parent_run_id, "fl_ray.site": site, "fl_ray.job_id": self._ctx.job_id}
-            run_id = self.client.create_run(self.experiment_id, run_name=site, tags=tags).info.run_id
-            self.run_ids[site] = run_id
+    def _site_runs(self, sites: Sequence[str]) -> None:
+        """Make sure each site in ``sites`` has its run in ``run_ids`` (and in mlflow_runs.json)."""
+        missing = [site for site in sites if site not in self.run_ids]
+        if missing:
+            self.run_ids.update(self._find_or_create_runs(missing))
             self._save_runs()
-        return run_id
+
+    def _find_or_create_runs(self, roles: Sequence[str | None]) -> dict[str | None, str]:
+        """The run id of each role (a site, or None for the job's parent run): the job's existing run for it,
+        else a new one. Of several runs for a role (a create sent twice), the earliest is kept."""
+        found = self._job_runs()
+        created = [self._create_run(role) for role in roles if role not in found]
+        if created:
+            found = self._job_runs()
+            for role, run in created:  # in case a store's search does not show it yet
+                if all(r.info.run_id != run.info.run_id for r in found.get(role, [])):
+                    found.setdefault(role, []).append(run)
+        return {role: self._keep_earliest(role, found[role]) for role in roles}
+
+    def _job_runs(self) -> dict[str | None, list[Run]]:
+        """This job's active runs in the experiment, by role (None: the parent run); a site's runs only
+        under this job's parent run, once it is known."""
+        from mlflow.entities import ViewType
+
+        query = f"tags.`{JOB_TAG}` = {_quoted(self._ctx.job_id)}"
+        runs: dict[str | None, list[Run]] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, ViewType.ACTIVE_ONLY, max_results=1000,
+                                           page_token=token)
+            for run in page:
+                site = run.data.tags.get(SITE_TAG)
+                if site is None or run.data.tags.get(PARENT_TAG) == self.parent_run_id:
+                    runs.setdefault(site, []).append(run)
+            token = page.token
+            if not token:
+                return runs
+
+    def _create_run(self, role: str | None) -> tuple[str | None, Run]:
+        if role is None:
+            run = self.client.create_run(self.experiment_id, run_name=self._ctx.job_id,
+                                         tags={JOB_TAG: self._ctx.job_id, **self._ctx.tags})
+        else:
+            tags = {PARENT_TAG: self.parent_run_id, SITE_TAG: role, JOB_TAG: self._ctx.job_id}
+            run = self.client.create_run(self.experiment_id, run_name=role, tags=tags)
+        return role, run
+
+    def _keep_earliest(self, role: str | None, runs: list[Run]) -> str:
+        """The earliest of ``runs`` (by start time, then id); the others, when empty, are ended and deleted."""
+        keep, *extras = sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+        for extra in extras:
+            if extra.data.metrics or extra.data.params:
+                log.warning("MLflow run %s is a second run for %s of job %s but holds data; it is left as it is",
+                            extra.info.run_id, role or "the parent run", self._ctx.job_id)
+                continue
+            self.client.set_terminated(extra.info.run_id, KILLED)
+            self.client.delete_run(extra.info.run_id)
+        return keep.info.run_id
 
     def write(self, events: Sequence[TrackingEvent]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        given_up = self._given_up
         for e in events:
-            metrics, params, tags, texts = self._pending.setdefault(e.site, ([], [], [], []))
+            if given_up and (e.site, e.seq) in given_up:
+                continue
+            batch = self._pending.get(e.site) or self._pending.setdefault(e.site, _Batch())
             if e.kind == EventKind.METRIC:
-                metrics.append(Metric(e.key, e.value, e.timestamp, e.step))
+                batch.metrics.append(_Record(e, Metric(e.key, e.value, e.timestamp, e.step)))
             elif e.kind == EventKind.PARAM:
-                params.append(Param(e.key, e.value))
+                first = batch.params.setdefault(e.key, _Record(e, Param(e.key, e.value)))
+                if first.entity.value != e.value:
+                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "
+                                       "same batch: MLflow keeps a param's first value")
             elif e.kind == EventKind.TAG:
-                tags.append(RunTag(e.key, e.value))
+                batch.tags[e.key] = _Record(e, RunTag(e.key, e.value))
             else:
-                texts.append((e.value, text_artifact(e.key, e.step)))
+                batch.texts.append(_Record(e, _Text(text_artifact(e.key, e.step), e.value)))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
-        runs = [(site, self._site_run(site), *lists) for site, lists in pending.items()]
-        if self._pool is None or len(runs) < 2:
-            for run in runs:
-                self._flush_run(*run)
-        else:  # a tracking server answers requests for different runs at once
-            for future in [self._pool.submit(self._flush_run, *run) for run in runs]:
-                future.result()
+        if pending:
+            self._site_runs(list(pending))
+            delivery = _Delivery(self._probe_write)
+            runs = [(delivery, self.run_ids[site], batch) for site, batch in pending.items()]
+            if self._pool is None or len(runs) < 2:
+                for run in runs:
+                    self._send_run(*run)
+            else:  # a tracking server answers requests for different runs at once
+                for future in [self._pool.submit(self._send_run, *run) for run in runs]:
+                    future.result()
+            self._settle(delivery)
+        self._given_up.clear()  # the batch is through: a record set aside is sent again only if written again
 
-    def _flush_run(self, site: str, run_id: str, metrics: list, params: list, tags: list, texts: list) -> None:
-        from mlflow.exceptions import MlflowException
+    def _probe_write(self) -> None:
+        """A write MLflow takes whenever it takes writes: the parent run's ``fl_ray.sites`` tag, again."""
+        self.client.set_tag(self.parent_run_id, "fl_ray.sites", ",".join(self._ctx.sites))
 
-        self._log_batch(site, run_id, metrics, _last_per_key(params), _last_per_key(tags))
-        for text, artifact_file in texts:
-            try:
-                self.client.log_text(run_id, text, artifact_file)
-            except (NotADirectoryError, IsADirectoryError, FileExistsError, MlflowException) as exc:
-                # refused, or a file-store path clash ("notes" and "notes/a.txt"): it will never succeed
-                if isinstance(exc, MlflowException) and exc.error_code not in REFUSED:
-                    raise
-                self._refuse(site, _Text(artifact_file, text), exc)
+    def _send_run(self, delivery: _Delivery, run_id: str, batch: _Batch) -> None:
+        """Send one run's records: batched within MLflow's limits, texts and records under suspicion alone;
+        stop at the first request MLflow does not answer."""
+        from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-    def _log_batch(self, site: str, run_id: str, metrics: list, params: list, tags: list) -> None:
-        """``log_batch``; if MLflow refuses the batch, split it until the refused records are isolated."""
-        from mlflow.exceptions import MlflowException
+        def suspect(record: _Record) -> bool:
+            return (record.event.site, record.event.seq) in self._strikes
 
-        try:
-            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-            return
-        except MlflowException as exc:
-            if exc.error_code not in REFUSED:
-                raise
-            error = exc
-        items = [*metrics, *params, *tags]
-        if len(items) == 1:
-            self._refuse(site, items[0], error)
-            return
-        from mlflow.entities import Metric, Param, RunTag
-
-        for half in (items[: len(items) // 2], items[len(items) // 2:]):
-            self._log_batch(site, run_id, [i for i in half if isinstance(i, Metric)],
-                            [i for i in half if isinstance(i, Param)], [i for i in half if isinstance(i, RunTag)])
-
-    def _refuse(self, site: str, item: Any, error: Exception) -> None:
-        kind = type(item).__name__.lower().lstrip("_")
-        what = f"{site}: {kind} {item.key!r} = {str(item.value)[:80]!r}" + \
-            (f" at step {item.step}" if kind == "metric" else "")
-        with self._refusal_lock:
-            if what in self._refused_seen:  # the same batch again, after a failure elsewhere in it
+        metrics, params, tags = batch.metrics, list(batch.params.values()), list(batch.tags.values())
+        alone = [[r] for r in (*metrics, *params, *tags) if suspect(r)] if self._strikes else []
+        if alone:
+            metrics, params, tags = ([r for r in rs if not suspect(r)] for rs in (metrics, params, tags))
+        requests: list[list[_Record]] = []
+        while metrics or params or tags:
+            p, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
+            t, tags = tags[:MAX_PARAMS_TAGS_PER_BATCH], tags[MAX_PARAMS_TAGS_PER_BATCH:]
+            room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p) - len(t))
+            m, metrics = metrics[:room], metrics[room:]
+            requests.append([*m, *p, *t])
+        requests += alone
+        requests += ([r] for r in batch.texts)
+        for records in requests:
+            if not self._send(delivery, run_id, records):
                 return
-            self._refused_seen.add(what)
-            self.refused_count += 1
-            report = len(self.refused) < MAX_REPORTED_REFUSALS
-        if report:
-            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            self.refused.append(f"{what}: {reason}")
-            log.warning("MLflow refused a record, which is left out: %s (%s)", what, reason)
+
+    def _send(self, delivery: _Delivery, run_id: str, records: list[_Record]) -> bool:
+        """Send ``records`` in one request; if MLflow answers with an error while it takes other writes,
+        split them until the failing records are alone. False when the run's other requests should wait:
+        MLflow did not answer, or it takes no writes."""
+        try:
+            if isinstance(records[0].entity, _Text):
+                self.client.log_text(run_id, records[0].entity.text, records[0].entity.path)
+            else:
+                from mlflow.entities import Metric, Param, RunTag
+
+                self.client.log_batch(run_id, metrics=[r.entity for r in records if type(r.entity) is Metric],
+                                      params=[r.entity for r in records if type(r.entity) is Param],
+                                      tags=[r.entity for r in records if type(r.entity) is RunTag])
+        except Exception as exc:
+            answer = _answer(exc)
+            if answer is None:
+                delivery.unanswered.append(exc)
+                return False
+            takes_writes = delivery.takes_writes()
+            if takes_writes and len(records) > 1 and delivery.may_split():
+                half = len(records) // 2
+                return self._send(delivery, run_id, records[:half]) and self._send(delivery, run_id, records[half:])
+            delivery.failures.append(_Failure(records, *answer))
+            return takes_writes  # when MLflow takes no writes, the run's other requests wait too
+        delivery.succeeded(records)
+        return True
+
+    def _settle(self, delivery: _Delivery) -> None:
+        """Set aside the records refused for good, count the 5xx strikes, and raise if anything is to be retried."""
+        for record in delivery.delivered:
+            self._strikes.pop((record.event.site, record.event.seq), None)
+        if delivery.unanswered:
+            raise delivery.unanswered[0]
+        if not delivery.failures:
+            return
+        if not delivery.takes_writes():
+            first = delivery.failures[0]
+            raise DeliveryError(f"MLflow at {self.tracking_uri} takes no writes now: every request failed, e.g. "
+                                f"{_describe(first.records[0].event)} with {first.error}")
+        retry: list[_Failure] = []
+        for failure in delivery.failures:
+            if len(failure.records) > 1:  # no splits left: try again next time
+                retry.append(failure)
+                continue
+            event = failure.records[0].event
+            if failure.status < 500:
+                self._give_up(event, f"MLflow refused it: {failure.error}")
+                continue
+            status, times = self._strikes.get((event.site, event.seq), (failure.status, 0))
+            times = times + 1 if status == failure.status else 1
+            if times >= MAX_SERVER_ERRORS:
+                self._strikes.pop((event.site, event.seq), None)
+                self._give_up(event, f"MLflow failed on it {times} times in a row: {failure.error}")
+            else:
+                self._strikes[(event.site, event.seq)] = (failure.status, times)
+                retry.append(failure)
+        if retry:
+            first = retry[0]
+            raise DeliveryError(f"{sum(len(f.records) for f in retry)} record(s) failed in MLflow at "
+                                f"{self.tracking_uri} and are sent again, e.g. {_describe(first.records[0].event)}: "
+                                f"{first.error}")
+
+    def _give_up(self, event: TrackingEvent, reason: str) -> None:
+        self._given_up.add((event.site, event.seq))
+        self.set_aside(event, reason)
 
     def close(self, status: str = FINISHED) -> dict[str, Any]:
         if self._pool is not None:
@@ -221,12 +416,9 @@ class MLflowReceiver(Receiver):
             self._pool = None
         for run_id in (*self.run_ids.values(), self.parent_run_id):
             self.client.set_terminated(run_id, status)
-        report = {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
-                  "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                  "ui": ui_command(self.tracking_uri)}
-        if self.refused_count:
-            report.update(refused=self.refused_count, refused_examples=list(self.refused))
-        return report
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
+                "ui": ui_command(self.tracking_uri)}
 
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None = None) -> dict[str, Any]:
         """Log the model saved at ``checkpoint`` (a :class:`~fl_ray.checkpoint.BestModel`, ``best.pt``) into
@@ -266,11 +458,59 @@ class MLflowReceiver(Receiver):
         return report
 
 
-class _Text(NamedTuple):
-    """A text artifact, described like a Metric, Param or RunTag when MLflow refuses it."""
 
-    key: str
-    value: str
+class DeliveryError(RuntimeError):
+    """Records MLflow did not take in this delivery; the batch is to be written and flushed again."""
+
+
+def _answer(exc: Exception) -> tuple[int, str] | None:
+    """What MLflow answered to a failed write: the HTTP status (as MLflow maps its error code; 400 for a
+    local path clash) and the error, or None when it gave no usable answer (no connection, a timeout, a
+    rate limit: try again later)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, PATH_CLASHES):
+        return 400, f"{type(exc).__name__}: {message}"
+    status = None
+    cause: BaseException | None = exc
+    while cause is not None and status is None:
+        if isinstance(cause, requests.exceptions.RetryError):  # the same 5xx until MLflow's client gave up
+            found = re.search(r"too many (\d{3}) error responses", str(cause))
+            if found is None:
+                return None
+            status = int(found[1])
+        elif isinstance(cause, requests.exceptions.HTTPError) and cause.response is not None:
+            status = cause.response.status_code
+        elif isinstance(cause, requests.exceptions.RequestException):  # refused, dropped, timed out
+            return None
+        cause = cause.__cause__ or cause.__context__
+    if status is not None:
+        error = f"HTTP {status}: {message}"
+    elif isinstance(exc, MlflowException):  # MLflow's error code (from a server's answer, or a local store)
+        status = exc.get_http_status_code()
+        error = message if message.startswith(exc.error_code) else f"{exc.error_code}: {message}"
+    else:
+        return None
+    if status in TRANSIENT_STATUSES or not 400 <= status < 600:
+        return None
+    return status, error
+
+
+def _describe(event: TrackingEvent) -> str:
+    """A record, for messages: ``site-1 metric 'loss' at step 3 (seq 17)``."""
+    step = f" at step {event.step}" if event.step is not None else ""
+    return f"{event.site} {EventKind(event.kind).value} {event.key!r}{step} (seq {event.seq})"
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search MLflow for {value!r}: it holds both kinds of quotes")
 
 
 def text_artifact(key: str, step: int | None) -> str:
@@ -283,8 +523,3 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def _last_per_key(items: list) -> list:
-    """MLflow refuses a batch that sets one param or tag twice; keep the last value of each key."""
-    return list({item.key: item for item in items}.values())
