@@ -2,8 +2,9 @@
 
 It runs on the driver's node with ``num_cpus=0``, handles one batch at a time (Ray runs an actor's
 calls one by one), and is restarted by Ray if it dies; the :class:`~fl_ray.tracking.hub.TrackingHub`
-inside recovers everything from the spool. Credentials reach it, and only it, as ``runtime_env``
-environment variables.
+inside recovers everything from the spool. Credentials reach it, and only it, as a constructor argument
+whose repr shows no values (Ray keeps it for restarts, and neither logs it nor shows it in its state
+API), set into this process's environment only.
 """
 
 from __future__ import annotations
