@@ -1,5 +1,5 @@
-"""Server checkpoints: the global weights, the last completed round, the sampling generator's state
-and the round summaries so far, saved atomically after every round under ``<job>/checkpoints/``
+"""Server checkpoints: the global weights, the last completed round, the sampling generator's state,
+the round summaries so far, the strategy's state and what each site keeps between its rounds, saved atomically after every round under ``<job>/checkpoints/``
 (``last.pkl``); and the best global model so far by ``server.key_metric`` (``best.pt``), which the
 receiver actor logs as an MLflow model at the end of the job."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     rng_state: dict[str, Any]
     rounds: list[dict[str, Any]]
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    site_states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # what each site keeps between rounds
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:

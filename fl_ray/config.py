@@ -158,6 +158,10 @@ class JobConfig(_Strict):
     round_retries: int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
     learner: str = "fl_ray.learners:ImageClassificationLearner"
     learner_args: dict[str, Any] = Field(default_factory=dict)
+    strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"},
+                                     description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
+    evaluate_every: int = Field(default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)")
+    evaluate_fraction: float = Field(default=1.0, gt=0, le=1, description="share of sites that evaluate")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

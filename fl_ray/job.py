@@ -35,6 +35,7 @@ from fl_ray.learners import learner_class
 from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
+from fl_ray.strategies import build_strategy
 from fl_ray.tracking.credentials import masked_argv, receiver_credentials, without_credentials
 from fl_ray.tracking.hub import receiver_names
 from fl_ray.tracking.spool import spool_report
@@ -83,9 +84,11 @@ def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobCon
 
 
 def _check_plugins(cfg: JobConfig) -> None:
-    """Import the learner and build each receiver once here, so a bad path or argument fails before Ray starts."""
+    """Import the learner and build the strategy and each receiver once here, so a bad path or argument
+    fails before Ray starts."""
     try:
         learner_class(cfg.learner)
+        build_strategy(cfg.strategy)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid job config:\n  {exc}") from None
     for i, spec in enumerate(cfg.tracking.receivers):

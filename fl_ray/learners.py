@@ -32,6 +32,8 @@ from torch import nn
 from fl_ray.data import ArrayData
 from fl_ray.importing import import_object
 from fl_ray.models import build_model
+from fl_ray.strategies.base import Arrays
+from fl_ray.strategies.scaffold import gradient_correction, initial_control, site_control_update
 
 if TYPE_CHECKING:
     from fl_ray.config import JobConfig
@@ -49,6 +51,9 @@ class LearnerContext:
     num_classes: int
     input_shape: tuple[int, ...]
     round: int = 0
+    round_config: dict[str, Any] = field(default_factory=dict)  # what the strategy sends this site this round
+    payload: dict[str, Arrays] = field(default_factory=dict)  # arrays the strategy sends every sampled site
+    site_state: dict[str, Arrays] = field(default_factory=dict)  # kept for the site until its next round
     mlflow: MLflowWriter | None = None
     tensorboard: SummaryWriter | None = None
     wandb: WandBWriter | None = None
@@ -66,6 +71,7 @@ class TrainResult:
     weights: dict[str, np.ndarray]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Arrays] = field(default_factory=dict)  # arrays for the strategy (SCAFFOLD's control delta)
 
 
 class Learner(ABC):
@@ -187,9 +193,16 @@ class ImageClassificationLearner(Learner):
         return model_weights(self.model)
 
     def train(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> TrainResult:
+        """Local SGD from the global ``weights``. What the strategy sends is applied: ``lr`` replaces the
+        job's learning rate, ``mu`` adds FedProx's proximal term, and SCAFFOLD's ``control`` (payload)
+        corrects each gradient by the site's control variate kept in ``ctx.site_state``."""
         cfg = ctx.config
         load_weights(self.model, weights)
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=self.momentum)
+        lr = float(ctx.round_config.get("lr", cfg.lr))
+        mu = float(ctx.round_config.get("mu", 0.0))
+        scaffold = _Scaffold(self.model, weights, ctx, lr) if "control" in ctx.payload else None
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.0 if scaffold else self.momentum)
+        anchor = [p.detach().clone() for p in self.model.parameters()] if mu else []
         loss_fn = nn.CrossEntropyLoss()
         x, y = self.train_data
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -202,7 +215,11 @@ class ImageClassificationLearner(Learner):
                 xb, yb = _as_input(x[idx]).to(self.device), y[idx].to(self.device)
                 optimizer.zero_grad()
                 loss = loss_fn(self.model(xb), yb)
-                loss.backward()
+                objective = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor)) \
+                    if mu else loss
+                objective.backward()
+                if scaffold:
+                    scaffold.correct()
                 optimizer.step()
                 running += loss.item()
                 losses.append(loss.item())
@@ -217,7 +234,9 @@ class ImageClassificationLearner(Learner):
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         if len(self.val[1]):
             metrics["val_accuracy"] = val_acc
-        return TrainResult(self.get_weights(), len(y), metrics)
+        new_weights = self.get_weights()
+        extras = scaffold.finish(new_weights, len(losses)) if scaffold else {}
+        return TrainResult(new_weights, len(y), metrics, extras)
 
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         load_weights(self.model, weights)
@@ -248,6 +267,31 @@ class ImageClassificationLearner(Learner):
             correct += (out.argmax(1) == yb).sum().item()
         n = max(1, len(y))
         return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+class _Scaffold:
+    """SCAFFOLD on a site (Karimireddy et al. 2020, option II): each gradient gets ``c - c_i``; after
+    training the site's control ``c_i`` is updated in ``ctx.site_state`` and its change returned."""
+
+    def __init__(self, model: nn.Module, weights: Mapping[str, np.ndarray], ctx: LearnerContext, lr: float) -> None:
+        control = ctx.payload["control"]
+        site_control = ctx.site_state.get("control") or initial_control(control)
+        self.model, self.weights, self.ctx, self.lr = model, weights, ctx, lr
+        self.control, self.site_control = control, site_control
+        names = dict(model.named_parameters())
+        self.corrections = [(names[k], torch.as_tensor(v, dtype=names[k].dtype, device=names[k].device))
+                            for k, v in gradient_correction(control, site_control).items() if k in names]
+
+    def correct(self) -> None:
+        for param, correction in self.corrections:
+            if param.grad is not None:
+                param.grad.add_(correction)
+
+    def finish(self, new_weights: Mapping[str, np.ndarray], steps: int) -> dict[str, Any]:
+        site_control, delta = site_control_update(self.site_control, self.control, self.weights, new_weights,
+                                                  max(steps, 1), self.lr)
+        self.ctx.site_state["control"] = site_control
+        return {"control_delta": delta}
 
 
 class ScaledInputModel(nn.Module):

@@ -73,3 +73,10 @@ def new_workspace(path: Path, store: Path) -> Path:
 def workspace(tmp_path, mlflow_store):
     """A job workspace whose default MLflow store is ready (a copy of ``mlflow_store``)."""
     return new_workspace(tmp_path / "ws", mlflow_store)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need Ray or a real `mlflow server` are slow: `pytest -m "not slow"` is the unit tier."""
+    for item in items:
+        if {"ray_session", "mlflow_server"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

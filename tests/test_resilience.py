@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_ray import JobConfig, run_job
-from fl_ray.actors.server import RoundError
+from fl_ray.rounds import RoundError
 
 from conftest import NO_DATA, REPO, new_workspace
 

@@ -18,6 +18,8 @@ import torch
 from fl_ray.config import JobConfig
 from fl_ray.data import site_data
 from fl_ray.learners import LearnerContext, load_learner
+from fl_ray.rounds import Task, run_task
+from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
 from fl_ray.tracking.site import SiteTracking
@@ -63,15 +65,13 @@ class ClientActor:
             self.ctx.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
             self.system_metrics = SystemMetricsSampler(self.ctx.mlflow, tracking_cfg.system_metrics_interval).start()
 
-    def train(self, weights: Mapping[str, np.ndarray], round_: int) -> dict[str, Any]:
-        """Train one round from the global ``weights``; returns weights, sample count and metrics."""
+    def run(self, task: Task, weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays]) -> dict[str, Any]:
+        """Train or evaluate the round's global ``weights`` as ``task`` says; the site's tracking records of
+        the task are sent before it returns."""
         start = time.perf_counter()
-        self.ctx.round = round_
-        result = self.learner.train(weights, self.ctx)
+        result = run_task(self.learner, self.ctx, task, weights, payload)
         self.tracking.flush()
-        return {"site": self.ctx.site, "weights": result.weights, "num_samples": int(result.num_samples),
-                "metrics": {k: float(v) for k, v in result.metrics.items()},
-                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.ctx.device),
+        return {**result, "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.ctx.device),
                 "seconds": time.perf_counter() - start}
 
     def info(self) -> dict[str, Any]:
