@@ -57,7 +57,8 @@ START_TIMEOUT = 120
 JOB_TIMEOUT = 300
 TERM_GRACE = 5
 
-pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}")
+pytestmark = [pytest.mark.slow,  # starts a two-node Ray cluster of its own
+              pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}")]
 
 
 def _free_ports(n: int) -> list[int]:
