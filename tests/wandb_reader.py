@@ -4,7 +4,11 @@ wandb 0.31 ships no reader for its transaction log (the old ``wandb.sdk.internal
 with the move to wandb-core), so this parses it: a 7-byte file header (``:W&B``, magic 0xBEE1,
 version 0), then the LevelDB log format in 32 KiB blocks, each record chunk preceded by a 7-byte
 header (IEEE CRC-32 of type byte + payload, payload length, chunk type FULL/FIRST/MIDDLE/LAST).
-Each reassembled payload is a ``wandb_internal_pb2.Record``.
+Each reassembled payload is a ``wandb_internal_pb2.Record``. It is kept apart from the receiver's own
+reader (``fl_ray.receivers.wandb.read_records``), as an independent check, and strict: a damaged chunk raises.
+
+A run resumed under the same id (the W&B receiver's segments: one directory per flush and per receiver
+life) is read back as one :class:`WandbRun`, its segments in start order.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ class WandbRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
-    path: Path | None = None
+    path: Path | None = None  # the (last) segment's .wandb file
+    started: int = 0  # start time, ns
+    segments: list[Path] = field(default_factory=list)  # every segment's .wandb file, in start order
+
+    def file(self, relative: str) -> Path:
+        """A run file (a table's JSON, say) by its path under ``files/`` in whichever segment holds it."""
+        [found] = [p.parent / "files" / relative for p in self.segments if (p.parent / "files" / relative).exists()]
+        return found
 
 
 def iter_records(path: Path) -> Iterator[pb.Record]:
@@ -75,6 +86,7 @@ def read_run(path: Path) -> WandbRun:
         if what == "run":
             r = record.run
             run.run_id, run.name, run.group, run.project = r.run_id, r.display_name, r.run_group, r.project
+            run.started = r.start_time.ToNanoseconds()
             _apply(run.config, r.config.update, r.config.remove)
         elif what == "config":
             _apply(run.config, record.config.update, record.config.remove)
@@ -87,13 +99,32 @@ def read_run(path: Path) -> WandbRun:
         elif what == "exit":
             run.exit_code = record.exit.exit_code
     run.config.pop("_wandb", None)
+    run.segments = [run.path]
     return run
 
 
 def read_runs(wandb_dir: Path) -> dict[str, WandbRun]:
-    """Read every ``offline-run-*/run-*.wandb`` under a W&B folder, keyed by run name."""
-    runs = [read_run(p) for p in sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))]
-    return {run.name: run for run in runs}
+    """Read every ``offline-run-*/run-*.wandb`` under a W&B folder, keyed by run name, the segments of a run
+    id merged (history concatenated, config and summary updated, exit code of the last); raises if two run
+    ids share a name. A segment whose run record never reached the disk (its life was killed at once) has
+    nothing to add and is left out."""
+    segments = [read_run(p) for p in Path(wandb_dir).glob("offline-run-*/run-*.wandb")]
+    by_id: dict[str, list[WandbRun]] = {}
+    for segment in sorted((s for s in segments if s.run_id), key=lambda s: (s.started, s.path.parent.name)):
+        by_id.setdefault(segment.run_id, []).append(segment)
+    runs: dict[str, WandbRun] = {}
+    for parts in by_id.values():
+        run = WandbRun(**{**vars(parts[0]), "config": {}, "history": [], "summary": {}, "segments": []})
+        for part in parts:
+            run.config.update(part.config)
+            run.history += part.history
+            run.summary.update(part.summary)
+            run.exit_code, run.path = part.exit_code, part.path
+            run.segments.append(part.path)
+        if run.name in runs:
+            raise ValueError(f"two W&B runs named {run.name!r}: {runs[run.name].run_id} and {run.run_id}")
+        runs[run.name] = run
+    return runs
 
 
 def _apply(target: dict[str, Any], updates: Any, removes: Any) -> None:
