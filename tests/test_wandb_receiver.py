@@ -324,8 +324,8 @@ def _assert_every_record_once(job_dir: Path, events: list[TrackingEvent]) -> Non
     assert ids == {run_id("job-7", site) for site in SITES}
     for site in SITES:
         run = runs[site]
-        want = {(e.key, e.step or 0): (i, e.value) for i, e in enumerate(e for e in events
-                                                                       if e.site == site and e.kind in HISTORY)}
+        mine = [e for e in events if e.site == site and e.kind in HISTORY]
+        want = {(e.key, e.step or 0): (i, e.value) for i, e in enumerate(mine)}  # (key, step) -> (order, value)
         got = [[(k, row["fl_step"], v) for k, v in row.items() if k[0] != "_" and k != "fl_step"]
                for row in run.history]
         counts = Counter((k, s) for row in got for k, s, _ in row)

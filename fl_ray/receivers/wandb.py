@@ -13,41 +13,38 @@ and named once in a warning. The site process imports this module (``fl_ray`` lo
 Ray or torch), ``wandb`` and ``psutil``.
 
 **Durability.** wandb-core writes a run's transaction log (``run-<id>.wandb``) in 32 KiB blocks and
-writes the last, partial block only when the run finishes; W&B offers no other flush, and a killed
-wandb-core loses that block. So :meth:`WandBReceiver.flush` finishes each site's run (exit code 0),
-fsyncs its ``.wandb`` file and only then returns; the next record starts the run again, resumed
-under the same id. Every site's run is thus one run id, ``<job id>-<site>-<hash>``, stored as
-*segments*: one directory per flush that had records and per receiver life
-(``<dir>/wandb/offline-run-<time>-<id>[-n]``). Each segment starts with the run's config so far and
-continues W&B's ``_step`` where the previous one ended; ``wandb sync <dir>/wandb/offline-run-*`` syncs
-the segments of one run id one after the other in start order (as its help says it does for resumed
-runs; not tried against a server here). A flush costs about 45 ms per site for a few records (finish,
-fsync, the next ``wandb.init``; sites in parallel) against 1 ms before, plus the time W&B takes to
-write what was logged, and a directory; ``buffer_flush_time`` (default 30 s) keeps segments few.
+the last, partial block only when the run finishes; W&B has no other flush, and a killed wandb-core
+loses that block. So :meth:`WandBReceiver.flush` finishes each site's run (exit code 0) and fsyncs its
+``.wandb`` file before returning; the next record resumes the run under the same id. A site's run is
+thus one run id, ``<job id>-<site>-<hash>``, stored as *segments*, one directory per flush with records
+and per receiver life (``<dir>/wandb/offline-run-<time>-<id>[-n]``), each starting with the config so
+far and continuing ``_step``; ``wandb sync <dir>/wandb/offline-run-*`` syncs a run's segments one after
+the other in start order (so its help says for resumed runs; not tried against a server here). A flush
+costs about 45 ms per site with records (finish, fsync, the next ``wandb.init``; sites in parallel)
+plus W&B's time to write them, and a directory: ``buffer_flush_time`` (default 30 s) keeps segments few.
 
-**Exactly once after a crash.** :meth:`~WandBReceiver.checkpoint` holds, per site, how many metric
-and text records (history entries) the run had when the last flush returned. After a restart, the
-first process of a site takes the site's lock file (``<dir>/wandb/fl_ray-<run id>.lock``, held for its
-life): it kills the previous owner (a site process of the dead receiver, still running or finishing)
-and that process's wandb-core with SIGKILL, so nothing else can write the run, then counts the
-history entries in every segment of the run (up to the first incomplete record) and skips that many
-minus the checkpoint's of the site's metric and text records replayed from the mark: those are
-already in the run. The lock file also names the owner's receiver generation (when its life began, on
-this machine's monotonic clock), so a process of a dead receiver that was still starting never takes
-the run from a newer one: it quits. Params and tags are written again (config updates set the same values in the same
-order, so the config ends the same).
+**Exactly once after a crash.** :meth:`~WandBReceiver.checkpoint` holds, per site, how many metric and
+text records (history entries) the run had when the last flush returned. After a restart, a site's
+first process takes the run's lock file (``<dir>/wandb/fl_ray-<run id>.lock``, held for its life),
+SIGKILLing the previous owner (a site process of the dead receiver, still running or finishing) and
+that process's wandb-core, so nothing else writes the run; it then counts the history entries of all
+the run's segments (up to the first incomplete record) and skips that many, less the checkpoint's, of
+the metrics and texts replayed from the mark: the run holds them already. The lock file also names the
+owner's receiver generation (when its life began, on the machine's monotonic clock), so a process of a
+dead receiver that was still starting never takes the run from a newer one: it quits. Params and tags
+are written again: the config updates set the same values in the same order.
 
-What is guaranteed, with ``mode="offline"`` (tested, tests/test_wandb_receiver.py): when ``flush``
-has returned, every record written before it is in its site's run on disk; after a crash at any
-moment (between write and mark, during flush, during close, repeatedly) and a restart from the
-checkpoint saved with the mark, each site's run holds every metric and text record exactly once, in
-delivery order, and the config's last values. This needs the hub to replay the records past the mark
-in the same order, and the run's segment files to be left alone; a run found holding fewer entries
-than its checkpoint (a segment deleted, a machine crash before the fsync) is reported under ``lost``.
-Online (not tested here): each flush's finish waits for W&B's upload, so everything marked delivered
-is on W&B's server, and a restart resumes the same run; but what a crashed life streamed after its
-last flush may be on the server and not in its local transaction log, or the reverse, so those
-records can be missing or twice on the server.
+Guaranteed with ``mode="offline"`` (tested in tests/test_wandb_receiver.py): once ``flush`` returns,
+every record written before it is in its site's run on disk; after crashes at any moments (between
+write and mark, during flush, during close, repeatedly) and restarts from the checkpoint saved with the
+mark, each site's run holds every metric and text record once, in delivery order, and the params' and
+tags' last values. This needs the hub to replay the records past the mark in the same order and the
+segments to be left alone, on one machine; a run found holding fewer entries than its checkpoint (a
+segment deleted, a machine crash before the fsync) is reported under ``lost``. Online (not tested: no
+network here), each flush's finish waits for W&B's upload, so whatever was marked delivered is on
+W&B's server, and a restart resumes the same run; but records a crashed life wrote after its last flush
+may be on the server and not yet in the local transaction log the count comes from, or the reverse, so
+those can be missing or twice on the server.
 """
 
 from __future__ import annotations
