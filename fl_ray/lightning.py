@@ -146,6 +146,7 @@ class LightningLearner(Learner):
     built-in learner does, each site holds out ``dataset.val_fraction`` of its data for validation
     (given to ``fit`` when the module has a ``validation_step``) and ``evaluate`` scores it there; the
     server scores its whole test split. ``evaluate`` reads the module's output as class logits.
+    FedProx's ``mu`` (from the strategy) adds the proximal term's gradient before each optimizer step.
     """
 
     def __init__(self, module: str, module_args: dict[str, Any] | None = None, max_epochs: int | None = None,
@@ -191,8 +192,16 @@ class LightningLearner(Learner):
         val_loader = None
         if len(self.val[1]) and is_overridden("validation_step", self.module):
             val_loader = DataLoader(TensorDataset(*self.val), batch_size=ctx.config.batch_size)
+        if "control" in ctx.payload:
+            raise ValueError("LightningLearner does not apply SCAFFOLD's control variates (they need plain SGD "
+                             "steps it does not control); use another strategy, or a learner that reads "
+                             "ctx.payload['control'] (see docs/strategies.md)")
+        kwargs = self._trainer_kwargs(ctx)
+        mu = float(ctx.round_config.get("mu", 0.0))
+        if mu:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), _Proximal(self.module, mu)]
         with _quiet_lightning():
-            trainer = pl.Trainer(**self._trainer_kwargs(ctx))
+            trainer = pl.Trainer(**kwargs)
             trainer.fit(self.module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         return TrainResult(self.get_weights(), len(y), metrics)
@@ -207,6 +216,20 @@ class LightningLearner(Learner):
         return {**_TRAINER_DEFAULTS, "max_epochs": self.max_epochs or ctx.config.local_epochs,
                 "accelerator": "gpu" if cuda else "cpu", "devices": [ctx.device.index or 0] if cuda else 1,
                 **self.trainer_args, "logger": self.logger or False}
+
+
+class _Proximal(pl.Callback):
+    """FedProx's proximal term ``mu/2 * ||w - w_global||^2``, added to the gradients before each step."""
+
+    def __init__(self, module: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.anchor = [p.detach().clone() for p in module.parameters()]
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        for param, anchor in zip(module.parameters(), self.anchor):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor.to(param.device), alpha=self.mu)
 
 
 def _build_module(path: str, args: dict[str, Any]) -> pl.LightningModule:
