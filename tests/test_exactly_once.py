@@ -26,8 +26,8 @@ from user_learners import expected_stream
 
 pytestmark = pytest.mark.slow
 
-ALL_BACK_ENDS = [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "tensorboard", "flush_secs": 1},
-                 {"type": "wandb", "mode": "offline"}]
+ALL_BACK_ENDS = [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "tensorboard", "flush_secs": 0.3},
+                 {"type": "wandb", "mode": "offline", "buffer_flush_time": 0.5}]
 
 
 def mlflow_steps(tracking_uri, run_ids, key):
