@@ -342,6 +342,7 @@ def _assert_every_record_once(job_dir: Path, events: list[TrackingEvent]) -> Non
         assert run.config == config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_write", "after_flush", "during_flush", "during_close"])
 @pytest.mark.parametrize("how", ["sigkill", "left_running"])
 def test_crash_then_resume_writes_every_record_once(wandb_env, tmp_path, point, how):
@@ -362,6 +363,7 @@ def test_crash_then_resume_writes_every_record_once(wandb_env, tmp_path, point, 
         assert sum(summary["skipped"].values()) == sum(e.kind in HISTORY for e in events[200:450])
 
 
+@pytest.mark.slow
 def test_repeated_crashes_at_random_points_under_heavy_logging(wandb_env, tmp_path):
     """Seeded: 6,000 records delivered in batches of 50-600 by receivers that crash six times at random
     points (this seed: each point, after a write, after a flush before its mark, during a flush, during
