@@ -15,7 +15,8 @@ built with ``Class(**learner_args)``. Each client actor builds one and calls, in
   best global model, which the job logs as an MLflow model; the default, None, logs none.
 
 ``ctx.round`` is the current round (1-based); ``ctx.mlflow``, ``ctx.tensorboard`` and ``ctx.wandb``
-are the site's writers.
+are the site's writers. ``ctx.round_config`` and ``ctx.payload`` hold what the strategy sends the site
+this round; ``ctx.site_state`` what the site keeps until its next round (see fl_ray.strategies).
 """
 
 from __future__ import annotations
