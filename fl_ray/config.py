@@ -162,6 +162,8 @@ class JobConfig(_Strict):
                                      description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
     evaluate_every: int = Field(default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)")
     evaluate_fraction: float = Field(default=1.0, gt=0, le=1, description="share of sites that evaluate")
+    cross_site_evaluation: bool = Field(default=False, description="at the end, every site evaluates the final "
+                                        "global model and each site's last local model")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

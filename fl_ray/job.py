@@ -62,12 +62,13 @@ class JobResult:
     tracking: dict[str, Any]
     sites: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    cross_site_evaluation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The content of result.json."""
         return {"job_id": self.job_id, "job_dir": str(self.job_dir), "status": self.status, "error": self.error,
                 "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
-                "tracking": self.tracking}
+                "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation}
 
 
 def new_job_id(name: str) -> str:
@@ -197,6 +198,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     site_info: dict[str, Any] = {}
     tracking: dict[str, Any] = {}
     status, error = FAILED, None
+    cross_site: dict[str, Any] | None = None
     receiver = server = None
     clients: dict[str, Any] = {}
     try:
@@ -229,6 +231,8 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                 summary = ray.get(server.run_round.remote(r))
                 rounds.append(summary)
                 progress.round_done(summary)
+        if cfg.cross_site_evaluation:
+            cross_site = _cross_site_evaluation(cfg, server, receiver)
         status = FINISHED
     except KeyboardInterrupt:
         status, error = KILLED, "interrupted (Ctrl+C)"
@@ -241,7 +245,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         try:
             tracking = _close(cfg, receiver, server, clients, status, job_dir)
             result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
-                               tracking, site_info, error)
+                               tracking, site_info, error, cross_site)
             result_data = result.to_dict()
             result_data["seconds"] = round(time.time() - started, 3)
             (job_dir / "result.json").write_text(json.dumps(result_data, indent=2, default=_json_default))
@@ -316,6 +320,19 @@ def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path) -
     log.warning("tracking was not closed (%s); what each receiver still has to get is in result.json, and "
                 "`python scripts/replay_spool.py %s` sends it", error, job_dir)
     return report
+
+
+def _cross_site_evaluation(cfg: JobConfig, server: Any, receiver: Any) -> dict[str, Any]:
+    """Every site evaluates the final global model and each site's last local model: the matrix
+    ``{model: {site: metrics}}``, also logged as a table to the parent run (``cross_site_evaluation.json``)."""
+    matrix = ray.get(server.cross_site_evaluation.remote())
+    rows = [{"model": model, "site": site, **metrics} for model, by_site in matrix.items()
+            for site, metrics in by_site.items()]
+    columns = sorted({k for row in rows for k in row} - {"model", "site"})
+    table = {"model": [r["model"] for r in rows], "site": [r["site"] for r in rows],
+             **{c: [r.get(c) for r in rows] for c in columns}}
+    logged = ray.get(receiver.log_table.remote("cross_site_evaluation.json", table, cfg.tracking.close_timeout))
+    return {"matrix": matrix, "logged": logged}
 
 
 def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str) -> dict[str, Any] | None:

@@ -45,6 +45,7 @@ class Task:
     round: int
     config: dict[str, Any] = field(default_factory=dict)
     site_state: dict[str, Arrays] = field(default_factory=dict)
+    log: bool = True  # an evaluation logs its metrics to the site's run
 
 
 class Running(ABC):
@@ -130,7 +131,7 @@ def run_task(learner: Learner, ctx: LearnerContext, task: Task, weights: Mapping
     ctx.site_state = copy.deepcopy(dict(task.site_state))
     if task.kind == EVALUATE:
         metrics = {k: float(v) for k, v in learner.evaluate(weights, ctx).items()}
-        if ctx.mlflow is not None:  # the site's own run gets its evaluation of the global model
+        if task.log and ctx.mlflow is not None:  # the site's own run gets its evaluation of the global model
             ctx.mlflow.log_metrics({f"federated_{k}": v for k, v in metrics.items()}, step=task.round)
         return {"metrics": metrics, "num_samples": len(ctx.data)}
     result = learner.train(weights, ctx)
@@ -157,6 +158,7 @@ class RoundEngine:
             self.weights, self.rounds, self.site_states = resumed.weights, resumed.rounds, resumed.site_states
             self.rng.bit_generator.state = resumed.rng_state
             strategy.load_state(resumed.strategy_state)
+        self.local_weights: dict[str, dict[str, np.ndarray]] = {}  # each site's last result, for cross-site evaluation
         # the learner can export a model (it overrides Learner.export_model): keep the best one
         self.exports = type(learner).export_model is not Learner.export_model
         best = load_best(self.checkpoint_dir) if resumed is not None else None
@@ -223,8 +225,11 @@ class RoundEngine:
             if isinstance(outcome, Exception):
                 failed[site] = describe_failure(outcome)
                 continue
+            weights = outcome.pop("weights")
+            if self.cfg.cross_site_evaluation:
+                self.local_weights[site] = weights
             try:
-                aggregation.add(FitResult(site, outcome.pop("weights"), outcome["num_samples"], outcome["metrics"],
+                aggregation.add(FitResult(site, weights, outcome["num_samples"], outcome["metrics"],
                                           outcome.pop("extras", {})))
             except StrategyError as exc:  # a result the strategy cannot use fails this site, not the round
                 failed[site] = f"result refused: {exc}"
@@ -239,17 +244,24 @@ class RoundEngine:
         running.cancel()
         return aggregation, results, states, failed
 
-    def _evaluate_on_sites(self, round_: int) -> dict[str, Any]:
-        """Every ``evaluate_every`` rounds, a fraction of the sites evaluate the new global model on their
-        own data: per-site metrics and their sample-weighted mean."""
-        every = self.cfg.evaluate_every
-        if not every or round_ % every:
-            return {}
-        count = max(1, round(self.cfg.evaluate_fraction * len(self.sites)))
-        chosen = sorted(self.rng.choice(len(self.sites), size=count, replace=False).tolist())
-        tasks = [Task(self.sites[i], EVALUATE, round_) for i in chosen]
-        failed: dict[str, str] = {}
-        running = self.executor.run(tasks, self.weights, {}, failed)
+    def cross_site_evaluation(self) -> dict[str, dict[str, Any]]:
+        """Every site evaluates the final global model and each site's last local model (of this run of the
+        job) on its own data: ``{model: {site: metrics, or {"error": why}}}``, models ``global`` then sites."""
+        models = {"global": self.weights, **{site: self.local_weights[site] for site in self.sites
+                                             if site in self.local_weights}}
+        round_ = len(self.rounds)
+        matrix: dict[str, dict[str, Any]] = {}
+        for name, weights in models.items():
+            failed: dict[str, str] = {}
+            results = self._run_all([Task(s, EVALUATE, round_, log=False) for s in self.sites], weights, failed)
+            matrix[name] = {s: results[s]["metrics"] if s in results else {"error": failed.get(s, "no result")}
+                            for s in self.sites}
+        return matrix
+
+    def _run_all(self, tasks: list[Task], weights: Mapping[str, np.ndarray],
+                 failed: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Run evaluation ``tasks`` within ``round_timeout``; results by site, failures into ``failed``."""
+        running = self.executor.run(tasks, weights, {}, failed)
         results: dict[str, dict[str, Any]] = {}
         deadline = None if self.cfg.round_timeout is None else time.monotonic() + self.cfg.round_timeout
         while running.pending:
@@ -263,6 +275,20 @@ class RoundEngine:
                 results[site] = outcome
         failed.update({s: "timed out: no evaluation within the round's time limit" for s in running.pending})
         running.cancel()
+        return results
+
+    def _evaluate_on_sites(self, round_: int) -> dict[str, Any]:
+        """Every ``evaluate_every`` rounds, a fraction of the sites evaluate the new global model on their
+        own data: per-site metrics and their sample-weighted mean."""
+        every = self.cfg.evaluate_every
+        if not every or round_ % every:
+            return {}
+        count = max(1, round(self.cfg.evaluate_fraction * len(self.sites)))
+        rng = np.random.default_rng([self.cfg.seed, round_])  # its own draw: training's sampling stays the same
+        chosen = sorted(rng.choice(len(self.sites), size=count, replace=False).tolist())
+        tasks = [Task(self.sites[i], EVALUATE, round_) for i in chosen]
+        failed: dict[str, str] = {}
+        results = self._run_all(tasks, self.weights, failed)
         mean = weighted_metrics([(r["metrics"], r["num_samples"]) for r in results.values()])
         return {"sites": results, "mean": mean, "failures": failed}
 

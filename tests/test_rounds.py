@@ -184,3 +184,18 @@ def test_fedprox_sends_mu_and_the_learner_applies_it(tmp_path):
     sites = ["site-1", "site-2", "site-3"]
     expected = sum(samples(s) * local_update(np.zeros(DIM), s, mu=1.0) for s in sites) / sum(map(samples, sites))
     np.testing.assert_allclose(eng.weights["w"], expected)
+
+
+def test_cross_site_evaluation_scores_every_model_on_every_site(tmp_path):
+    """Each site evaluates the final global model and every site's last local model on its own data."""
+    eng, log = engine(tmp_path, cross_site_evaluation=True)
+    eng.run_round(1)
+    before = len(log.events)
+    matrix = eng.cross_site_evaluation()
+    sites = ["site-1", "site-2", "site-3"]
+    assert list(matrix) == ["global", *sites] and all(list(row) == sites for row in matrix.values())
+    local = {s: local_update(np.zeros(DIM), s) for s in sites}
+    for model, weights in {"global": eng.weights["w"], **local}.items():
+        for site in sites:
+            assert matrix[model][site]["distance"] == pytest.approx(float(np.linalg.norm(weights - target(site))))
+    assert len(log.events) == before  # nothing logged to the server run; the matrix goes to the parent run

@@ -12,13 +12,14 @@ SITES = ["site-1", "site-2", "site-3"]
 
 
 def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session, workspace):
-    """FedAvgM over three sites with federated evaluation every 2 rounds: the parent run's params name the
-    strategy and its arguments, the server run logs what the strategy reports each round and the
-    sample-weighted mean of the sites' evaluations, and each evaluating site's run gets its own."""
+    """FedAvgM over three sites with federated evaluation every 2 rounds and cross-site evaluation at the end:
+    the parent run's params name the strategy and its arguments, the server run logs what the strategy
+    reports each round and the sample-weighted mean of the sites' evaluations, each evaluating site's run
+    gets its own, and the site x model matrix is in result.json and a table of the parent run."""
     cfg = JobConfig.model_validate({
         "name": "fedavgm-job", "num_rounds": 4, "sites": SITES, "min_clients": 3, "dataset": NO_DATA,
         "learner": "user_learners:KnownValuesLearner", "strategy": {"name": "fedavgm", "momentum": 0.5},
-        "evaluate_every": 2, "evaluate_fraction": 1.0,
+        "evaluate_every": 2, "evaluate_fraction": 1.0, "cross_site_evaluation": True,
         "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
         "tracking": {"system_metrics": False, "receivers": [{"type": "mlflow", "buffer_flush_time": 0.2}]}})
     result = run_job(cfg, workspace=workspace, show_progress=False)
@@ -42,6 +43,13 @@ def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session
     for site in SITES:
         own = client.get_metric_history(runs["run_ids"][site], "federated_loss")
         assert sorted((m.step, m.value) for m in own) == [(2, 0.5), (4, 0.25)]
+    matrix = result.cross_site_evaluation["matrix"]
+    assert list(matrix) == ["global", *SITES] and all(sorted(row) == SITES for row in matrix.values())
+    assert matrix["global"]["site-1"]["accuracy"] == result.rounds[3]["global"]["accuracy"]
+    # KnownValuesLearner: a site's local model is the round's global weights + its site number; accuracy = w[0]
+    assert matrix["site-2"]["site-3"]["accuracy"] - matrix["site-1"]["site-3"]["accuracy"] == pytest.approx(1.0)
+    artifacts = [a.path for a in client.list_artifacts(runs["parent_run_id"])]
+    assert "cross_site_evaluation.json" in artifacts
 
 
 @pytest.mark.parametrize("name, strategy", [("fedprox_digits", "fedprox"), ("fedadam_digits", "fedadam"),

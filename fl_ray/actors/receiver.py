@@ -44,6 +44,10 @@ class ReceiverActor:
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         return self.hub.close(status, timeout)
 
+    def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
+        """Log a table (columns) to the job's parent run, in every receiver that logs tables."""
+        return self.hub.log_table(artifact_file, table, timeout)
+
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
         """Log a saved model (e.g. the server's ``best.pt``) into ``site``'s run: here, where credentials are."""

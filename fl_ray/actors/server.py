@@ -114,6 +114,10 @@ class ServerActor:
         finally:
             self.tracking.flush()
 
+    def cross_site_evaluation(self) -> dict[str, dict[str, Any]]:
+        """Every site evaluates the final global model and each site's last local model (see RoundEngine)."""
+        return self.engine.cross_site_evaluation()
+
     def close(self, timeout: float) -> dict[str, int]:
         """Deliver the server's tracking records and stop."""
         return self.tracking.close(timeout)

@@ -61,7 +61,8 @@ class Receiver(ABC):
 
     Optional capabilities have defaults here: ``buffer_flush_time`` (seconds between deliveries;
     0: deliver as records arrive), ``destination`` (where records go, when the receiver can be
-    pointed elsewhere: progress marks are kept per destination), and ``checkpoint``/``resume``.
+    pointed elsewhere: progress marks are kept per destination), ``checkpoint``/``resume``, and
+    ``log_model``/``log_table`` (a receiver that does not override them does not log models or tables).
     """
 
     buffer_flush_time: float = 0.0
@@ -94,6 +95,14 @@ class Receiver(ABC):
     def resume(self, state: dict[str, Any]) -> None:
         """Called once after ``open`` with the checkpoint saved with the mark delivery restarts from
         (``{}`` when there is none): everything written after that checkpoint is written again."""
+
+    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None) -> dict[str, Any] | None:
+        """Log the model saved at ``checkpoint`` into ``site``'s run (a receiver that can overrides this)."""
+        return None
+
+    def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any] | None:
+        """Log ``table`` (column name -> values) to the job's parent run (a receiver that can overrides this)."""
+        return None
 
     def set_aside(self, event: TrackingEvent, reason: str) -> None:
         """Report ``event`` as refused for good by the back end (called from ``write`` or ``flush``); the

@@ -420,6 +420,11 @@ class MLflowReceiver(Receiver):
                 "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
                 "ui": ui_command(self.tracking_uri)}
 
+    def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any]:
+        """Log ``table`` (columns) as an MLflow table artifact of the job's parent run."""
+        self.client.log_table(self.parent_run_id, data=table, artifact_file=artifact_file)
+        return {"run_id": self.parent_run_id, "artifact_file": artifact_file}
+
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None = None) -> dict[str, Any]:
         """Log the model saved at ``checkpoint`` (a :class:`~fl_ray.checkpoint.BestModel`, ``best.pt``) into
         ``site``'s run with ``mlflow.pytorch.log_model`` and, given ``registered_model_name``, register it.

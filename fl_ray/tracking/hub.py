@@ -406,28 +406,33 @@ class TrackingHub:
 
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
-        """Pass a saved model (``checkpoint``: a ``best.pt``) to every receiver that has ``log_model``, to log
-        into ``site``'s run; a report per such receiver. A receiver not yet open gets up to ``timeout``
-        seconds to open; one that fails is reported, never raised.
-        """
+        """Have every receiver that logs models log a saved one (``checkpoint``: a ``best.pt``) into ``site``'s
+        run; a report per such receiver (see :meth:`_each_open`)."""
+        return self._each_open("the model", timeout, "log_model", site, checkpoint, registered_model_name)
+
+    def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
+        """Have every receiver that logs tables log ``table`` (columns) to the job's parent run."""
+        return self._each_open(artifact_file, timeout, "log_table", artifact_file, table)
+
+    def _each_open(self, what: str, timeout: float, method: str, *args: Any) -> dict[str, Any]:
+        """Call ``method`` with ``args`` on each receiver that implements it, once it is open (up to ``timeout``
+        seconds for one that is not yet); its report, or its error (reported, never raised)."""
         deadline = time.monotonic() + timeout
         reports: dict[str, Any] = {}
         for pump in self.pumps:
-            log_model = getattr(pump.receiver, "log_model", None)
-            if log_model is None:
-                continue
+            if getattr(type(pump.receiver), method) is getattr(Receiver, method):
+                continue  # the base class's: this receiver does not do it
             while not pump.opened and pump.error is None and pump.busy and time.monotonic() < deadline:
                 time.sleep(0.1)
             if not pump.opened:
                 why = pump.error or f"not open after {timeout:g} s"
-                reports[pump.name] = {"error": f"model not logged: the receiver is not open ({why})"}
+                reports[pump.name] = {"error": f"{what} not logged: the receiver is not open ({why})"}
                 continue
             try:
-                reports[pump.name] = log_model(site, checkpoint, registered_model_name) or {}
-            except Exception as exc:  # the model stays in the checkpoint; the job's records are unaffected
+                reports[pump.name] = getattr(pump.receiver, method)(*args) or {}
+            except Exception as exc:  # what was to be logged stays in the job directory; records are unaffected
                 reports[pump.name] = {"error": _describe(exc)}
-                log.warning("tracking receiver %r could not log the model %s: %s", pump.name, checkpoint,
-                            reports[pump.name]["error"])
+                log.warning("tracking receiver %r could not log %s: %s", pump.name, what, reports[pump.name]["error"])
         return reports
 
     def close(self, status: str, timeout: float) -> dict[str, Any]:
