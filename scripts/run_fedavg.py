@@ -100,11 +100,24 @@ def main(argv: list[str] | None = None) -> int:
                       if model.get("registered_model_version") else "")
         console.print(f"model:    {model['model_uri']} (round {model['round']}, {model['key_metric']} "
                       f"{model['value']:.4f}){registered}", highlight=False)
+    spool = result.tracking.get("spool", {})
     for name, r in result.tracking.get("receivers", {}).items():
         if r.get("undelivered"):
             console.print(f"[yellow]warning:[/] {r['undelivered']} tracking record(s) not delivered to {name} "
-                          f"({mask(str(r.get('error')), secrets)}); they are kept in {result.tracking['spool']}; "
+                          f"({mask(str(r.get('error')), secrets)}); they are kept in {spool.get('path')}; "
                           f"deliver them later with: python scripts/replay_spool.py {result.job_dir}", highlight=False)
+        if r.get("dead_letters"):
+            console.print(f"[yellow]warning:[/] {name} refused {r['dead_letters']} record(s) for good; they are set "
+                          f"aside with the reasons in {r['dead_letter_file']}; try them again with: "
+                          f"{r['dead_letter_replay']}", highlight=False)
+    if spool.get("error"):
+        failed = spool["error"]
+        console.print(f"[yellow]warning:[/] the tracking spool {failed['path']} could not store records "
+                      f"({failed['error']}); {failed['waiting']} record(s) were still waiting on the sites",
+                      highlight=False)
+    for damage in spool.get("damaged", []):
+        console.print(f"[yellow]warning:[/] a damaged tracking record in {spool['path']} at offset {damage['offset']} "
+                      f"({damage['bytes']} bytes) was skipped", highlight=False)
     return 0
 
 
