@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import threading
 from argparse import Namespace
 
 import numpy as np

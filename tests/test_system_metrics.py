@@ -8,14 +8,12 @@ EventSender's ``site`` / ``record`` / ``next_step``, so no Ray is needed.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from fl_ray.system_metrics import SystemMetricsSampler, _Nvml, gpu_description
-from fl_ray.tracking.events import EventKind
 from fl_ray.tracking.writers import MLflowWriter
 from recording_sender import RecordingSender
 
