@@ -3,13 +3,14 @@
 import time
 
 import pytest
+import yaml
 
 from fl_ray.receivers.base import MemoryReceiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.hub import INCARNATION_BITS, TrackingHub
 from fl_ray.tracking.spool import Spool
 
-from user_receivers import FlakyReceiver
+from user_receivers import FlakyReceiver, RefusesKey
 
 
 def ctx(tmp_path):
@@ -235,3 +236,25 @@ def test_a_receiver_resumes_from_the_checkpoint_saved_with_its_mark(tmp_path):
     hub.submit("site-1", [metric("site-1", 7, 7)])
     hub.close("FINISHED", timeout=5)
     assert second.resumed_with == {"flushed": 7} and [e.seq for e in second.events] == [7]
+
+
+def test_replay_with_dead_letters_delivers_what_was_set_aside(tmp_path, capsys):
+    """scripts/replay_spool.py --dead-letters tries the set-aside records again: delivered now that the back
+    end takes them, removed from the dead-letter file, reported; without the flag they are left alone."""
+    from test_delivery_faults import load_replay_script
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"name": "job", "tracking": {"receivers": [{"type": "user_receivers:RefusesKey", "key": "bad"}]}}))
+    hub = TrackingHub(ctx(tmp_path), [("user_receivers_RefusesKey", RefusesKey("bad"))])
+    hub.submit("site-1", [metric("site-1", 0, 0), metric("site-1", 1, 1, key="bad")])
+    assert hub.close("FINISHED", timeout=5)["receivers"]["user_receivers_RefusesKey"]["dead_letters"] == 1
+    replay = load_replay_script()
+
+    assert replay.main([str(tmp_path)]) == 0  # nothing past the mark; the dead letter stays
+    assert "set aside: 1 record(s) refused for good" in capsys.readouterr().out
+    (tmp_path / "backend-accepts").write_text("")
+    report = replay.replay(tmp_path, dead_letters=True)
+    entry = report["receivers"]["user_receivers_RefusesKey"]
+    assert entry["dead_letters_retried"] == {"retried": 1, "delivered": 1, "set_aside": 0}
+    assert [tuple(e)[:2] for e in entry["echo"]] == [("site-1", 1)] and "dead_letters" not in entry
+    assert (tmp_path / "dead_letters.jsonl").read_text() == ""

@@ -95,3 +95,20 @@ class FullDiskWindow(EchoReceiver):
         size = (ctx.job_dir / "spool" / "events.jsonl").stat().st_size
         resource.setrlimit(resource.RLIMIT_FSIZE, (size + self.room, hard))
         threading.Timer(self.seconds, resource.setrlimit, (resource.RLIMIT_FSIZE, (soft, hard))).start()
+
+
+class RefusesKey(EchoReceiver):
+    """A back end that refuses every record under ``key`` for good while the file ``backend-accepts`` is
+    missing from the job directory (creating it stands for the back end being fixed)."""
+
+    def __init__(self, key: str = "bad") -> None:
+        super().__init__()
+        self.key = key
+
+    def write(self, events):
+        accepts = (self.ctx.job_dir / "backend-accepts").exists()
+        for e in events:
+            if e.key == self.key and not accepts:
+                self.set_aside(e, f"400 BAD_REQUEST: {self.key!r} is refused")
+            else:
+                self.events.append(e)
