@@ -1,15 +1,17 @@
 """TrackingHub: what the receiver actor does, without Ray.
 
 It accepts batches from sites, drops events it has already accepted (by ``(site, seq)``), appends
-the new ones to the :class:`~fl_ray.tracking.spool.Spool` and only then acknowledges. One
+the new ones to the :class:`~fl_ray.tracking.spool.Spool`, synced to disk, and only then
+acknowledges; an append that fails acknowledges nothing, so the site sends the batch again. One
 :class:`DeliveryPump` thread per receiver reads the spool from that receiver's progress mark and
 hands it batches (``write`` then ``flush``): a delivery starts ``buffer_flush_time`` seconds after the
 last one started, or at once when a full batch waits, so a busy receiver is fed back to back; a receiver
 that fails is retried with back-off from the same mark, without holding up sites or other
-receivers, and is reported once per outage, not once per attempt. Everything it needs to go on after
-a crash (accepted seqs, step counters, site incarnations) is recovered from the spool directory; what
-a receiver has not got when the hub closes stays there for ``scripts/replay_spool.py``, which runs
-this same hub outside Ray.
+receivers, and is reported once per outage, not once per attempt. After a flush, the records the
+receiver set aside as refused go to :class:`DeadLetters`, then the mark moves, with the receiver's
+checkpoint. Everything it needs to go on after a crash (accepted seqs, step counters, site
+incarnations, the job's lives) is recovered from the spool directory; what a receiver has not got when
+the hub closes stays there for ``scripts/replay_spool.py``, which runs this same hub outside Ray.
 """
 
 from __future__ import annotations
@@ -77,8 +79,7 @@ class _SeenSeqs:
 class DeliveryPump:
     """Delivers the spool to one receiver from its progress mark, retrying failures with back-off.
 
-    A receiver with a ``destination`` attribute (MLflow: its tracking URI, known once opened) has it
-    saved with the mark. A mark made for another destination is not this one's: the pump then keeps
+    A receiver's ``destination`` (MLflow: its tracking URI, known once opened) is saved with the mark. A mark made for another destination is not this one's: the pump then keeps
     its own, ``<name>@<hash of the destination>``, so records sent elsewhere (by a replay with another
     tracking URI, say) still all reach this destination, once.
     """
