@@ -248,7 +248,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                                tracking, site_info, error, cross_site)
             result_data = result.to_dict()
             result_data["seconds"] = round(time.time() - started, 3)
-            (job_dir / "result.json").write_text(json.dumps(result_data, indent=2, default=_json_default))
+            (job_dir / "result.json").write_text(strict_json(result_data))
             if owns_ray:
                 ray.shutdown()
         finally:
@@ -370,9 +370,21 @@ def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str) -
     return report
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
+def strict_json(data: Any) -> str:
+    """``data`` as strict JSON (what any JSON parser reads): NaN and infinities become null, arrays lists,
+    anything else unknown its string."""
+    return json.dumps(_plain(data), indent=2, allow_nan=False)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist"):  # NumPy arrays and scalars
+        return _plain(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
     return str(obj)

@@ -1,6 +1,7 @@
 """End-to-end jobs on the session's local Ray: digits training, result.json, determinism, user learners."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,3 +91,17 @@ def test_a_bad_learner_path_is_a_config_error_before_ray(ray_session, tmp_path, 
         run_job(cfg, workspace=tmp_path / "ws", show_progress=False)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert not (tmp_path / "ws").exists()
+
+
+def test_result_json_is_strict_json():
+    """NaN and infinities become null, NumPy values plain numbers and lists, paths strings: any parser reads it."""
+    import math
+
+    import numpy as np
+
+    from fl_ray.job import strict_json
+
+    text = strict_json({"loss": math.nan, "rounds": [{"acc": np.float32(0.5), "w": np.arange(2)}],
+                        "bad": [math.inf, -math.inf], "dir": Path("/tmp/x"), 1: True})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "loss": None, "rounds": [{"acc": 0.5, "w": [0, 1]}], "bad": [None, None], "dir": "/tmp/x", "1": True}
