@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fl_ray.receivers.base import ReceiverContext, build_receiver
-from fl_ray.tracking.credentials import CREDENTIAL_VARS, ReceiverCredentials
+from fl_ray.tracking.credentials import ReceiverCredentials
 from fl_ray.tracking.events import TrackingEvent
 from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 
@@ -52,10 +52,6 @@ class ReceiverActor:
                   timeout: float) -> dict[str, Any]:
         """Log a saved model (e.g. the server's ``best.pt``) into ``site``'s run: here, where credentials are."""
         return self.hub.log_model(site, checkpoint, registered_model_name, timeout)
-
-    def credential_names(self) -> list[str]:
-        """Which tracking credential variables this actor holds (names only)."""
-        return [k for k in CREDENTIAL_VARS if k in os.environ]
 
 
 def receiver_actor_name(job_id: str) -> str:

@@ -103,11 +103,6 @@ class EventSender:
         """The step ``next_step(key)`` would give without an explicit one (nothing changes)."""
         return self._next_step.get(key, 0)
 
-    @property
-    def steps(self) -> dict[str, int]:
-        """The next automatic step of every key (to carry over to a restarted site)."""
-        return dict(self._next_step)
-
     # -- delivery -----------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> int:
         """Send everything buffered and wait for the receiver to acknowledge it.
@@ -115,7 +110,7 @@ class EventSender:
         Returns the number of events still unacknowledged (0 unless ``timeout`` ran out).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._drain(everything=True, deadline=deadline)
+        self._drain(deadline=deadline)
         with self._cond:
             return len(self._buffer) + sum(len(b) for _, b in self._in_flight)
 
@@ -138,16 +133,17 @@ class EventSender:
                 if self._closed:
                     return
             try:
-                self._drain(everything=True, deadline=None, wait_acks=False)
-            except Exception:  # the thread must outlive any one failure; the batch stays queued
+                self._drain(deadline=None, wait_acks=False)
+            except Exception:  # the thread must outlive any one failure; unacknowledged batches are resent
                 log.exception("site %s: sending tracking events failed; will retry", self.site)
                 time.sleep(self._flush_interval)
 
-    def _drain(self, everything: bool, deadline: float | None, wait_acks: bool = True) -> None:
+    def _drain(self, deadline: float | None, wait_acks: bool = True) -> None:
+        """Send the whole buffer in batches; with ``wait_acks``, wait (until ``deadline``) for every acknowledgement."""
         with self._send_lock:
             while True:
                 with self._cond:
-                    if not self._buffer or (not everything and len(self._buffer) < self._batch_size):
+                    if not self._buffer:
                         break
                     batch = self._buffer[: self._batch_size]
                     del self._buffer[: self._batch_size]
@@ -199,12 +195,6 @@ class EventSender:
             log.warning("site %s: the receiver actor acknowledges again, after %d batch(es) were resent",
                         self.site, self._failures)
             self._failures = 0
-
-    @property
-    def pending(self) -> int:
-        """Events recorded but not yet acknowledged."""
-        with self._cond:
-            return len(self._buffer) + sum(len(b) for _, b in self._in_flight)
 
 
 def _reason(exc: Exception) -> str:

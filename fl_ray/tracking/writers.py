@@ -192,7 +192,9 @@ class _WandBConfig:
         self._writer = writer
 
     def update(self, values: Mapping[str, Any], allow_val_change: bool = False) -> None:
-        """Add config entries (nested mappings flatten to ``a.b``)."""
+        """Add config entries (nested mappings flatten to ``a.b``). ``allow_val_change`` is taken for
+        wandb's signature only: an entry is a param in every back end, and a param never changes, so a
+        new value for an entry already set raises ValueError, whatever allow_val_change says."""
         if not isinstance(values, Mapping):
             raise TypeError(f"config.update takes a mapping, got {type(values).__name__}")
         flat = _flatten(values, ".")
