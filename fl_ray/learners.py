@@ -22,6 +22,7 @@ this round; ``ctx.site_state`` what the site keeps until its next round (see fl_
 from __future__ import annotations
 
 import copy
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
@@ -122,7 +123,8 @@ def split_validation(ctx: LearnerContext) -> tuple[tuple[torch.Tensor, torch.Ten
 
 
 def _site_number(site: str) -> int:
-    return int.from_bytes(site.encode()[-8:].rjust(8, b"\0"), "big")
+    """A stable number for the whole site name (so ``eu-west-site-1`` and ``us-west-site-1`` differ)."""
+    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
 
 
 def _as_input(x: torch.Tensor) -> torch.Tensor:

@@ -79,3 +79,12 @@ def test_lightning_applies_fedprox_and_refuses_scaffold(digits, tmp_path, monkey
     learner.setup(context(digits))
     with pytest.raises(ValueError, match="SCAFFOLD"):
         learner.train(learner.get_weights(), context(digits, payload={"control": initial_control(learner.get_weights())}))
+
+
+def test_site_seeds_depend_on_the_whole_site_name(digits):
+    """Two sites whose names end alike get different seeds; the same site and round, the same seed."""
+    a, b = context(digits), context(digits)
+    a.site, b.site = "eu-west-site-1", "us-west-site-1"
+    assert a.seed != b.seed
+    b.site = "eu-west-site-1"
+    assert a.seed == b.seed
