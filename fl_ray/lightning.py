@@ -35,7 +35,7 @@ except ImportError as exc:
 from fl_ray.importing import import_object
 from fl_ray.learners import Learner, LearnerContext, TrainResult, load_weights, model_weights, split_validation
 from fl_ray.models import DigitsCNN
-from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH
+from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, flatten
 
 if TYPE_CHECKING:
     from fl_ray.tracking.writers import MLflowWriter
@@ -89,7 +89,8 @@ class FLRayLogger(Logger):
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         """Log hyper-parameters as params; nested ones flatten to ``a/b``. The same value may be logged again."""
-        flat = _flatten(vars(params) if isinstance(params, Namespace) else params)
+        nested = vars(params) if isinstance(params, Namespace) else params
+        flat = {_clean_key(k): v for k, v in flatten(nested, "/").items()}
         texts = {}
         for key, value in flat.items():
             text = str(value)
@@ -115,19 +116,6 @@ class FLRayLogger(Logger):
     def finalize(self, status: str) -> None:
         """End of a fit (or validate/test): steps of the next one start after the largest logged so far."""
         self._offset = self._next
-
-
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        name = _clean_key(f"{prefix}{key}")
-        if isinstance(value, Namespace):
-            value = vars(value)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = value
-    return out
 
 
 def _clean_key(key: str) -> str:

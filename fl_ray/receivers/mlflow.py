@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 
 from fl_ray.receivers.base import FINISHED, KILLED, Receiver, ReceiverContext
-from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, EventKind, TrackingEvent, flatten
 from fl_ray.tracking.spool import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -63,16 +63,6 @@ PATH_CLASHES = (NotADirectoryError, IsADirectoryError, FileExistsError)
 def default_tracking_uri(workspace: Path) -> str:
     """``sqlite:///<workspace>/mlflow.db``: one store for every job of a workspace, so runs compare."""
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """A nested config as ``{"a.b": "value"}`` params."""
-    if isinstance(data, dict):
-        out: dict[str, str] = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): str(data)[:6000]}
 
 
 class _Text(NamedTuple):
@@ -214,7 +204,7 @@ class MLflowReceiver(Receiver):
         """The parent run's params and tags and a run per site; safe to repeat until it has completed once."""
         from mlflow.entities import Param, RunTag
 
-        params = [Param(k, v) for k, v in flatten(ctx.config).items()]
+        params = [Param(k, str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in flatten(ctx.config, ".").items()]
         self.client.log_batch(self.parent_run_id, params=params)
         self._site_runs([*ctx.sites, SERVER_RUN])
         self.client.log_batch(self.parent_run_id, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])

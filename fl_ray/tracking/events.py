@@ -13,7 +13,8 @@ import numbers
 import posixpath
 import re
 from enum import Enum
-from typing import Any, NamedTuple
+from argparse import Namespace
+from typing import Any, Mapping, NamedTuple
 
 
 class EventKind(str, Enum):
@@ -125,3 +126,17 @@ def check_unicode(what: str, key: str, text: str) -> str:
         raise ValueError(f"{what} {key!r}: value is not valid Unicode text (character {text[exc.start]!r} at "
                          f"position {exc.start} cannot be stored as UTF-8)") from None
     return text
+
+
+def flatten(data: Mapping[str, Any], sep: str, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (and argparse Namespaces) as one level: ``{"a": {"b": 1}}`` -> ``{"a<sep>b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Namespace):
+            value = vars(value)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, sep, name + sep))
+        else:
+            out[name] = value
+    return out

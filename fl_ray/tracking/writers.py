@@ -27,6 +27,7 @@ from fl_ray.tracking.events import (
     check_text_value,
     check_timestamp,
     check_unicode,
+    flatten,
 )
 from fl_ray.tracking.sender import EventSender
 
@@ -197,7 +198,7 @@ class _WandBConfig:
         new value for an entry already set raises ValueError, whatever allow_val_change says."""
         if not isinstance(values, Mapping):
             raise TypeError(f"config.update takes a mapping, got {type(values).__name__}")
-        flat = _flatten(values, ".")
+        flat = flatten(values, ".")
         self._writer._emit_params([self._writer._param(k, v) for k, v in flat.items()])
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -221,21 +222,10 @@ class WandBWriter(_SiteWriter):
         if not isinstance(data, Mapping):
             raise TypeError(f"log takes a mapping of name to number, got {type(data).__name__}")
         at = check_step("step", self._step if step is None else step)
-        checked = [self._metric(k, v, at, None) for k, v in _flatten(data, "/").items()]
+        checked = [self._metric(k, v, at, None) for k, v in flatten(data, "/").items()]
         self._emit_metrics(checked)
         if step is None:
             if commit is not False:
                 self._step = at + 1
         else:
             self._step = max(self._step, at + 1 if commit else at)
-
-
-def _flatten(data: Mapping[str, Any], sep: str, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, sep, name + sep))
-        else:
-            out[name] = v
-    return out
