@@ -343,12 +343,13 @@ def _assert_every_record_once(job_dir: Path, events: list[TrackingEvent]) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["after_write", "after_flush", "during_flush", "during_close"])
-@pytest.mark.parametrize("how", ["sigkill", "left_running"])
+@pytest.mark.parametrize("point, how", [("after_write", "sigkill"), ("after_flush", "left_running"),
+                                        ("during_flush", "sigkill"), ("during_close", "left_running")])
 def test_crash_then_resume_writes_every_record_once(wandb_env, tmp_path, point, how):
     """A receiver abandoned at ``point`` (its site processes killed or left running) and a new one resumed
     from the last checkpoint: each site's one run holds every metric and text once, in order; the records
-    the old run already held are skipped, not written again."""
+    the old run already held are skipped, not written again. (Every point with either kind of crash is in the
+    randomized test below.)"""
     events = _stream(600, seed=len(point) + len(how))
     hub, rng = _Hub(tmp_path, events), random.Random(1)
     rx = hub.receiver()
