@@ -1,21 +1,18 @@
-"""Nothing lost, nothing doubled: a tracking-server outage mid-job, a receiver-actor crash mid-job, and
-a tracking server unreachable from the start (then scripts/replay_spool.py). Every check reads MLflow
-back with MlflowClient and compares it with what the learner logged."""
+"""Nothing lost, nothing doubled: a tracking-server outage mid-job, and a tracking server unreachable from
+the start (then scripts/replay_spool.py). Every check reads MLflow back with MlflowClient and compares it
+with what the learner logged. Receiver-actor crashes: tests/test_exactly_once.py."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import ray
 from mlflow.tracking import MlflowClient
 
 from fl_ray import JobConfig, run_job
-from fl_ray.actors.receiver import receiver_actor_name
 from fl_ray.mlflow_server import LocalMlflowServer, free_port
 from fl_ray.tracking.spool import load_progress, spooled_events
 
@@ -137,46 +134,6 @@ def test_tracking_server_outage_mid_job_loses_and_doubles_nothing(ray_session, m
     finally:
         if server.proc is None:
             start_again(server)
-
-
-def actor_pid(actor, not_pid: int | None = None, timeout: float = 120.0) -> int:
-    """The actor's process id; with ``not_pid``, once it differs (the actor has been restarted)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=timeout)
-        except ray.exceptions.RayActorError:  # dying or restarting right now
-            pid = not_pid
-        if pid is not None and pid != not_pid:
-            return pid
-        assert time.monotonic() < deadline, "Ray did not restart the receiver actor"
-        time.sleep(0.2)
-
-
-def test_receiver_actor_crash_mid_job_loses_and_doubles_nothing(ray_session, workspace):
-    """The receiver actor is killed twice while sites log; Ray restarts it, it recovers from the spool
-    and its progress marks, and MLflow holds every point exactly once."""
-    rounds, points = 5, 60
-    cfg = stream_config("crash", rounds, points, 3.0, [{"type": "mlflow", "buffer_flush_time": 0.2}])
-    job = JobThread(cfg, workspace)
-    job.start()
-    job_dir = job.job_dir()
-    actor = ray.get_actor(receiver_actor_name(job_dir.name))
-    for kill in range(2):
-        wait_for(lambda: delivered(job_dir) > kill * points * 2, 120, f"deliveries before kill {kill + 1}")
-        pid = actor_pid(actor)
-        ray.kill(actor, no_restart=False)
-        actor_pid(actor, not_pid=pid)  # Ray restarts it in a new process
-    assert job.is_alive(), "the kills should land while the sites are still logging"
-    result = job.finish(timeout=240)
-
-    assert result.status == "FINISHED" and len(result.rounds) == rounds
-    entry = result.tracking["receivers"]["mlflow"]
-    assert entry["undelivered"] == 0 and "error" not in entry
-    recorded = sum(s["recorded"] for s in result.tracking["senders"].values())
-    assert result.tracking["accepted"] == recorded == len(spooled_events(job_dir / "spool"))
-    assert_learner_records_in_mlflow(result.tracking["mlflow"]["tracking_uri"], result.tracking["mlflow"],
-                                     rounds, points)
 
 
 def forwarded_output(capfd, expected: str, timeout: float = 15.0) -> list[str]:

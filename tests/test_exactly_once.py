@@ -20,7 +20,8 @@ from fl_ray.actors.receiver import receiver_actor_name
 from fl_ray.tracking.spool import load_progress, spooled_events
 
 from conftest import NO_DATA, REPO, new_workspace
-from test_delivery_faults import JobThread, SITES, actor_pid, forwarded_output, stream_config, wait_for
+from test_delivery_faults import (JobThread, SITES, assert_learner_records_in_mlflow, forwarded_output, stream_config,
+                                 wait_for)
 from test_tracking_matrix import _f32, tensorboard_series, wandb_series
 from user_learners import expected_stream
 
@@ -28,6 +29,20 @@ pytestmark = pytest.mark.slow
 
 ALL_BACK_ENDS = [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "tensorboard", "flush_secs": 0.3},
                  {"type": "wandb", "mode": "offline", "buffer_flush_time": 0.5}]
+
+
+def actor_pid(actor, not_pid: int | None = None, timeout: float = 120.0) -> int:
+    """The actor's process id; with ``not_pid``, once it differs (the actor has been restarted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=timeout)
+        except ray.exceptions.RayActorError:  # dying or restarting right now
+            pid = not_pid
+        if pid is not None and pid != not_pid:
+            return pid
+        assert time.monotonic() < deadline, "Ray did not restart the receiver actor"
+        time.sleep(0.2)
 
 
 def mlflow_steps(tracking_uri, run_ids, key):
@@ -83,6 +98,8 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
     recorded = sum(s["recorded"] for s in result.tracking["senders"].values())
     assert result.tracking["accepted"] == recorded == len(spooled_events(job_dir / "spool"))
     assert_every_record_once(job_dir, result.tracking["mlflow"], rounds, points)
+    assert_learner_records_in_mlflow(result.tracking["mlflow"]["tracking_uri"], result.tracking["mlflow"], rounds,
+                                     points)  # params, tags and the server's metrics too
     wandb = result.tracking["receivers"]["wandb"]
     assert sorted(wandb["runs"]) == sorted([*SITES, "server"])  # one run per site, across every restart
 
