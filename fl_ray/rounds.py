@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -64,6 +64,16 @@ class Running(ABC):
     @abstractmethod
     def cancel(self) -> None:
         """Give up on the pending work."""
+
+    def until(self, deadline: Callable[[], float | None]) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+        """Each finished site and its outcome, while work is pending and the ``time.monotonic()`` instant
+        ``deadline()`` gives (asked again before each wait; None: no limit) has not passed."""
+        while self.pending:
+            at = deadline()
+            item = self.next(None if at is None else max(0.0, at - time.monotonic()))
+            if item is None:
+                return
+            yield item
 
 
 class Executor(ABC):
@@ -217,11 +227,7 @@ class RoundEngine:
         states: dict[str, dict[str, Arrays]] = {}
         timeout = self.cfg.round_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while running.pending:
-            item = running.next(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if item is None:
-                break
-            site, outcome = item
+        for site, outcome in running.until(lambda: deadline):  # the grace below moves the deadline
             if isinstance(outcome, Exception):
                 failed[site] = describe_failure(outcome)
                 continue
@@ -264,11 +270,7 @@ class RoundEngine:
         running = self.executor.run(tasks, weights, {}, failed)
         results: dict[str, dict[str, Any]] = {}
         deadline = None if self.cfg.round_timeout is None else time.monotonic() + self.cfg.round_timeout
-        while running.pending:
-            item = running.next(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if item is None:
-                break
-            site, outcome = item
+        for site, outcome in running.until(lambda: deadline):
             if isinstance(outcome, Exception):
                 failed[site] = describe_failure(outcome)
             else:

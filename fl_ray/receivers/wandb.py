@@ -74,6 +74,7 @@ import psutil
 
 from fl_ray.receivers.base import FINISHED, Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.spool import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ class _RunWriter:
         run, self.run = self.run, None
         run.finish(exit_code=exit_code)
         if self.init["mode"] != "disabled":
-            _fsync(Path(run.settings.sync_file))
+            fsync_path(Path(run.settings.sync_file))
         self.written.value += self.pending
         self.pending = 0
 
@@ -557,14 +558,6 @@ def _running(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return process.status() != psutil.STATUS_ZOMBIE
     return False
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- what a run holds on disk -----------------------------------------------------------------------

@@ -82,7 +82,7 @@ class Spool:
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if created:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
         self.damaged: list[tuple[int, int]] = []
@@ -242,8 +242,9 @@ def _undo(fd: int, end: int) -> None:
         log.warning("tracking spool: could not cut a failed append back to offset %d: %s", end, exc)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Sync a file, or a directory's entries, to disk by path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -281,4 +282,4 @@ def write_json_atomic(path: Path, data: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
