@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fl_ray.checkpoint import BEST, load_best
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
-from fl_ray.learners import learner_class
+from fl_ray.learners import load_learner
 from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
@@ -85,10 +85,10 @@ def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobCon
 
 
 def _check_plugins(cfg: JobConfig) -> None:
-    """Import the learner and build the strategy and each receiver once here, so a bad path or argument
-    fails before Ray starts."""
+    """Build the learner (with learner_args), the strategy and each receiver once here, so a bad path or
+    argument fails before Ray starts."""
     try:
-        learner_class(cfg.learner)
+        load_learner(cfg.learner, cfg.learner_args)
         build_strategy(cfg.strategy)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid job config:\n  {exc}") from None
