@@ -13,11 +13,11 @@ from fl_ray.tracking.events import EventKind
 class RecordingSender:
     """Records ``(kind, key, value, step, timestamp, group)`` tuples; steps and params as EventSender keeps them."""
 
-    def __init__(self, site: str = "site-1") -> None:
+    def __init__(self, site: str = "site-1", steps: dict[str, int] | None = None) -> None:
         self.site = site
         self.events: list[tuple] = []
         self.params: dict[str, str] = {}  # the site's param cache, shared by its writers (as on EventSender)
-        self._steps: dict[str, int] = {}
+        self._steps: dict[str, int] = dict(steps or {})  # next step per key (a resumed site starts with some)
         self._lock = threading.Lock()
 
     def record(self, kind, key, value, step, timestamp, group=None) -> None:
@@ -29,6 +29,10 @@ class RecordingSender:
             step = self._steps.get(key, 0) if explicit is None else explicit
             self._steps[key] = max(self._steps.get(key, 0), step + 1)
             return step
+
+    def auto_step(self, key: str) -> int:
+        with self._lock:
+            return self._steps.get(key, 0)
 
     def metrics(self) -> dict[str, list[tuple[int, float]]]:
         """Metric points by key, as (step, value)."""

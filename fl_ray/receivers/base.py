@@ -104,6 +104,11 @@ class Receiver(ABC):
         """Log ``table`` (column name -> values) to the job's parent run (a receiver that can overrides this)."""
         return None
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any] | None:
+        """Log the file at ``local_path`` (on the receiver actor's node) to the job's parent run, under the
+        folder ``artifact_path`` (default: the run's root); a receiver that can overrides this."""
+        return None
+
     def set_aside(self, event: TrackingEvent, reason: str) -> None:
         """Report ``event`` as refused for good by the back end (called from ``write`` or ``flush``); the
         hub moves it to the job's dead-letter file once the flush has returned."""

@@ -415,6 +415,12 @@ class MLflowReceiver(Receiver):
         self.client.log_table(self.parent_run_id, data=table, artifact_file=artifact_file)
         return {"run_id": self.parent_run_id, "artifact_file": artifact_file}
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any]:
+        """Log the file ``local_path`` as an artifact of the job's parent run."""
+        self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
+        name = Path(local_path).name
+        return {"run_id": self.parent_run_id, "artifact_file": f"{artifact_path}/{name}" if artifact_path else name}
+
     def log_model(self, site: str, checkpoint: str, registered_model_name: str | None = None) -> dict[str, Any]:
         """Log the model saved at ``checkpoint`` (a :class:`~fl_ray.checkpoint.BestModel`, ``best.pt``) into
         ``site``'s run with ``mlflow.pytorch.log_model`` and, given ``registered_model_name``, register it.
@@ -514,7 +520,9 @@ def text_artifact(key: str, step: int | None) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """How to look at the runs: the ``mlflow ui`` command line, or the server's address."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    """How to look at the runs: the ``mlflow ui`` command line (its executable by full path), or the
+    server's address."""
+    from fl_ray.viewers import mlflow_ui_command, shell_line
+
+    command = mlflow_ui_command(tracking_uri)
+    return shell_line(command) if command else f"open {tracking_uri}"

@@ -38,7 +38,8 @@ INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late
 # MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
 # And a receiver has no one to show MLflow's "View run at" links to.
 RECEIVER_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                         "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
@@ -414,6 +415,10 @@ class TrackingHub:
     def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
         """Have every receiver that logs tables log ``table`` (columns) to the job's parent run."""
         return self._each_open(artifact_file, timeout, "log_table", artifact_file, table)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None, timeout: float) -> dict[str, Any]:
+        """Have every receiver that logs files log the one at ``local_path`` to the job's parent run."""
+        return self._each_open(local_path, timeout, "log_artifact", local_path, artifact_path)
 
     def _each_open(self, what: str, timeout: float, method: str, *args: Any) -> dict[str, Any]:
         """Call ``method`` with ``args`` on each receiver that implements it, once it is open (up to ``timeout``
