@@ -296,12 +296,12 @@ def _ui(args: argparse.Namespace) -> int:
         if not command:
             out.print(f"the runs are on the MLflow server {where}: open {where}")
             return 0
-        command += ["--host", args.host, "--port", str(args.port or 5000)]
+        command += ["--host", args.host, "--port", str(args.port or 5000), "--workers", "1"]  # one viewer, one worker
     else:
         command = tensorboard_command(where) + ["--host", args.host, "--port", str(args.port or 6006)]
     out.print(f"starting: {shell_line(command)}")
     out.print(f"open http://{args.host}:{args.port or (5000 if viewer == 'mlflow' else 6006)} (Ctrl+C stops it)")
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         return proc.wait()
     except KeyboardInterrupt:
