@@ -107,6 +107,8 @@ def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
 
 
 def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
-    """No CIFAR-10 under the root: a clear error pointing at scripts/prepare_data.py."""
-    with pytest.raises(ConfigError, match="prepare_data.py"):
+    """No CIFAR-10 under the root: a clear error giving the prepare_data.py command line for that root, and not
+    torchvision's advice to pass download=True, which a job config cannot."""
+    with pytest.raises(ConfigError, match="prepare_data.py") as err:
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)
+    assert f"--root {tmp_path / 'nothing'}" in str(err.value) and "download=True" not in str(err.value)

@@ -51,6 +51,13 @@ def test_the_console_script_entry_point_is_the_cli():
     assert callable(target) and target.__module__ == "fl_ray.cli"
 
 
+def test_an_empty_receiver_list_says_tracking_is_off():
+    """`tracking.receivers: []` is allowed, and said: tracking is off (the job then stops on a bad learner
+    argument, before Ray starts)."""
+    proc = _cli("run", "--set", "tracking.receivers=[]", "--set", "learner_args={bogus: 1}")
+    assert proc.returncode == 2 and "tracking is off" in proc.stderr and "learner_args.bogus" in proc.stderr
+
+
 def test_participation_tells_took_part_failed_and_not_sampled():
     """A sampled site that returned took part, one that did not failed, the rest were not sampled."""
     rounds = [{"round": 1, "sampled": ["a", "b"], "completed": ["a", "b"]},

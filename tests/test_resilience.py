@@ -130,6 +130,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     out = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, out
     job_dir = checkpoint.parent.parent
+    assert f"run --resume {job_dir}" in out, out  # the hint names the real job directory
     stopped = json.loads((job_dir / "result.json").read_text())
     assert stopped["status"] == "KILLED" and len(stopped["rounds"]) < 4
     mlflow = stopped["tracking"]["mlflow"]
