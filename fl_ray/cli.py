@@ -99,7 +99,6 @@ def _run(args: argparse.Namespace, secrets: list[str]) -> int:
         out.print(f"[yellow]warning:[/] under `ray job submit` the relative workspace {args.workspace!r} lies in "
                   "the job's temporary working directory; pass an absolute --workspace to keep the results")
     from fl_ray.job import run_job  # Ray and torch load only once the config is known to be good
-    from fl_ray.viewers import fl_ray_command
 
     try:
         result = run_job(cfg, workspace=args.workspace, address=args.address, resume=args.resume,
@@ -108,22 +107,30 @@ def _run(args: argparse.Namespace, secrets: list[str]) -> int:
         out.print(f"[red]error:[/] {escape(mask(str(exc), secrets))}")
         return 2
     except KeyboardInterrupt as exc:
-        out.print("[yellow]interrupted:[/] tracking was flushed, runs are marked KILLED and result.json is "
-                  "written; continue with: " + _resume_line(exc, fl_ray_command()))
+        out.print("[yellow]interrupted:[/] tracking was flushed, runs are marked KILLED and result.json is written")
+        _print_stopped(exc, out, secrets)
         return 130
     except Exception as exc:
         out.print(f"[red]job failed:[/] {type(exc).__name__}: {escape(mask(str(exc), secrets))}")
-        if getattr(exc, "job_dir", None) is not None:
-            out.print(f"results:  {exc.job_dir / 'result.json'}")  # type: ignore[attr-defined]
-            out.print("resume:   " + _resume_line(exc, fl_ray_command()))
+        _print_stopped(exc, out, secrets)
         return 1
     print_summary(result.to_dict(), out, secrets)
     return 0
 
 
-def _resume_line(exc: BaseException, command: str) -> str:
+def _print_stopped(exc: BaseException, out: Console, secrets: list[str]) -> None:
+    """The summary of a job that stopped (from its result.json), with the command that resumes it."""
+    from fl_ray.viewers import fl_ray_command
+
     job_dir = getattr(exc, "job_dir", None)
-    return f"{command} run --resume {job_dir}" if job_dir is not None else "--resume <job dir>"
+    if job_dir is None:  # it stopped before it had a job directory: nothing to resume
+        return
+    try:
+        data = json.loads((job_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        out.print(f"resume:   {fl_ray_command()} run --resume {job_dir}")
+        return
+    print_summary(data, out, secrets)
 
 
 def print_summary(data: dict[str, Any], out: Console, secrets: list[str]) -> None:

@@ -198,3 +198,24 @@ def test_fl_ray_ui_serves_the_workspaces_runs(piped_job):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_stopped_jobs_summary_says_how_to_resume(tmp_path):
+    """The summary of a job stopped by Ctrl+C (from its result.json) ends with the command that resumes it:
+    the environment's fl-ray (or python -m fl_ray.cli) with the real job directory; a finished job's has none."""
+    import io
+
+    from rich.console import Console
+
+    from fl_ray.cli import print_summary
+
+    job_dir = tmp_path / "my job-20260101"
+    result = {"job_id": job_dir.name, "job_dir": str(job_dir), "status": "KILLED", "rounds": [], "tracking": {}}
+    text = io.StringIO()
+    print_summary(result, Console(file=text, width=60, soft_wrap=True), [])
+    resume = shlex.split(_line(text.getvalue(), "resume:").split(None, 1)[1])
+    assert resume[-3:] == ["run", "--resume", str(job_dir)]
+    assert resume[0] in (str(Path(sys.executable).parent / "fl-ray"), sys.executable)
+    finished = io.StringIO()
+    print_summary({**result, "status": "FINISHED"}, Console(file=finished, width=60, soft_wrap=True), [])
+    assert "resume" not in finished.getvalue()
