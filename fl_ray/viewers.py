@@ -57,7 +57,7 @@ def view_hints(result: dict[str, Any]) -> list[tuple[str, str]]:
     """``(label, text)`` lines saying how to open each receiver's records and, for a job that did not finish,
     how to resume it."""
     hints: list[tuple[str, str]] = []
-    for name, entry in result.get("tracking", {}).get("receivers", {}).items():
+    for entry in result.get("tracking", {}).get("receivers", {}).values():
         if "parent_run_id" in entry and entry.get("tracking_uri"):
             where = f"experiment {entry['experiment_id']}, run {entry['parent_run_id']}"
             ui = mlflow_ui_command(entry["tracking_uri"])

@@ -17,11 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import REPO, new_workspace
 
 from fl_ray.importing import import_object
 from fl_ray.job_summary import FAILED, NOT_SAMPLED, TOOK_PART, participation
-
-from conftest import REPO, new_workspace
 
 CLI = [sys.executable, "-m", "fl_ray.cli"]
 
@@ -98,7 +97,7 @@ def _runs(argv: list[str]) -> None:
 def test_piped_output_is_plain_and_quiet(piped_job):
     """No colour codes, none of Ray's start-up messages, no line broken by the console, and the no-GPU note
     at most once for the whole job (not once per site)."""
-    out, result, _ = piped_job
+    out = piped_job[0]
     assert "\x1b[" not in out
     assert "Token authentication" not in out and "Started a local Ray instance" not in out
     assert out.count("no GPU metrics") <= 1, out
@@ -112,7 +111,7 @@ def test_the_summary_commands_work_pasted_into_a_new_shell(piped_job):
     the W&B folder holds the offline runs `wandb sync` is told to upload."""
     from mlflow.tracking import MlflowClient
 
-    out, result, ws = piped_job
+    out, result, _ = piped_job
     bin_dir = Path(sys.executable).parent
     ui = shlex.split(_line(out, "MLflow:").split("view with: ", 1)[1])
     assert Path(ui[0]) == bin_dir / "mlflow" and ui[1] == "ui"
