@@ -17,10 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, new_workspace
 
 from fl_ray.importing import import_object
 from fl_ray.job_summary import FAILED, NOT_SAMPLED, TOOK_PART, participation
+
+from conftest import REPO, new_workspace
 
 CLI = [sys.executable, "-m", "fl_ray.cli"]
 
