@@ -46,6 +46,15 @@ class DatasetConfig(_Strict):
     test_fraction: Float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
     val_fraction: Float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
     num_samples: Int = Field(default=2000, ge=10, description="size of the synthetic dataset")
+    shape: tuple[Int, Int, Int] = Field(default=(1, 8, 8), description="shape (C, H, W) of a synthetic sample, "
+                                                                       "e.g. [3, 32, 32] for the hello_pt_cnn model")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 1:
+            raise ValueError(f"every dimension must be at least 1, got {list(v)}")
+        return v
 
 
 class ResourcesConfig(_Strict):

@@ -2,13 +2,15 @@
 
 Three datasets, all returned as NumPy arrays in NCHW layout: ``digits`` (scikit-learn's bundled 8x8
 digits, offline), ``cifar10`` (torchvision's CIFAR10 read from a local root, uint8; run
-``scripts/prepare_data.py`` once to download it) and ``synthetic`` (seeded Gaussian blobs). The
+``scripts/prepare_data.py`` once to download it) and ``synthetic`` (seeded Gaussian blobs of ``dataset.shape``). The
 training split is partitioned across sites IID or by a Dirichlet(alpha) label skew; every sample goes
 to exactly one site.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,19 +61,36 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, num_cl
     return Dataset(ArrayData(x[train], y[train]), ArrayData(x[test], y[test]), num_classes, tuple(x.shape[1:]))
 
 
-def _digits(cfg: DatasetConfig, seed: int) -> Dataset:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) with values 0-16, and labels. Read straight from the
+    file scikit-learn ships, without importing scikit-learn (seconds of CPU in every site), when it is
+    where scikit-learn keeps it; else through ``sklearn.datasets.load_digits``."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
-    return _split(x, bunch.target.astype(np.int64), cfg.test_fraction, seed, 10)
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def _digits(cfg: DatasetConfig, seed: int) -> Dataset:
+    images, labels = digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[:, None, :, :]
+    return _split(x, labels, cfg.test_fraction, seed, 10)
 
 
 def _synthetic(cfg: DatasetConfig, seed: int, num_classes: int = 10) -> Dataset:
     rng = np.random.default_rng(seed)
-    centers = rng.normal(0.0, 1.0, size=(num_classes, 1, 8, 8)).astype(np.float32)
+    shape = tuple(cfg.shape)
+    centers = rng.normal(0.0, 1.0, size=(num_classes, *shape)).astype(np.float32)
     y = rng.integers(0, num_classes, size=cfg.num_samples)
-    x = centers[y] + rng.normal(0.0, 0.7, size=(cfg.num_samples, 1, 8, 8)).astype(np.float32)
+    x = centers[y] + rng.normal(0.0, 0.7, size=(cfg.num_samples, *shape)).astype(np.float32)
     return _split(x.astype(np.float32), y.astype(np.int64), cfg.test_fraction, seed, num_classes)
 
 

@@ -27,6 +27,7 @@ import psutil
 import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
 
 from fl_ray.checkpoint import BEST, load_best
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
@@ -34,7 +35,7 @@ from fl_ray.data import load_dataset, partition
 from fl_ray.job_summary import PICTURE, participation, participation_columns, plot_job
 from fl_ray.learners import load_learner
 from fl_ray.metadata import run_tags
-from fl_ray.progress import RoundProgress
+from fl_ray.progress import DeliveryProgress, JobPhases, RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
 from fl_ray.strategies import build_strategy
 from fl_ray.tracking.credentials import masked_argv, receiver_credentials, without_credentials
@@ -66,13 +67,15 @@ class JobResult:
     cross_site_evaluation: dict[str, Any] | None = None
     participation: dict[str, Any] = field(default_factory=dict)
     picture: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # each phase's start, in seconds since the job began
 
     def to_dict(self) -> dict[str, Any]:
         """The content of result.json."""
         return {"job_id": self.job_id, "job_dir": str(self.job_dir), "status": self.status, "error": self.error,
                 "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
                 "participation": self.participation, "picture": self.picture,
-                "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation}
+                "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation,
+                "timings": self.timings}
 
 
 def new_job_id(name: str) -> str:
@@ -103,7 +106,7 @@ def _check_plugins(cfg: JobConfig) -> None:
             raise ConfigError(f"invalid job config:\n  tracking.receivers.{i} ({spec.type}): {exc}") from None
 
 
-def _init_ray(address: str | None, verbose: bool = False) -> bool:
+def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> bool:
     """Start or join Ray unless this process already did; True if this call started it.
 
     A Ray started here inherits no tracking credential, and the command line Ray records as the job's
@@ -111,13 +114,21 @@ def _init_ray(address: str | None, verbose: bool = False) -> bool:
     show only when ``verbose``.
     """
     if ray.is_initialized():
+        phases.mark("ray", "using this process's Ray")
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    phases.mark("ray", f"joining Ray at {address}" if address else "starting Ray locally")
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if address is None:
         kwargs["include_dashboard"] = False
     entrypoint = subprocess.list2cmdline(masked_argv(psutil.Process().cmdline()))
     with without_credentials(), mock.patch.object(ray._private.utils, "get_entrypoint_name", lambda: entrypoint):
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
+    dashboard = getattr(context, "dashboard_url", None)
+    have = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    phases.mark("ray_ready", f"Ray ready: {have.get('CPU', 0):g} CPU(s), {have.get('GPU', 0):g} GPU(s) on {nodes} "
+                             f"node(s){f'; dashboard http://{dashboard}' if dashboard else ''}")
     return True
 
 
@@ -144,18 +155,89 @@ def _check_resources(cfg: JobConfig) -> None:
                             "Lower resources.client_cpus / client_gpus, use fewer sites, or add nodes.")
 
 
-def _wait_placed(actors: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
-    """Wait (at most resources.schedule_timeout) until every site actor runs; return their info."""
-    refs = {name: a.info.remote() for name, a in actors.items()}
-    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=cfg.resources.schedule_timeout)
-    if pending:
-        missing = [name for name, ref in refs.items() if ref in pending]
+class _StartUp:
+    """Follows the actors as they start, all at once: each site's info, the server's completed rounds and
+    the receiver actor's first open of each receiver, showing each as it comes (see :meth:`wait`)."""
+
+    def __init__(self, cfg: JobConfig, clients: dict[str, Any], server: Any, receiver: Any,
+                 phases: JobPhases) -> None:
+        self.cfg, self.phases = cfg, phases
+        self.sites = {client.info.remote(): name for name, client in clients.items()}
+        self.server = server.completed_rounds.remote()
+        self.receiver = receiver.wait_open.remote(cfg.tracking.close_timeout)
+        self.info: dict[str, Any] = {}
+        self.rounds: list[dict[str, Any]] | None = None
+
+    def wait(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Wait (at most resources.schedule_timeout) until every site actor and the server run; returns the
+        sites' info and the rounds completed so far. The receiver is not waited for: its back ends may be
+        down, and records wait in the spool meanwhile."""
+        deadline = time.monotonic() + self.cfg.resources.schedule_timeout
+        pending = [*self.sites, self.server, self.receiver]
+        while self.sites.keys() - self.info.keys() or self.rounds is None:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self._not_placed()
+            self._take(ready[0])
+        self.check_receiver(0)
+        return {self.sites[ref]: info for ref, info in self.info.items()}, self.rounds
+
+    def check_receiver(self, timeout: float) -> None:
+        """Show the receiver's line if it has opened (or failed) within ``timeout`` seconds."""
+        if self.receiver is not None and ray.wait([self.receiver], timeout=timeout)[0]:
+            self._take(self.receiver)
+
+    def _take(self, ref: Any) -> None:
+        if ref is self.server:
+            self.rounds = ray.get(ref)
+            self.phases.mark("server_ready")
+        elif ref is self.receiver:
+            self.receiver = None
+            try:
+                opened = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                self.phases.mark("receiver_ready", f"tracking receiver actor failed: {type(exc).__name__}")
+                return
+            for name, r in opened.items():
+                where = f" ({r['destination']})" if r["destination"] else ""
+                if r["opened"]:
+                    self.phases.mark("receiver_ready", f"tracking: {name} ready{where}", at=r["at"])
+                else:
+                    self.phases.mark("receiver_ready", f"tracking: {name} not ready ({r['error'] or 'not yet'}); "
+                                                       "its records wait in the spool")
+        else:
+            self.info[ref] = ray.get(ref)
+            if len(self.info) == 1:
+                self.phases.mark("first_site_ready", f"first site ready: {self.sites[ref]} (data loaded, learner set "
+                                                     "up)")
+            if len(self.info) == len(self.sites):
+                where = _node_counts([i["node_id"] for i in self.info.values()])
+                self.phases.mark("sites_ready", f"all {len(self.sites)} sites ready, on {where}")
+
+    def _not_placed(self) -> None:
+        res = self.cfg.resources
+        missing = [name for ref, name in self.sites.items() if ref not in self.info]
+        if not missing:
+            raise ResourceError(f"the server actor did not start within resources.schedule_timeout="
+                                f"{res.schedule_timeout:g} s; it asks for {res.server_cpus:g} CPU on the driver's "
+                                f"node; free now: {ray.available_resources()}")
         raise ResourceError(
             f"{len(missing)} site(s) could not be placed within resources.schedule_timeout="
-            f"{cfg.resources.schedule_timeout:g} s: {missing}. Each asks for {cfg.resources.client_cpus:g} CPU and "
-            f"{cfg.resources.client_gpus:g} GPU; free now: {ray.available_resources()}"
+            f"{res.schedule_timeout:g} s: {missing}. Each asks for {res.client_cpus:g} CPU and "
+            f"{res.client_gpus:g} GPU; free now: {ray.available_resources()}"
         )
-    return {name: ray.get(ref) for name, ref in refs.items()}
+
+
+def _node_counts(node_ids: list[str]) -> str:
+    """``1 node (10.0.0.5)`` or ``2 nodes (10.0.0.5: 3 sites, 10.0.0.6: 2 sites)``."""
+    addresses = {n["NodeID"]: n.get("NodeManagerAddress", n["NodeID"][:8]) for n in ray.nodes()}
+    counts: dict[str, int] = {}
+    for node in node_ids:
+        name = addresses.get(node, node[:8])
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) == 1:
+        return f"1 node ({next(iter(counts))})"
+    return f"{len(counts)} nodes ({', '.join(f'{a}: {n} sites' for a, n in counts.items())})"
 
 
 def _note_no_gpu_metrics(placed: dict[str, Any]) -> None:
@@ -182,7 +264,7 @@ def _prepare_job_dir(cfg: JobConfig, workspace: Path, resume: Path | None) -> tu
 
 def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, workspace: str | Path = "workspace",
             address: str | None = None, *, resume: str | Path | None = None,
-            show_progress: bool = True, verbose: bool = False) -> JobResult:
+            show_progress: bool = True, verbose: bool = False, console: Console | None = None) -> JobResult:
     """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
 
     ``config`` is a JobConfig, a dict, or a YAML path (default: configs/fedavg_digits.yaml).
@@ -195,11 +277,16 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     ``verbose`` shows Ray's own start-up messages.
     Raises ConfigError for a bad config before Ray starts. Ctrl+C stops the job as KILLED, after
     tracking is flushed and result.json written; a second Ctrl+C exits at once.
+
+    With ``show_progress`` the job prints a line on ``console`` (default: stderr) as each phase starts,
+    a bar per round and one of the tracking records left per receiver at the end; result.json's
+    ``timings`` gives each phase's start in seconds since the job began.
     """
     from fl_ray.actors.client import ClientActor
     from fl_ray.actors.receiver import receiver_actor_name, start_receiver
     from fl_ray.actors.server import ServerActor
 
+    phases = JobPhases(console, enabled=show_progress)
     resume = Path(resume).resolve() if resume is not None else None
     if resume is not None and config is None:
         config = resume / "config.yaml"
@@ -208,12 +295,12 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     if resume is not None and not (resume / "config.yaml").exists():
         raise ConfigError(f"--resume {str(resume)!r}: not a job directory (it has no config.yaml)")
     sites = cfg.site_names
+    phases.mark("data", f"loading {cfg.dataset.name} for {len(sites)} site(s)")
     dataset = load_dataset(cfg.dataset, cfg.seed)  # a missing dataset fails here, before Ray starts
     parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
     job_id, job_dir = _prepare_job_dir(cfg, Path(workspace).resolve() if resume is None else resume.parent, resume)
 
-    owns_ray = _init_ray(address, verbose)
-    started = time.time()
+    owns_ray = _init_ray(address, phases, verbose)
     rounds: list[dict[str, Any]] = []
     site_info: dict[str, Any] = {}
     tracking: dict[str, Any] = {}
@@ -232,6 +319,8 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
                                   receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file), here)
         config_dict = cfg.to_dict()
         strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
+        phases.mark("actors", f"starting {len(sites)} site(s) ({cfg.resources.client_cpus:g} CPU, "
+                              f"{cfg.resources.client_gpus:g} GPU each), the server and the tracking receiver")
         for index, site in enumerate(sites):
             clients[site] = ClientActor.options(
                 num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
@@ -242,16 +331,21 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
                                      scheduling_strategy=here).remote(
             config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
-        placed = _wait_placed(clients, cfg)
+        start_up = _StartUp(cfg, clients, server, receiver, phases)
+        placed, rounds = start_up.wait()
         _note_no_gpu_metrics(placed)
         site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
                      for s, idx in zip(sites, parts)}
-        rounds = ray.get(server.completed_rounds.remote())
-        with RoundProgress(job_id, cfg.num_rounds, done=len(rounds), enabled=show_progress) as progress:
+        phases.mark("rounds")  # the round bar's first line
+        with RoundProgress(job_id, cfg.num_rounds, done=len(rounds), enabled=show_progress,
+                           console=phases.console) as progress:
             for r in range(len(rounds) + 1, cfg.num_rounds + 1):
                 summary = ray.get(server.run_round.remote(r))
                 rounds.append(summary)
                 progress.round_done(summary)
+                phases.mark("first_round_done")
+                start_up.check_receiver(0)
+        phases.mark("last_round_done")
         if cfg.cross_site_evaluation:
             cross_site = _cross_site_evaluation(cfg, server, receiver)
         status = FINISHED
@@ -266,14 +360,20 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     finally:
         previous = signal.signal(signal.SIGINT, _exit_now) if _in_main_thread() else None
         try:
+            phases.mark("picture", "drawing the job's picture")
             table = participation(sites, rounds)
             picture = _draw_picture(job_dir, f"{job_id} ({status})", rounds,
                                     {site: len(idx) for site, idx in zip(sites, parts)}, table)
-            tracking = _close(cfg, receiver, server, clients, status, job_dir, table, picture)
+            tracking = _close(cfg, receiver, server, clients, status, job_dir, table, picture, phases)
+            phases.mark("results", "writing results")
             result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
-                               tracking, site_info, error, cross_site, table, str(picture) if picture else None)
+                               tracking, site_info, error, cross_site, table, str(picture) if picture else None,
+                               timings=phases.timings)
             result_data = result.to_dict()
-            result_data["seconds"] = round(time.time() - started, 3)
+            result_data["seconds"] = round(phases.seconds(), 3)
+            result_data["started_at"] = phases.started_at
+            if owns_ray:
+                phases.mark("ray_shutdown", "stopping Ray")
             (job_dir / "result.json").write_text(strict_json(result_data))
             if owns_ray:
                 ray.shutdown()
@@ -318,10 +418,11 @@ def _log_summary(cfg: JobConfig, receiver: Any, table: dict[str, Any], picture: 
 
 
 def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str,
-           job_dir: Path, table: dict[str, Any], picture: Path | None) -> dict[str, Any]:
+           job_dir: Path, table: dict[str, Any], picture: Path | None, phases: JobPhases) -> dict[str, Any]:
     """Flush every site's tracking, have the receiver actor log the best model, the participation table and
     the picture, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
+    phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
     refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
     for name, ref in refs.items():
@@ -337,9 +438,10 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     try:
         model = _log_best_model(cfg, receiver, job_dir, status)
         summary = _log_summary(cfg, receiver, table, picture)
-        report = _close_receiver(cfg, receiver, status, job_dir)
+        report = _close_receiver(cfg, receiver, status, job_dir, phases)
     finally:
         ray.kill(receiver, no_restart=True)
+    phases.mark("tracking_drained")
     report["senders"] = senders
     report["summary"] = summary
     if model is not None:
@@ -350,15 +452,18 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     return report
 
 
-def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path) -> dict[str, Any]:
-    """The receiver actor's close report. An actor that dies while closing is restarted by Ray and asked
-    again (it recovers from the spool); if it cannot close, the report says, from the spool on disk,
-    what each receiver still has to get, and how to send it later."""
+def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path, phases: JobPhases) -> dict[str, Any]:
+    """The receiver actor's close report, with a bar of the records each receiver has still to get while
+    it delivers. An actor that dies while closing is restarted by Ray and asked again (it recovers from
+    the spool); if it cannot close, the report says, from the spool on disk, what each receiver still
+    has to get, and how to send it later."""
     timeout = cfg.tracking.close_timeout
     error = ""
     for attempt in range(1, CLOSE_ATTEMPTS + 1):
         try:
-            return ray.get(receiver.close.remote(status, timeout), timeout=timeout + 60)
+            closing = receiver.close.remote(status, timeout)
+            _follow_delivery(receiver, closing, timeout + 60, phases)
+            return ray.get(closing, timeout=timeout + 60)
         except ray.exceptions.GetTimeoutError:
             error = f"the receiver actor did not close within {timeout + 60:g} s"
             break
@@ -374,6 +479,29 @@ def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path) -
     log.warning("tracking was not closed (%s); what each receiver still has to get is in result.json, and "
                 "`python scripts/replay_spool.py %s` sends it", error, job_dir)
     return report
+
+
+def _follow_delivery(receiver: Any, closing: Any, timeout: float, phases: JobPhases) -> None:
+    """Show the records each receiver has still to get until ``closing`` (the receiver actor's close) is
+    done or ``timeout`` seconds have passed; the counts come from the actor's ``status``, which answers
+    while it closes."""
+    deadline = time.monotonic() + timeout
+    if ray.wait([closing], timeout=0.2)[0]:
+        return  # nothing much was left to deliver
+    try:
+        left = {name: r["pending"] for name, r in ray.get(receiver.status.remote(), timeout=10)["receivers"].items()}
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return  # the close's own answer says what happened
+    with DeliveryProgress(left, phases.console, enabled=phases.enabled) as bar:
+        while not ray.wait([closing], timeout=min(0.25, max(0.0, deadline - time.monotonic())))[0]:
+            if time.monotonic() >= deadline:
+                return
+            try:
+                status = ray.get(receiver.status.remote(), timeout=10)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                return
+            bar.update({name: r["pending"] for name, r in status["receivers"].items()})
+        bar.update({name: 0 for name in left})
 
 
 def _cross_site_evaluation(cfg: JobConfig, server: Any, receiver: Any) -> dict[str, Any]:

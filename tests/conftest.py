@@ -53,12 +53,12 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
-    """A sqlite MLflow store whose tables exist: MLflow takes seconds of CPU to create them in a
-    fresh store, so job workspaces start from a copy (see ``workspace``). One test keeps a fresh store."""
-    from mlflow.tracking import MlflowClient
+    """A sqlite MLflow store whose tables exist, made from fl_ray's template (MLflow takes seconds of CPU
+    to create them itself); job workspaces start from a copy (see ``workspace``)."""
+    from fl_ray.mlflow_store import prepare_sqlite_store
 
     path = tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    prepare_sqlite_store(path, path.parent / "mlartifacts")
     return path
 
 

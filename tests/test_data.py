@@ -112,3 +112,28 @@ def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
     with pytest.raises(ConfigError, match="prepare_data.py") as err:
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)
     assert f"--root {tmp_path / 'nothing'}" in str(err.value) and "download=True" not in str(err.value)
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """The digits read straight from scikit-learn's file equal load_digits(), and the read imports no sklearn."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from fl_ray.data import digits_arrays
+
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    code = "import sys; from fl_ray.data import digits_arrays; digits_arrays(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == \
+        "False"
+
+
+def test_synthetic_data_takes_the_configured_shape():
+    """dataset.shape sets a synthetic sample's (C, H, W), e.g. CIFAR-sized inputs for the hello-pt CNN."""
+    ds = load_dataset(DatasetConfig(name="synthetic", num_samples=50, shape=(3, 32, 32)), seed=0)
+    assert ds.input_shape == (3, 32, 32) and ds.train.x.shape[1:] == (3, 32, 32)
+    with pytest.raises(ValueError, match="at least 1"):
+        DatasetConfig(name="synthetic", shape=(3, 0, 32))

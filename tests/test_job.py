@@ -1,10 +1,13 @@
 """End-to-end jobs on the session's local Ray: digits training, result.json, determinism, user learners."""
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from fl_ray import ConfigError, JobConfig, run_job
 
@@ -22,8 +25,12 @@ def digits_config(**overrides):
 
 @pytest.fixture(scope="module")
 def digits_job(ray_session, tmp_path_factory, mlflow_store):
+    """The job, with what it showed on its console."""
     ws = new_workspace(tmp_path_factory.mktemp("ws"), mlflow_store)
-    return run_job(digits_config(), workspace=ws, show_progress=False), ws
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    result = run_job(digits_config(), workspace=ws, console=console)
+    digits_job.output = console.file.getvalue()
+    return result, ws
 
 
 def test_digits_job_learns(digits_job):
@@ -54,6 +61,29 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
     assert mlflow["tracking_uri"] == f"sqlite:///{ws.resolve() / 'mlflow.db'}"
     assert set(mlflow["run_ids"]) == {"site-1", "site-2", "site-3", "server"}
     assert data["tracking"]["receivers"]["mlflow"]["undelivered"] == 0
+
+
+def test_every_phase_shows_a_line_and_its_time_goes_to_result_json(digits_job):
+    """As each phase starts the job prints a line with the seconds since it began (Ray, starting the sites,
+    the tracking receiver ready, the first and all sites ready, delivering tracking, writing results), and
+    result.json's timings give each phase's start, in the order they happen."""
+    result, ws = digits_job
+    lines = [re.sub(r"\s+", " ", line).strip() for line in digits_job.output.splitlines()]
+    expected = ["using this process's Ray", "starting 3 site(s) (0.5 CPU, 0 GPU each), the server and the tracking "
+                "receiver", "first site ready: site-", "all 3 sites ready, on 1 node (", "delivering tracking records",
+                "writing results"]
+    at = [next((i for i, line in enumerate(lines) if re.match(r"^\d+\.\ds " + re.escape(text), line)), None)
+          for text in expected]
+    assert None not in at and at == sorted(at), digits_job.output
+    assert any(re.match(r"^\d+\.\ds tracking: mlflow ready \(sqlite:///", line) for line in lines), digits_job.output
+    assert any(line.startswith(f"{result.job_id}: 3 round(s)") for line in lines), digits_job.output
+
+    timings = json.loads((ws / result.job_id / "result.json").read_text())["timings"]
+    order = ["data", "ray", "actors", "first_site_ready", "sites_ready", "rounds", "first_round_done",
+             "last_round_done", "tracking", "tracking_drained", "results"]
+    assert [timings[k] for k in order] == sorted(timings[k] for k in order), timings
+    assert timings["actors"] <= timings["receiver_ready"] <= timings["tracking_drained"], timings
+    assert result.timings == timings
 
 
 def test_same_config_and_seed_give_identical_metrics(digits_job, workspace):

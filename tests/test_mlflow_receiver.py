@@ -214,15 +214,41 @@ def test_a_lost_create_answer_leaves_one_run_per_role(receiver_env, proxy, tmp_p
 def test_runs_are_found_by_their_tags_without_mlflow_runs_json(receiver_env, mlflow_server, tmp_path):
     """A receiver whose mlflow_runs.json is gone (another machine, a lost job dir) finds the job's runs."""
     ctx = context(tmp_path)
+    batch = [*metrics("site-1", 0, 5), *metrics("site-2", 0, 5), *metrics("server", 0, 2, "global_loss")]
     first = MLflowReceiver(tracking_uri=mlflow_server.uri)
     first.open(ctx)
+    assert deliver(first, batch) == []
     (tmp_path / "mlflow_runs.json").unlink()
     second = MLflowReceiver(tracking_uri=mlflow_server.uri)
     second.open(ctx)
-    assert (second.parent_run_id, second.run_ids) == (first.parent_run_id, first.run_ids)
+    assert second.parent_run_id == first.parent_run_id
+    assert deliver(second, batch) == []
+    assert second.run_ids == first.run_ids
     second.close("FINISHED")
     client = MlflowClient(mlflow_server.uri)
     assert len(job_runs(client, second.experiment_id, ViewType.ALL)) == 1 + len(SITES) + 1
+    assert history(client, second.run_ids["site-1"], "loss") == [(i, float(i)) for i in range(5)]
+
+
+def test_a_sites_run_is_made_when_its_first_records_arrive(workspace, tmp_path):
+    """Opening makes the job's parent run only; a site's run is made in the first delivery holding its
+    records (the runs of all sites new in that delivery together), and a site that logs nothing has none."""
+    ctx = context(tmp_path, sites=("site-1", "site-2", "site-3"))
+    receiver = MLflowReceiver(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", buffer_flush_time=0)
+    receiver.open(ctx)
+    client = MlflowClient(receiver.tracking_uri)
+    assert [r.info.run_id for r in job_runs(client, receiver.experiment_id, ViewType.ALL)] == [receiver.parent_run_id]
+    assert client.get_run(receiver.parent_run_id).data.params["model.width"] == "8"
+
+    assert deliver(receiver, [*metrics("site-1", 0, 3), *metrics("server", 0, 1, "global_loss")]) == []
+    assert sorted(receiver.run_ids) == ["server", "site-1"]
+    assert deliver(receiver, metrics("site-2", 0, 2)) == []
+    report = receiver.close("FINISHED")
+    assert sorted(report["run_ids"]) == ["server", "site-1", "site-2"]
+    runs = job_runs(client, receiver.experiment_id, ViewType.ALL)
+    assert sorted(r.data.tags.get("fl_ray.site", "parent") for r in runs) == ["parent", "server", "site-1", "site-2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert history(client, report["run_ids"]["site-2"], "loss") == [(0, 0.0), (1, 1.0)]
 
 
 def test_a_text_mlflow_fails_on_every_time_is_set_aside_and_the_rest_delivered(receiver_env, mlflow_server, tmp_path):

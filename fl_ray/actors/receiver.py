@@ -21,11 +21,17 @@ from fl_ray.tracking.events import TrackingEvent
 from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"watch": 1})
 class ReceiverActor:
-    """Accepts every site's tracking batches and fans them out to the configured receivers."""
+    """Accepts every site's tracking batches and fans them out to the configured receivers.
 
-    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: ReceiverCredentials) -> None:
+    Calls run one at a time, but for ``wait_open`` and ``status``, which run in their own thread (the
+    ``watch`` group) so the driver can follow start-up and the final delivery while the actor works.
+    """
+
+    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: ReceiverCredentials,
+                 env: Mapping[str, str]) -> None:
+        os.environ.update(env)  # the back-end clients' settings (RECEIVER_ENV_DEFAULTS the driver did not override)
         os.environ.update(credentials.resolve())  # this process only; MLflow and W&B read them from here
         quiet_http_retries()
         receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
@@ -38,6 +44,12 @@ class ReceiverActor:
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         return self.hub.submit(site, events)
 
+    @ray.method(concurrency_group="watch")
+    def wait_open(self, timeout: float) -> dict[str, Any]:
+        """Per receiver: opened (store ready, job run created) or why not, once known (see TrackingHub)."""
+        return self.hub.wait_open(timeout)
+
+    @ray.method(concurrency_group="watch")
     def status(self) -> dict[str, Any]:
         return self.hub.status()
 
@@ -73,10 +85,10 @@ def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]],
     if not isinstance(credentials, ReceiverCredentials):
         credentials = ReceiverCredentials(configured=dict(credentials))
     env = {k: v for k, v in RECEIVER_ENV_DEFAULTS.items() if k not in os.environ}
+    # set by the actor itself rather than as a runtime_env, so that Ray can give it a worker it has already started
     return ReceiverActor.options(
         num_cpus=0,
         max_restarts=max_restarts,
         name=receiver_actor_name(ctx.job_id),
         scheduling_strategy=placement,
-        runtime_env={"env_vars": env},
-    ).remote(ctx, specs, credentials)
+    ).remote(ctx, specs, credentials, env)

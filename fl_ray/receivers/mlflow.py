@@ -1,8 +1,10 @@
 """MLflowReceiver: every site's records into MLflow, batched, one run per site under the job's run.
 
 Run structure: a parent run per job (named after the job id; the resolved config as params; tags for
-the job id, the fl_ray version and, when known, the git commit), with one nested run per site and one
-named ``server``. Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted
+the job id, the fl_ray version and, when known, the git commit), made when the receiver opens, with one
+nested run per site and one named ``server``, each made the first time records of that site are
+delivered (the runs of all sites new in a delivery together). A new sqlite store is made from a
+template (:mod:`fl_ray.mlflow_store`). Run ids are kept in ``<job>/mlflow_runs.json``, per tracking URI, so a restarted
 receiver (or a resumed job, or ``scripts/replay_spool.py``) writes into the same runs. Creating a run
 is idempotent beyond that file too: the run is first looked up by its tags (``fl_ray.job_id``, and
 ``fl_ray.site`` for a site's run), and after creating one the receiver looks again and keeps the
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 
+from fl_ray.mlflow_store import prepare_sqlite_store, sqlite_path
 from fl_ray.receivers.base import FINISHED, KILLED, Receiver, ReceiverContext
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, EventKind, TrackingEvent, flatten
 from fl_ray.tracking.spool import read_json, write_json_atomic
@@ -148,6 +151,7 @@ class MLflowReceiver(Receiver):
         self._strikes: dict[tuple[str, int], tuple[int, int]] = {}  # (site, seq): (5xx status, deliveries in a row)
         self._given_up: set[tuple[str, int]] = set()  # (site, seq) set aside since the last flush that returned
         self._pool: ThreadPoolExecutor | None = None
+        self._runs_lock = threading.Lock()
 
     def open(self, ctx: ReceiverContext) -> None:
         from mlflow.tracking import MlflowClient
@@ -155,6 +159,9 @@ class MLflowReceiver(Receiver):
         self._ctx = ctx
         self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
             default_tracking_uri(ctx.workspace)
+        store = sqlite_path(self.tracking_uri)
+        if store is not None:
+            prepare_sqlite_store(store, Path(ctx.workspace) / "mlartifacts")
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.tracking_uri.startswith(("http://", "https://")) and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=HTTP_CONCURRENCY, thread_name_prefix="fl_ray-mlflow")
@@ -201,22 +208,22 @@ class MLflowReceiver(Receiver):
         write_json_atomic(self._runs_path, saved)
 
     def _set_up_runs(self, ctx: ReceiverContext) -> None:
-        """The parent run's params and tags and a run per site; safe to repeat until it has completed once."""
+        """The parent run's params and tags; safe to repeat until it has completed once."""
         from mlflow.entities import Param, RunTag
 
         params = [Param(k, str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in flatten(ctx.config, ".").items()]
-        self.client.log_batch(self.parent_run_id, params=params)
-        self._site_runs([*ctx.sites, SERVER_RUN])
-        self.client.log_batch(self.parent_run_id, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])
+        self.client.log_batch(self.parent_run_id, params=params, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])
         self._complete = True
         self._save_runs()
 
     def _site_runs(self, sites: Sequence[str]) -> None:
-        """Make sure each site in ``sites`` has its run in ``run_ids`` (and in mlflow_runs.json)."""
-        missing = [site for site in sites if site not in self.run_ids]
-        if missing:
-            self.run_ids.update(self._find_or_create_runs(missing))
-            self._save_runs()
+        """Make sure each site in ``sites`` has its run in ``run_ids`` (and in mlflow_runs.json): the runs
+        missing are looked up and made together."""
+        with self._runs_lock:  # the delivery thread and log_model's
+            missing = [site for site in sites if site not in self.run_ids]
+            if missing:
+                self.run_ids.update(self._find_or_create_runs(missing))
+                self._save_runs()
 
     def _find_or_create_runs(self, roles: Sequence[str | None]) -> dict[str | None, str]:
         """The run id of each role (a site, or None for the job's parent run): the job's existing run for it,
@@ -438,9 +445,10 @@ class MLflowReceiver(Receiver):
         best = load_best(checkpoint)
         if best is None:
             raise FileNotFoundError(f"no saved model at {checkpoint}")
-        run_id = self.run_ids.get(site)
-        if run_id is None:
+        if site not in self._ctx.sites and site != SERVER_RUN:
             raise KeyError(f"no MLflow run for {site!r} in this job")
+        self._site_runs([site])
+        run_id = self.run_ids[site]
         mlflow.set_tracking_uri(self.tracking_uri)  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(

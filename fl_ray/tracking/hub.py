@@ -101,6 +101,8 @@ class DeliveryPump:
         self.delivered: int = mark["events"]
         self.sent = 0  # records delivered by this pump (since it started)
         self.opened = False
+        self.opened_at: float | None = None  # wall-clock time the receiver opened
+        self.first_try = threading.Event()  # set once the first open has succeeded or failed
         self.error: str | None = None
         self.failures = 0
         self.warned = False
@@ -116,8 +118,8 @@ class DeliveryPump:
         spool = self._spool
         with spool.changed:
             while not self._abandon.is_set():
-                if not self.opened and spool.end > 0:
-                    return True  # open first, even with nothing past the mark: the mark may be another destination's
+                if not self.opened:
+                    return True  # open at once (store, runs), while the sites start; the mark may be another destination's
                 if self.offset < spool.end:
                     due = last_start + self.flush_time - time.monotonic()
                     if self._draining or due <= 0 or spool.events - self.delivered >= self._max_batch:
@@ -137,11 +139,13 @@ class DeliveryPump:
                 if not self.opened:
                     self._open()
                     if self.offset >= self._spool.end:
+                        last_start = 0.0  # opened before any record came: the first ones go at once
                         continue
                 events, end = self._spool.read(self.offset, self._max_batch)
                 self.receiver.write(events)
                 self.receiver.flush()
             except Exception as exc:  # a back end failing must never stop the job: retry later
+                self.first_try.set()
                 self.failures += 1
                 self.error = _describe(exc)
                 if not self.warned:  # one warning per outage, not one per attempt
@@ -173,7 +177,8 @@ class DeliveryPump:
             mark = self._spool.load_progress(self.mark)
         self.offset, self.delivered = mark["offset"], mark["events"]
         self.receiver.resume(mark.get("state") or {})
-        self.opened = True
+        self.opened, self.opened_at = True, time.time()
+        self.first_try.set()
 
     def redeliver(self, letters: list[tuple[TrackingEvent, str]]) -> list[tuple[TrackingEvent, str]]:
         """Write and flush records set aside earlier (the thread must have stopped); those set aside again
@@ -382,6 +387,15 @@ class TrackingHub:
     def _mark_seen(self, event: TrackingEvent) -> None:
         block = event.seq >> INCARNATION_BITS
         self._seen.setdefault((event.site, block), _SeenSeqs(block << INCARNATION_BITS)).add(event.seq)
+
+    def wait_open(self, timeout: float) -> dict[str, Any]:
+        """Wait (up to ``timeout`` seconds) until every receiver has opened or failed its first open; per
+        receiver: opened, when (wall clock), where its records go, and the error of a failed open."""
+        deadline = time.monotonic() + timeout
+        for pump in self.pumps:
+            pump.first_try.wait(max(0.0, deadline - time.monotonic()))
+        return {p.name: {"opened": p.opened, "at": p.opened_at, "destination": p.receiver.destination,
+                         "error": p.error} for p in self.pumps}
 
     def status(self) -> dict[str, Any]:
         """Counts so far: accepted, duplicates dropped, spool state, and per receiver delivered and last error."""
