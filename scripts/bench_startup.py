@@ -42,7 +42,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ["ray", "ray_ready", "actors", "receiver_ready", "first_site_ready", "sites_ready", "rounds",
           "first_round_done", "last_round_done", "tracking", "tracking_drained", "ray_shutdown"]
-TARGETS = {"w1": 12.0, "w3": 30.0}  # whole job, seconds, on the project's 2-core machine (issue 17)
+TARGETS = {"w1": 12.0, "w3": 30.0, "digits": float("inf")}  # whole job, seconds, on the 2-core machine (issue 17)
 FIRST_ROUND_TARGET = 8.0  # seconds from the start to the first line of round 1 (2 sites)
 
 
@@ -59,7 +59,10 @@ def workload(name: str) -> dict[str, Any]:
                 "batch_size": 32, "dataset": {"name": "synthetic", "num_samples": 1000},
                 "learner_args": {"model": "mlp"}, "resources": {"client_cpus": 0.1, "server_cpus": 0.1, "schedule_timeout": 600},
                 "tracking": {"receivers": [], "system_metrics": False, "log_model": False}}
-    raise ValueError(f"unknown workload {name!r}; expected w1 or w3")
+    if name == "digits":  # the default job, as the quick start runs it
+        return {**yaml.safe_load((REPO / "configs" / "fedavg_digits.yaml").read_text()),
+                "resources": {"schedule_timeout": 600}}
+    raise ValueError(f"unknown workload {name!r}; expected w1, w3 or digits")
 
 
 def _become_subreaper() -> None:
@@ -144,22 +147,24 @@ def run_process(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, f
     return wall, meter.by_kind(), started, proc
 
 
-def run_job(name: str, root: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One fresh ``run_fedavg.py`` process of workload ``name``: wall, CPU, phases."""
+def run_job(name: str, root: Path, env: dict[str, str], repo: Path) -> dict[str, Any]:
+    """One fresh ``run_fedavg.py`` process of workload ``name`` (of the checkout ``repo``): wall, CPU, phases."""
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(workload(name)))
     wall, cpu, started, proc = run_process(
-        [sys.executable, str(REPO / "scripts" / "run_fedavg.py"), "--config", str(config),
-         "--workspace", str(work / "ws"), "--quiet"], env)
+        [sys.executable, str(repo / "scripts" / "run_fedavg.py"), "--config", str(config),
+         "--workspace", str(work / "ws"), "--quiet"], {**env, "PYTHONPATH": str(repo)})
     cpu_total = round(sum(cpu.values()), 2)
     results = list((work / "ws").glob("*/result.json"))
     if proc.returncode != 0 or not results:
         raise RuntimeError(f"{name}: run_fedavg.py exited {proc.returncode}: {proc.stderr[-3000:]}")
     result = json.loads(results[0].read_text())
-    offset = result["started_at"] - started  # the interpreter and imports before the job began
-    phases = {k: round(v + offset, 3) for k, v in result["timings"].items()}
-    phases["process_start_to_job"] = round(offset, 3)
+    phases = {}
+    if "timings" in result:  # a checkout without phase timings (an older one) gives the wall time only
+        offset = result["started_at"] - started  # the interpreter and imports before the job began
+        phases = {k: round(v + offset, 3) for k, v in result["timings"].items()}
+        phases["process_start_to_job"] = round(offset, 3)
     phases["exit"] = round(wall, 3)
     rounds = [r["seconds"] for r in result["rounds"]]
     delivered = {n: r.get("delivered") for n, r in result["tracking"].get("receivers", {}).items()}
@@ -249,9 +254,13 @@ def store_figures(root: Path, repeat: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="w1,w3", help="comma-separated: w1, w3 (default %(default)s)")
+    parser.add_argument("--workloads", default="w1,w3",
+                        help="comma-separated: w1, w3, digits (the default job) (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians are reported (default %(default)s)")
     parser.add_argument("--no-store", action="store_true", help="leave out the MLflow store figures")
+    parser.add_argument("--repo", type=Path, default=REPO,
+                        help="run the jobs of another checkout (e.g. main's, for a before/after comparison; "
+                             "w1 needs dataset.shape); default: this one")
     parser.add_argument("--baseline-of", help=argparse.SUPPRESS)  # internal: run one baseline in this process
     args = parser.parse_args(argv)
     if args.baseline_of:
@@ -263,14 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(var, None)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
+    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+                               "repo": str(args.repo.resolve())}
     with tempfile.TemporaryDirectory(prefix="fl_ray_bench_startup_") as tmp:
         root = Path(tmp)
         for name in names:
             runs, bases = [], []
             for i in range(args.repeat):
                 console.print(f"{name}: job {i + 1}/{args.repeat} (fresh run_fedavg.py process)...")
-                runs.append(run_job(name, root, env))
+                runs.append(run_job(name, root, env, args.repo.resolve()))
                 console.print(f"{name}: baseline {i + 1}/{args.repeat} (same rounds, one process, no Ray)...")
                 bases.append(run_baseline(name, env))
             figures[name] = summarize(name, runs, bases)

@@ -25,11 +25,11 @@ def digits_config(**overrides):
 
 @pytest.fixture(scope="module")
 def digits_job(ray_session, tmp_path_factory, mlflow_store):
-    """The job, with what it showed on its console."""
+    """The job; what it showed on its console is kept in the workspace's console.txt."""
     ws = new_workspace(tmp_path_factory.mktemp("ws"), mlflow_store)
     console = Console(file=io.StringIO(), width=200, color_system=None)
     result = run_job(digits_config(), workspace=ws, console=console)
-    digits_job.output = console.file.getvalue()
+    (ws / "console.txt").write_text(console.file.getvalue())
     return result, ws
 
 
@@ -68,15 +68,16 @@ def test_every_phase_shows_a_line_and_its_time_goes_to_result_json(digits_job):
     the tracking receiver ready, the first and all sites ready, delivering tracking, writing results), and
     result.json's timings give each phase's start, in the order they happen."""
     result, ws = digits_job
-    lines = [re.sub(r"\s+", " ", line).strip() for line in digits_job.output.splitlines()]
+    output = (ws / "console.txt").read_text()
+    lines = [re.sub(r"\s+", " ", line).strip() for line in output.splitlines()]
     expected = ["using this process's Ray", "starting 3 site(s) (0.5 CPU, 0 GPU each), the server and the tracking "
                 "receiver", "first site ready: site-", "all 3 sites ready, on 1 node (", "delivering tracking records",
                 "writing results"]
     at = [next((i for i, line in enumerate(lines) if re.match(r"^\d+\.\ds " + re.escape(text), line)), None)
           for text in expected]
-    assert None not in at and at == sorted(at), digits_job.output
-    assert any(re.match(r"^\d+\.\ds tracking: mlflow ready \(sqlite:///", line) for line in lines), digits_job.output
-    assert any(line.startswith(f"{result.job_id}: 3 round(s)") for line in lines), digits_job.output
+    assert None not in at and at == sorted(at), output
+    assert any(re.match(r"^\d+\.\ds tracking: mlflow ready \(sqlite:///", line) for line in lines), output
+    assert any(line.startswith(f"{result.job_id}: 3 round(s)") for line in lines), output
 
     timings = json.loads((ws / result.job_id / "result.json").read_text())["timings"]
     order = ["data", "ray", "actors", "first_site_ready", "sites_ready", "rounds", "first_round_done",
