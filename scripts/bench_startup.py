@@ -42,7 +42,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ["ray", "ray_ready", "actors", "receiver_ready", "first_site_ready", "sites_ready", "rounds",
           "first_round_done", "last_round_done", "tracking", "tracking_drained", "ray_shutdown"]
-TARGETS = {"w1": 12.0, "w3": 30.0, "digits": float("inf")}  # whole job, seconds, on the 2-core machine (issue 17)
+TARGETS = {"w1": 12.0, "w3": 30.0}  # whole job, seconds, on the project's 2-core machine (issue 17)
 FIRST_ROUND_TARGET = 8.0  # seconds from the start to the first line of round 1 (2 sites)
 
 
@@ -310,9 +310,9 @@ def summarize(name: str, runs: list[dict[str, Any]], bases: list[dict[str, Any]]
            "baseline_wall": base_wall, "baseline_cpu": med([b["cpu"] for b in bases]),
            "baseline_rounds_seconds": med([b["rounds_seconds"] for b in bases]),
            "baseline_round_median": med([b["round_median"] for b in bases]),
-           "ratio_to_baseline": round(wall / base_wall, 2), "target_wall": TARGETS[name],
+           "ratio_to_baseline": round(wall / base_wall, 2), "target_wall": TARGETS.get(name),
            "runs": runs}
-    out["meets_target"] = wall <= TARGETS[name]
+    out["meets_target"] = name not in TARGETS or wall <= TARGETS[name]
     if name == "w1":
         first = phases.get("rounds")
         out["first_round_line"] = first
@@ -336,7 +336,8 @@ def table(figures: dict[str, Any], names: list[str]) -> Table:
     t.add_row("baseline: its rounds alone", *[_s(figures[n]["baseline_rounds_seconds"]) for n in names])
     t.add_row("whole job / baseline", *[f"{figures[n]['ratio_to_baseline']}x" for n in names])
     t.add_row("target (whole job)", *[f"<= {figures[n]['target_wall']:g}: "
-                                      f"{'met' if figures[n]['meets_target'] else 'NOT met'}" for n in names])
+                                      f"{'met' if figures[n]['meets_target'] else 'NOT met'}"
+                                      if figures[n]["target_wall"] else "" for n in names])
     if "store" in figures:
         s = figures["store"]
         t.add_row("MLflow store: created by MLflow / template copy",

@@ -300,7 +300,13 @@ class MLflowReceiver(Receiver):
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
         if pending:
-            self._site_runs(list(pending))
+            try:
+                self._site_runs(list(pending))
+            except Exception as exc:  # the batch is written again and flushed after a back-off
+                first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+                raise DeliveryError(f"MLflow at {self.tracking_uri} takes no writes now: the runs of "
+                                    f"{sorted(s for s in pending if s not in self.run_ids)} could not be made "
+                                    f"({type(exc).__name__}: {first})") from exc
             delivery = _Delivery(self._probe_write)
             runs = [(delivery, self.run_ids[site], batch) for site, batch in pending.items()]
             if self._pool is None or len(runs) < 2:
