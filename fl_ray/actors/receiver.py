@@ -21,7 +21,7 @@ from fl_ray.tracking.events import TrackingEvent
 from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
 
 
-@ray.remote(concurrency_groups={"watch": 1})
+@ray.remote(concurrency_groups={"watch": 2})  # wait_open may wait while status answers
 class ReceiverActor:
     """Accepts every site's tracking batches and fans them out to the configured receivers.
 
