@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace, secrets: list[str]) -> int:
 
     try:
         result = run_job(cfg, workspace=args.workspace, address=args.address, resume=args.resume,
-                         show_progress=not args.quiet, verbose=args.verbose)
+                         show_progress=not args.quiet, verbose=args.verbose, console=out)
     except ConfigError as exc:
         out.print(f"[red]error:[/] {escape(mask(str(exc), secrets))}")
         return 2
