@@ -227,7 +227,7 @@ class RoundEngine:
         states: dict[str, dict[str, Arrays]] = {}
         timeout = self.cfg.round_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        for site, outcome in running.until(lambda: deadline):  # the grace below moves the deadline
+        for site, outcome in running.until(lambda: deadline):  # noqa: B023 (the grace below moves the deadline)
             if isinstance(outcome, Exception):
                 failed[site] = describe_failure(outcome)
                 continue

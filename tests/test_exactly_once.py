@@ -84,7 +84,7 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
             continue
         ray.kill(actor, no_restart=False)
         kills += 1
-        wait_for(lambda: not job.is_alive() or actor_pid(actor) not in (None, pid), 120, "Ray to restart the receiver")
+        wait_for(lambda pid=pid: not job.is_alive() or actor_pid(actor) not in (None, pid), 120, "Ray to restart the receiver")
     result = job.finish(timeout=300)
 
     assert kills == 4 and result.status == "FINISHED" and len(result.rounds) == rounds

@@ -47,7 +47,7 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
     for r in data["rounds"]:
         assert set(r["global"]) == {"loss", "accuracy"}
         assert r["sampled"] == r["completed"] == ["site-1", "site-2", "site-3"]
-        for site, c in r["clients"].items():
+        for c in r["clients"].values():
             assert c["num_samples"] > 0 and "train_loss" in c["metrics"] and c["device"] == "cpu"
     assert sum(s["num_samples"] for s in data["sites"].values()) == 1797 - round(1797 * 0.2)
     mlflow = data["tracking"]["mlflow"]
