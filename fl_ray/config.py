@@ -16,8 +16,18 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fl_ray.plugins import check_plugin_name
+
 MAX_SITES = 100_000
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedavg_digits.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+# The tracking credentials a job may give the receiver actor (and that sites never hold).
+CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
+)
 
 
 class ConfigError(ValueError):
@@ -31,13 +41,20 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """Which data, where it lives, and how it is split across sites."""
 
-    name: Literal["digits", "cifar10", "synthetic"] = "digits"
+    name: str = Field(default="digits", description="digits, cifar10, synthetic, or package.module:Class "
+                                                     "(a fl_ray.data.DatasetSource)")
+    args: dict[str, Any] = Field(default_factory=dict, description="the dataset class's constructor arguments")
     root: str | None = Field(default=None, description="local folder of the data (cifar10)")
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (smaller: more skewed)")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
     val_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
     num_samples: int = Field(default=2000, ge=10, description="size of the synthetic dataset")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return check_plugin_name("dataset", v, "")
 
 
 class ResourcesConfig(_Strict):
@@ -72,12 +89,7 @@ class ReceiverConfig(BaseModel):
     @field_validator("type")
     @classmethod
     def _known_type(cls, v: str) -> str:
-        from fl_ray.receivers.base import BUILTIN_RECEIVERS
-
-        if v not in BUILTIN_RECEIVERS and ":" not in v:
-            raise ValueError(f"unknown receiver type {v!r}; expected one of "
-                             f"{', '.join(sorted(BUILTIN_RECEIVERS))} or 'package.module:Class'")
-        return v
+        return check_plugin_name("receiver", v, "")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -114,8 +126,6 @@ class TrackingConfig(_Strict):
     @field_validator("credentials")
     @classmethod
     def _known_credentials(cls, v: dict[str, str]) -> dict[str, str]:
-        from fl_ray.tracking.credentials import CREDENTIAL_VARS
-
         unknown = sorted(set(v) - set(CREDENTIAL_VARS))
         if unknown:
             raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
@@ -156,7 +166,8 @@ class JobConfig(_Strict):
     wait_after_min_results: float | None = Field(
         default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest")
     round_retries: int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
-    learner: str = "fl_ray.learners:ImageClassificationLearner"
+    learner: str = Field(default="fl_ray.learners:ImageClassificationLearner",
+                         description="image_classification, lightning, or package.module:Class (a fl_ray.Learner)")
     learner_args: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"},
                                      description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
@@ -190,11 +201,8 @@ class JobConfig(_Strict):
 
     @field_validator("learner")
     @classmethod
-    def _learner_path(cls, v: str) -> str:
-        module, sep, attr = v.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"expected an import path 'package.module:Class', got {v!r}")
-        return v
+    def _learner_name(cls, v: str) -> str:
+        return check_plugin_name("learner", v, "")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -204,8 +212,6 @@ class JobConfig(_Strict):
         n = len(self.site_names)
         if self.min_clients > n:
             raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")
-        if self.dataset.name == "cifar10" and not self.dataset.root:
-            raise ValueError("dataset.root: cifar10 needs the folder that holds it (see scripts/prepare_data.py)")
         return self
 
     @property
@@ -274,7 +280,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job config (default: configs/fedavg_digits.yaml) and apply ``--set`` overrides."""
+    """Read a YAML job config (default: the one shipped in the package, fl_ray/configs/default.yaml) and apply ``--set`` overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
         text = path.read_text()

@@ -1,6 +1,7 @@
 """The Learner protocol (what a site runs each round) and the built-in image-classification learner.
 
-A learner is a class named in the config by import path (``learner: package.module:Class``) and
+A learner is a plug-in (see :mod:`fl_ray.plugins`): named in the config by a built-in name
+(``image_classification``, ``lightning``) or an import path (``learner: package.module:Class``) and
 built with ``Class(**learner_args)``. Each client actor builds one and calls, in order:
 
 * ``setup(ctx)`` once: build the model (on ``ctx.device``) and prepare ``ctx.data``, the site's
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from fl_ray.data import ArrayData
-from fl_ray.importing import import_object
+from fl_ray.plugins import build_plugin, plugin_class
 from fl_ray.models import build_model
 from fl_ray.strategies.base import Arrays
 from fl_ray.strategies.scaffold import gradient_correction, initial_control, site_control_update
@@ -308,18 +309,11 @@ class ScaledInputModel(nn.Module):
         return self.model(_as_input(x))
 
 
-def learner_class(path: str) -> type[Learner]:
-    """The Learner subclass at import ``path``; ValueError/TypeError name the config field if it is not one."""
-    cls = import_object(path, "learner")
-    if not (isinstance(cls, type) and issubclass(cls, Learner)):
-        raise TypeError(f"learner: {path!r} is not a subclass of fl_ray.Learner")
-    return cls
+def learner_class(name: str) -> type[Learner]:
+    """The Learner subclass ``name`` stands for (a built-in name or an import path); PluginError names the field."""
+    return plugin_class("learner", name, "learner")
 
 
-def load_learner(path: str, args: dict[str, Any]) -> Learner:
-    """Build the learner class at import ``path`` with ``args``; errors name the config field."""
-    cls = learner_class(path)
-    try:
-        return cls(**args)
-    except TypeError as exc:
-        raise TypeError(f"learner_args: {args!r} do not fit {path}: {exc}") from None
+def load_learner(name: str, args: dict[str, Any]) -> Learner:
+    """Build the learner ``name`` with ``args``; errors name the config field."""
+    return build_plugin("learner", name, args, "learner", "learner_args")

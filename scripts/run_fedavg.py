@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a federated averaging job on Ray.
 
-With no arguments: configs/fedavg_digits.yaml on a local Ray instance, results under ./workspace.
+With no arguments: the default job (fl_ray/configs/default.yaml, inside the package) on a local Ray instance, results under ./workspace.
 Exit status: 0 on success, 1 if the job failed, 2 for a bad config or command line. Secrets given on the
 command line (``--set tracking.credentials.MLFLOW_TRACKING_PASSWORD=...``) are masked in what it prints.
 """
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from fl_ray.config import DEFAULT_CONFIG, ConfigError, load_config
+from fl_ray.config import ConfigError, load_config
 from fl_ray.tracking.credentials import argv_secrets, mask
 
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Example: %(prog)s --set num_rounds=10 --set dataset.partition=dirichlet --set dataset.alpha=0.3",
     )
     parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}")
+                        help="job config (YAML); default: the default job shipped in the package (fl_ray/configs/default.yaml)")
     parser.add_argument("--workspace", metavar="DIR", default="workspace",
                         help="where jobs write (<DIR>/<job_id>/...) and the default MLflow store lives; "
                              "default: %(default)s")
@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     data = result.to_dict()
     console.print(summary_table(data))
     console.print(f"results:  {result.job_dir / 'result.json'}")
-    mlflow = result.tracking.get("mlflow")
-    if mlflow:
-        console.print(f"MLflow:   experiment {mlflow['experiment_id']}, run {mlflow['parent_run_id']}; "
-                      f"view with: {mask(mlflow['ui'], secrets)}", highlight=False, soft_wrap=True)
+    for name, r in result.tracking.get("receivers", {}).items():
+        if r.get("view"):  # where to look, as the receiver's close report says
+            console.print(f"{name}: {mask(r['view'], secrets)}", highlight=False, soft_wrap=True)
     model = result.tracking.get("model")
     if model and model.get("model_uri"):
         registered = (f", registered as {model['registered_model_name']} v{model['registered_model_version']}"

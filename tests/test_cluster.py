@@ -232,7 +232,7 @@ def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluste
     assert {s["node_id"] for s in sites.values()} == {cluster.head_id, cluster.worker_id}
     assert all(s["device"] == "cpu" and s["num_samples"] > 0 for s in sites.values())
     # Tracking: the default store is in the workspace given on the command line.
-    mlflow = result["tracking"]["mlflow"]
+    mlflow = result["tracking"]["receivers"]["mlflow"]
     assert mlflow["tracking_uri"] == f"sqlite:///{workspace / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
     parent = client.get_run(mlflow["parent_run_id"])

@@ -11,7 +11,7 @@ from conftest import REPO
 
 
 def test_default_config_is_the_digits_job():
-    """configs/fedavg_digits.yaml: 2 sites, >= 3 rounds, digits, IID."""
+    """The default config (fl_ray/configs/default.yaml): 2 sites, >= 3 rounds, digits, IID."""
     cfg = load_config()
     assert cfg.site_names == ["site-1", "site-2"]
     assert cfg.num_rounds >= 3
@@ -39,7 +39,7 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     ({"sites": 2, "min_clients": 3}, "min_clients", "3", "more than the 2 site"),
     ({"sample_fraction": 0}, "sample_fraction", "0", "greater than 0"),
     ({"sample_fraction": 1.5}, "sample_fraction", "1.5", "less than or equal to 1"),
-    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "'digits', 'cifar10' or 'synthetic'"),
+    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "digits, cifar10, synthetic or an import path"),
     ({"dataset": {"partition": "by-label"}}, "dataset.partition", "'by-label'", "'iid' or 'dirichlet'"),
     ({"resources": {"client_cpus": -1}}, "resources.client_cpus", "-1", "greater than 0"),
     ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fl_ray.config import ConfigError, DatasetConfig
-from fl_ray.data import load_dataset, partition, partition_dirichlet, partition_iid, site_data
+from fl_ray.config import DatasetConfig
+from fl_ray.data import DatasetError, load_dataset, partition, partition_dirichlet, partition_iid, site_data
 
 
 def _assert_exact_cover(parts, n):
@@ -41,7 +41,7 @@ def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
 
 def test_too_many_sites_for_the_data_is_a_config_error():
     """More sites than samples cannot be split."""
-    with pytest.raises(ConfigError, match="sites"):
+    with pytest.raises(DatasetError, match="sites"):
         partition_iid(3, 5, np.random.default_rng(0))
 
 
@@ -108,5 +108,5 @@ def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
 
 def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
     """No CIFAR-10 under the root: a clear error pointing at scripts/prepare_data.py."""
-    with pytest.raises(ConfigError, match="prepare_data.py"):
+    with pytest.raises(DatasetError, match="prepare_data.py"):
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)

@@ -50,7 +50,7 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
         for c in r["clients"].values():
             assert c["num_samples"] > 0 and "train_loss" in c["metrics"] and c["device"] == "cpu"
     assert sum(s["num_samples"] for s in data["sites"].values()) == 1797 - round(1797 * 0.2)
-    mlflow = data["tracking"]["mlflow"]
+    mlflow = data["tracking"]["receivers"]["mlflow"]
     assert mlflow["tracking_uri"] == f"sqlite:///{ws.resolve() / 'mlflow.db'}"
     assert set(mlflow["run_ids"]) == {"site-1", "site-2", "site-3", "server"}
     assert data["tracking"]["receivers"]["mlflow"]["undelivered"] == 0

@@ -20,38 +20,22 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
 
+if TYPE_CHECKING:
+    from fl_ray.checkpoint import BestModel
+
 log = logging.getLogger(__name__)
 
 INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late batches never collide
-
-# MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
-# And a receiver has no one to show MLflow's "View run at" links to.
-RECEIVER_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-
-
-def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
-    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
-    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
-    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]
-
-
-def quiet_http_retries() -> None:
-    """Keep back-end clients from logging every HTTP retry: a pump says once that its receiver fails."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-
 
 @dataclass
 class _SeenSeqs:
@@ -405,24 +389,25 @@ class TrackingHub:
             report["dropped_after_resume"] = self.resumed_duplicates
         return report
 
-    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
+    def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
-        """Have every receiver that logs models log a saved one (``checkpoint``: a ``best.pt``) into ``site``'s
-        run; a report per such receiver (see :meth:`_each_open`)."""
-        return self._each_open("the model", timeout, "log_model", site, checkpoint, registered_model_name)
+        """Have every receiver that logs models (``logs_models``) log ``model`` into ``site``'s run; a report
+        per such receiver (see :meth:`_each_open`)."""
+        return self._each_open("the model", timeout, [p for p in self.pumps if p.receiver.logs_models],
+                               lambda r: r.log_model(site, model, registered_model_name))
 
     def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
-        """Have every receiver that logs tables log ``table`` (columns) to the job's parent run."""
-        return self._each_open(artifact_file, timeout, "log_table", artifact_file, table)
+        """Have every receiver that logs tables (``logs_tables``) log ``table`` (columns) to the job's parent run."""
+        return self._each_open(artifact_file, timeout, [p for p in self.pumps if p.receiver.logs_tables],
+                               lambda r: r.log_table(artifact_file, table))
 
-    def _each_open(self, what: str, timeout: float, method: str, *args: Any) -> dict[str, Any]:
-        """Call ``method`` with ``args`` on each receiver that implements it, once it is open (up to ``timeout``
-        seconds for one that is not yet); its report, or its error (reported, never raised)."""
+    def _each_open(self, what: str, timeout: float, pumps: list[DeliveryPump],
+                   call: Callable[[Receiver], dict[str, Any]]) -> dict[str, Any]:
+        """``call`` each of ``pumps``' receivers once it is open (up to ``timeout`` seconds for one that is not
+        yet); its report, or its error (reported, never raised)."""
         deadline = time.monotonic() + timeout
         reports: dict[str, Any] = {}
-        for pump in self.pumps:
-            if getattr(type(pump.receiver), method) is getattr(Receiver, method):
-                continue  # the base class's: this receiver does not do it
+        for pump in pumps:
             while not pump.opened and pump.error is None and pump.busy and time.monotonic() < deadline:
                 time.sleep(0.1)
             if not pump.opened:
@@ -430,7 +415,7 @@ class TrackingHub:
                 reports[pump.name] = {"error": f"{what} not logged: the receiver is not open ({why})"}
                 continue
             try:
-                reports[pump.name] = getattr(pump.receiver, method)(*args) or {}
+                reports[pump.name] = call(pump.receiver) or {}
             except Exception as exc:  # what was to be logged stays in the job directory; records are unaffected
                 reports[pump.name] = {"error": _describe(exc)}
                 log.warning("tracking receiver %r could not log %s: %s", pump.name, what, reports[pump.name]["error"])
