@@ -157,7 +157,6 @@ class ImageClassificationLearner(Learner):
         self.momentum = momentum
         self.log_every = log_every
         self.log_syntax = log_syntax
-        self._steps: dict[str, int] = {}  # wandb syntax: the next step of each metric
 
     def setup(self, ctx: LearnerContext) -> None:
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
@@ -188,10 +187,8 @@ class ImageClassificationLearner(Learner):
             ctx.mlflow.log_metric(key, value)
         elif self.log_syntax == "tensorboard":
             ctx.tensorboard.add_scalar(key, value)
-        else:  # W&B's own step is one per run; count per metric, as the other two syntaxes do
-            step = self._steps.get(key, 0)
-            self._steps[key] = step + 1
-            ctx.wandb.log({key: value}, step=step)
+        else:  # W&B's own step is one per run; count per metric in the site's state, as the other two do
+            ctx.wandb.log({key: value}, step=ctx.wandb.state.auto_step(key))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return model_weights(self.model)

@@ -7,7 +7,8 @@ import yaml
 
 from fl_ray.receivers.base import MemoryReceiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.hub import INCARNATION_BITS, TrackingHub
+from fl_ray.tracking.hub import TrackingHub
+from fl_ray.tracking.state import INCARNATION_BITS, SiteState
 from fl_ray.tracking.spool import Spool
 
 from user_receivers import FlakyReceiver, RefusesKey
@@ -55,7 +56,7 @@ def test_restart_recovers_from_the_spool(tmp_path):
     """A new hub on the same job dir knows what was accepted, resumes delivery, and continues steps."""
     first_sink = MemoryReceiver()
     hub = TrackingHub(ctx(tmp_path), [("memory", first_sink)])
-    first_seq, _ = hub.open_site("site-1")
+    first_seq = SiteState.from_snapshot("site-1", hub.open_site("site-1")).seq
     hub.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(3)])
     wait_until(lambda: len(first_sink.events) == 3)
     for pump in hub.pumps:  # the actor "crashes": delivery stops; a last batch is spooled, not delivered
@@ -68,8 +69,8 @@ def test_restart_recovers_from_the_spool(tmp_path):
     again = TrackingHub(ctx(tmp_path), [("memory", sink)])
     assert again.accepted == 4
     assert again.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(4)]) == 0
-    seq, steps = again.open_site("site-1")
-    assert seq == 1 << INCARNATION_BITS and steps == {"loss": 14}
+    restarted = SiteState.from_snapshot("site-1", again.open_site("site-1"))
+    assert restarted.seq == 1 << INCARNATION_BITS and restarted.steps == {"loss": 14}
     again.close("FINISHED", timeout=10)
     delivered = [e.seq for e in first_sink.events] + [e.seq for e in sink.events]
     assert sorted(delivered) == [first_seq + i for i in range(4)]
@@ -163,7 +164,7 @@ def test_non_metric_events_do_not_move_step_counters(tmp_path, kind):
     """Only metrics advance the steps handed to a restarted site."""
     hub = TrackingHub(ctx(tmp_path), [])
     hub.submit("site-1", [TrackingEvent("site-1", 0, kind, "k", "v", 7, 0)])
-    assert hub.open_site("site-1")[1] == {}
+    assert hub.open_site("site-1")["steps"] == {}
 
 
 class Picky(MemoryReceiver):

@@ -32,7 +32,7 @@ class ReceiverActor:
         os.environ.update(credentials.resolve())  # this process only; MLflow and W&B read them from here
         self.hub = TrackingHub(ctx, build_receivers(specs))
 
-    def open_site(self, site: str) -> tuple[int, dict[str, int]]:
+    def open_site(self, site: str) -> dict[str, Any]:
         return self.hub.open_site(site)
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:

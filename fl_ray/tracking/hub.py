@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
+from fl_ray.tracking.state import INCARNATION_BITS, SiteState
 
 if TYPE_CHECKING:
     from fl_ray.checkpoint import BestModel
 
 log = logging.getLogger(__name__)
-
-INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late batches never collide
 
 @dataclass
 class _SeenSeqs:
@@ -281,7 +280,7 @@ class TrackingHub:
         self.dead_letters = DeadLetters(ctx.job_dir)
         self._sites_path = self.spool.directory / "sites.json"
         self._seen: dict[tuple[str, int], _SeenSeqs] = {}
-        self._next_step: dict[str, dict[str, int]] = {}
+        self._sites: dict[str, SiteState] = {}  # what each site logged so far: steps, params
         self._earlier_lives: set[tuple[str, str, str, int | None] | None] = set()  # (site, kind, key, step)
         self.accepted = 0
         self.duplicates = 0
@@ -312,18 +311,22 @@ class TrackingHub:
         if seen is None:
             seen = self._seen[(event.site, block)] = _SeenSeqs(block << INCARNATION_BITS)
         seen.add(event.seq)
-        if event.kind == EventKind.METRIC and event.step is not None:
-            steps = self._next_step.setdefault(event.site, {})
-            if event.step >= steps.get(event.key, 0):
-                steps[event.key] = event.step + 1
+        self._site(event.site).observe(event)
         self.accepted += 1
 
-    def open_site(self, site: str) -> tuple[int, dict[str, int]]:
-        """Start (or restart) a site's sender: its first seq, and the next step of each metric so far."""
+    def _site(self, site: str) -> SiteState:
+        state = self._sites.get(site)
+        if state is None:
+            state = self._sites[site] = SiteState(site)
+        return state
+
+    def open_site(self, site: str) -> dict[str, Any]:
+        """Start (or restart) a site's tracking: the :meth:`SiteState.snapshot` it continues from, with a new
+        incarnation (so its seqs start a fresh block), the next step of each metric and the params so far."""
         incarnation = self._incarnations.get(site, -1) + 1
         self._incarnations[site] = incarnation
         write_json_atomic(self._sites_path, self._incarnations)
-        return incarnation << INCARNATION_BITS, dict(self._next_step.get(site, {}))
+        return {**self._site(site).snapshot(), "incarnation": incarnation}
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         """Accept a batch from ``site``: store what is new durably, then acknowledge with the count accepted.
