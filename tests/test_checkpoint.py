@@ -63,3 +63,18 @@ def test_best_model_is_weights_and_json(tmp_path):
     assert (meta["round"], meta["metrics"]) == (2, {"accuracy": 0.5, "loss": None})
     np.testing.assert_array_equal(arrays[meta["weights"]["conv.weight"]["$array"]], weights["conv.weight"])
     assert load_best(tmp_path).score == 0.5
+
+
+def test_torch_loads_only_weights():
+    """No file fl_ray reads is a pickle: every torch.load in the package and scripts passes weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    calls = [(path.name, node) for path in [*repo.joinpath("fl_ray").rglob("*.py"), *repo.joinpath("scripts").glob("*.py")]
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+    unsafe = [name for name, call in calls if not any(
+        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)]
+    assert unsafe == []

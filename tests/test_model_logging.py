@@ -1,5 +1,5 @@
 """The global model as an MLflow model: the server keeps the best round's model by server.key_metric /
-key_mode as <job>/checkpoints/best.pt, the receiver actor logs it into the `server` run with
+key_mode as <job>/checkpoints/best.npz + best.json, the receiver actor logs it into the `server` run with
 mlflow.pytorch.log_model (pt2) and registers it when tracking.register_model_name is set; loaded back,
 it reproduces the accuracy the job reported for that round on the test split."""
 
@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fl_ray import ConfigError, JobConfig, run_job
-from fl_ray.checkpoint import BEST, improves, load_best
+from fl_ray.checkpoint import improves, load_best
 from fl_ray.config import parse_config
 from fl_ray.data import ArrayData, site_data
 
