@@ -45,7 +45,7 @@ def save_tree(directory: Path, name: str, tree: dict[str, Any]) -> Path:
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(tree, "", arrays)
     tmp = directory / f"{name}.tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, directory / f"{name}.npz")
     _write_atomic(directory / f"{name}.json", json.dumps(skeleton, allow_nan=False))
     return directory / f"{name}.json"

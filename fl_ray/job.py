@@ -209,14 +209,14 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         config_dict = cfg.to_dict()
         strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
         for index, site in enumerate(sites):
-            clients[site] = ClientActor.options(
+            clients[site] = ClientActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
                 max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
                 name=f"fl_ray-{job_id}-{site}",
             ).remote(site, index, config_dict, receiver_actor_name(job_id))
         # the server starts up while the clients do
-        server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
-                                     scheduling_strategy=here).remote(
+        server = ServerActor.options(  # type: ignore[attr-defined]
+            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here).remote(
             config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
         placed = _wait_placed(clients, cfg)
         site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}

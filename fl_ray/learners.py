@@ -26,7 +26,7 @@ import copy
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
 
 import numpy as np
 import torch
@@ -123,6 +123,16 @@ def split_validation(ctx: LearnerContext) -> tuple[tuple[torch.Tensor, torch.Ten
     return (x[order[n_val:]], y[order[n_val:]]), (x[order[:n_val]], y[order[:n_val]])
 
 
+W = TypeVar("W")
+
+
+def _writer(writer: W | None) -> W:
+    """A context's writer, which a learner logging on a site has (only bare test contexts lack them)."""
+    if writer is None:
+        raise RuntimeError("this learner context has no tracking writers")
+    return writer
+
+
 def _site_number(site: str) -> int:
     """A stable number for the whole site name (so ``eu-west-site-1`` and ``us-west-site-1`` differ)."""
     return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
@@ -174,21 +184,22 @@ class ImageClassificationLearner(Learner):
     def _log_params(self, ctx: LearnerContext, params: dict[str, Any]) -> None:
         """The hyper-parameters, once per site, in the chosen syntax."""
         if self.log_syntax == "mlflow":
-            ctx.mlflow.log_params(params)
+            _writer(ctx.mlflow).log_params(params)
         elif self.log_syntax == "tensorboard":
             rows = "".join(f"\n| {k} | {v} |" for k, v in params.items())
-            ctx.tensorboard.add_text("hparams", "| name | value |\n| --- | --- |" + rows)
+            _writer(ctx.tensorboard).add_text("hparams", "| name | value |\n| --- | --- |" + rows)
         else:
-            ctx.wandb.config.update(params)
+            _writer(ctx.wandb).config.update(params)
 
     def _log_metric(self, ctx: LearnerContext, key: str, value: float) -> None:
         """One point of ``key`` at the step after its last one on this site."""
         if self.log_syntax == "mlflow":
-            ctx.mlflow.log_metric(key, value)
+            _writer(ctx.mlflow).log_metric(key, value)
         elif self.log_syntax == "tensorboard":
-            ctx.tensorboard.add_scalar(key, value)
+            _writer(ctx.tensorboard).add_scalar(key, value)
         else:  # W&B's own step is one per run; count per metric in the site's state, as the other two do
-            ctx.wandb.log({key: value}, step=ctx.wandb.state.auto_step(key))
+            wandb = _writer(ctx.wandb)
+            wandb.log({key: value}, step=wandb.state.auto_step(key))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return model_weights(self.model)
@@ -275,8 +286,8 @@ class _Scaffold:
     training the site's control ``c_i`` is updated in ``ctx.site_state`` and its change returned."""
 
     def __init__(self, model: nn.Module, weights: Mapping[str, np.ndarray], ctx: LearnerContext, lr: float) -> None:
-        control = ctx.payload["control"]
-        site_control = ctx.site_state.get("control") or initial_control(control)
+        control = cast(dict[str, np.ndarray], ctx.payload["control"])
+        site_control = cast(dict[str, np.ndarray], ctx.site_state.get("control") or initial_control(control))
         self.model, self.weights, self.ctx, self.lr = model, weights, ctx, lr
         self.control, self.site_control = control, site_control
         names = dict(model.named_parameters())

@@ -133,7 +133,7 @@ class _FutureRunning(Running):
         future = next(iter(done))
         site = self._futures.pop(future)
         error = future.exception()
-        return site, error if error is not None else future.result()
+        return site, error if isinstance(error, Exception) else future.result()
 
     @property
     def pending(self) -> list[str]:
@@ -168,6 +168,9 @@ class RoundEngine:
     def __init__(self, cfg: JobConfig, learner: Learner, ctx: LearnerContext, strategy: Strategy,
                  executor: Executor, checkpoint_dir: Path) -> None:
         self.cfg, self.learner, self.ctx, self.strategy, self.executor = cfg, learner, ctx, strategy, executor
+        if ctx.mlflow is None:
+            raise ValueError("the server's learner context needs its writer (ctx.mlflow: the server run)")
+        self.log = ctx.mlflow
         self.sites = list(cfg.site_names)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.job_dir = self.checkpoint_dir.parent  # where rounds.jsonl grows, a line per round
@@ -199,7 +202,7 @@ class RoundEngine:
             if len(results) >= needed:
                 break
         else:
-            self.ctx.mlflow.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
+            self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
             raise RoundError(f"round {round_}: fewer than min_clients={self.cfg.min_clients} of the sampled sites "
                              f"{plan.sites} returned a result in {self.cfg.round_retries + 1} attempt(s); "
                              f"failures: {failures}")
@@ -215,9 +218,9 @@ class RoundEngine:
         logged.update({"sites_completed": float(len(results)), "sites_failed": float(len(failures))})
         federated = self._evaluate_on_sites(round_)
         logged.update({f"federated_{k}": v for k, v in federated.get("mean", {}).items()})
-        self.ctx.mlflow.log_metrics(logged, step=round_)
+        self.log.log_metrics(logged, step=round_)
         if failures:
-            self.ctx.mlflow.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
+            self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
         summary = {"round": round_, "sampled": plan.sites, "completed": sorted(results), "failures": failures,
                    "global": global_metrics, "client_mean": client_mean, "strategy": reported, "clients": results,
                    "seconds": time.perf_counter() - start}

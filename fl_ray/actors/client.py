@@ -34,8 +34,9 @@ class ClientActor:
         self.system_metrics = None
         tracking_cfg = self.ctx.config.tracking
         if tracking_cfg.system_metrics:
-            self.ctx.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
-            self.system_metrics = SystemMetricsSampler(self.ctx.mlflow, tracking_cfg.system_metrics_interval).start()
+            self.tracking.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
+            self.system_metrics = SystemMetricsSampler(self.tracking.mlflow,
+                                                       tracking_cfg.system_metrics_interval).start()
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays]) -> dict[str, Any]:
         """Train or evaluate the round's global ``weights`` as ``task`` says; the site's tracking records of

@@ -300,11 +300,11 @@ class MLflowReceiver(Receiver):
                 continue
             batch = self._pending.get(e.site) or self._pending.setdefault(e.site, _Batch())
             if e.kind == EventKind.METRIC:
-                batch.metrics.append(_Record(e, Metric(e.key, e.value, e.timestamp, e.step)))
+                batch.metrics.append(_Record(e, Metric(e.key, e.value, e.timestamp, e.step or 0)))
             elif e.kind == EventKind.PARAM:
                 first = batch.params.setdefault(e.key, _Record(e, Param(e.key, e.value)))
-                if first.entity.value != e.value:
-                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "
+                if first.entity.value != e.value:  # type: ignore[union-attr]
+                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "  # type: ignore[union-attr]
                                        "same batch: MLflow keeps a param's first value")
             elif e.kind == EventKind.TAG:
                 batch.tags[e.key] = _Record(e, RunTag(e.key, e.value))
@@ -429,9 +429,9 @@ class MLflowReceiver(Receiver):
             self.client.set_terminated(run_id, status)
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "ui": ui_command(self.tracking_uri),
+                "ui": ui_command(str(self.tracking_uri)),
                 "view": f"experiment {self.experiment_id}, run {self.parent_run_id}; view with: "
-                        f"{ui_command(self.tracking_uri)}"}
+                        f"{ui_command(str(self.tracking_uri))}"}
 
     def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any]:
         """Log ``table`` (columns) as an MLflow table artifact of the job's parent run."""
@@ -454,7 +454,7 @@ class MLflowReceiver(Receiver):
         run_id = self.run_ids.get(site)
         if run_id is None:
             raise KeyError(f"no MLflow run for {site!r} in this job")
-        mlflow.set_tracking_uri(self.tracking_uri)  # this process writes to MLflow only through receivers
+        mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
                 best.model, name="model", input_example=best.input_example, step=best.round,
