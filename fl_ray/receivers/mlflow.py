@@ -457,7 +457,7 @@ class MLflowReceiver(Receiver):
         mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
-                best.model, name="model", input_example=best.input_example, step=best.round,
+                best.model, name="model", input_example=best.input_example.copy(),  # writable: Ray hands arrays over read-only step=best.round,
                 registered_model_name=registered_model_name,
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                 tags={"fl_ray.job_id": self._ctx.job_id, "fl_ray.round": str(best.round),
