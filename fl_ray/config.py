@@ -141,7 +141,7 @@ class TrackingConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.pt``)."""
+    """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.npz`` + ``best.json``)."""
 
     key_metric: str = Field(default="accuracy", min_length=1,
                             description="a global metric (a key of what the learner's evaluate returns)")
