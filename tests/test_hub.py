@@ -259,3 +259,32 @@ def test_replay_with_dead_letters_delivers_what_was_set_aside(tmp_path, capsys):
     assert entry["dead_letters_retried"] == {"retried": 1, "delivered": 1, "set_aside": 0}
     assert [tuple(e)[:2] for e in entry["echo"]] == [("site-1", 1)] and "dead_letters" not in entry
     assert (tmp_path / "dead_letters.jsonl").read_text() == ""
+
+
+class TableReceiver(MemoryReceiver):
+    """Declares that it logs tables, and keeps them."""
+
+    logs_tables = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict] = {}
+
+    def log_table(self, artifact_file, table):
+        self.tables[artifact_file] = table
+        return {"artifact_file": artifact_file}
+
+
+def test_the_hub_calls_only_the_capabilities_a_receiver_declares(tmp_path):
+    """log_table reaches the receiver that declares logs_tables, once it is open, and no other; log_model
+    reaches none of them (neither declares logs_models)."""
+    tables, plain = TableReceiver(), MemoryReceiver()
+    hub = TrackingHub(ctx(tmp_path), [("tables", tables), ("plain", plain)])
+    hub.submit("site-1", [metric("site-1", 0, 0)])
+    table = {"site": ["site-1"], "accuracy": [0.5]}
+    assert hub.log_table("matrix.json", table, timeout=10) == {"tables": {"artifact_file": "matrix.json"}}
+    assert tables.tables == {"matrix.json": table}
+    assert hub.log_model("server", object(), None, timeout=10) == {}
+    with pytest.raises(NotImplementedError, match="MemoryReceiver does not log tables"):
+        plain.log_table("matrix.json", table)
+    hub.close("FINISHED", timeout=10)
