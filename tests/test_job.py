@@ -35,7 +35,8 @@ def test_digits_job_learns(digits_job):
 
 
 def test_result_json_holds_rounds_sites_and_tracking(digits_job):
-    """result.json: per-round global metrics, per-site sample counts and results, final metrics, tracking."""
+    """result.json: per-round global metrics (built from rounds.jsonl), per-site sample counts and results,
+    final metrics, tracking."""
     result, ws = digits_job
     job_dir = ws / result.job_id
     data = json.loads((job_dir / "result.json").read_text())
@@ -44,6 +45,9 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
     assert saved_cfg == digits_config().to_dict()
     assert data["status"] == "FINISHED" and data["final_metrics"] == data["rounds"][-1]["global"]
     assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    # result.json's rounds are rounds.jsonl's lines, one per round; the checkpoint holds none of them
+    assert [json.loads(line) for line in (job_dir / "rounds.jsonl").read_text().splitlines()] == data["rounds"]
+    assert "rounds" not in json.loads((job_dir / "checkpoints" / "last.json").read_text())
     for r in data["rounds"]:
         assert set(r["global"]) == {"loss", "accuracy"}
         assert r["sampled"] == r["completed"] == ["site-1", "site-2", "site-3"]
