@@ -170,7 +170,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     ``config`` is a JobConfig, a dict, or a YAML path (default: the default job, fl_ray/configs/default.yaml).
     ``address`` joins an existing Ray cluster (``RAY_ADDRESS`` does too); otherwise Ray starts locally.
     ``resume`` is a job directory: the job continues after its last completed round, in the same
-    directory and MLflow runs (``config`` then defaults to the job's own config.yaml).
+    directory and tracking runs (``config`` then defaults to the job's own config.yaml).
     Raises ConfigError for a bad config before Ray starts. Ctrl+C stops the job as KILLED, after
     tracking is flushed and result.json written; a second Ctrl+C exits at once.
     """
