@@ -239,7 +239,7 @@ class ImageClassificationLearner(Learner):
                     self._log_metric(ctx, "train_loss", running / self.log_every)
                     running = 0.0
             if len(self.val[1]):
-                val_acc = self._score(self.val)["accuracy"]
+                val_acc = score(self.model, self.val, self.device)["accuracy"]
                 if ctx.mlflow is not None:
                     self._log_metric(ctx, "val_accuracy", val_acc)
                 self.model.train()
@@ -252,7 +252,7 @@ class ImageClassificationLearner(Learner):
 
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         load_weights(self.model, weights)
-        return self._score(self.train_data if ctx.site == "server" else self.val)
+        return score(self.model, self.train_data if ctx.site == "server" else self.val, self.device)
 
     def export_model(self, weights: Mapping[str, np.ndarray]) -> tuple[nn.Module, np.ndarray]:
         """A CPU copy of the model holding ``weights``, in eval mode, and 8 inputs of this actor's data.
@@ -267,18 +267,23 @@ class ImageClassificationLearner(Learner):
             model = ScaledInputModel(model)
         return model.eval(), example
 
-    @torch.no_grad()
-    def _score(self, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        self.model.eval()
-        x, y = data
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(y), 1024):
-            xb, yb = _as_input(x[start:start + 1024]).to(self.device), y[start:start + 1024].to(self.device)
-            out = self.model(xb)
-            loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-            correct += (out.argmax(1) == yb).sum().item()
-        n = max(1, len(y))
-        return {"loss": loss_sum / n, "accuracy": correct / n}
+
+@torch.no_grad()
+def score(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+          scale_uint8: bool = True) -> dict[str, float]:
+    """Cross-entropy ``loss`` and ``accuracy`` of ``model``'s class logits on ``data`` (in eval mode, in batches
+    of 1024); with ``scale_uint8``, uint8 images are scaled to [-1, 1] first, as the built-in learner trains."""
+    model.eval()
+    x, y = data
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), 1024):
+        xb = x[start:start + 1024]
+        xb, yb = (_as_input(xb) if scale_uint8 else xb).to(device), y[start:start + 1024].to(device)
+        out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    n = max(1, len(y))
+    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 class _Scaffold:

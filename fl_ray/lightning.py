@@ -33,7 +33,15 @@ except ImportError as exc:
                       "pip install 'fl_ray[lightning]'") from exc
 
 from fl_ray.importing import import_object
-from fl_ray.learners import Learner, LearnerContext, TrainResult, load_weights, model_weights, split_validation
+from fl_ray.learners import (
+    Learner,
+    LearnerContext,
+    TrainResult,
+    load_weights,
+    model_weights,
+    score,
+    split_validation,
+)
 from fl_ray.models import DigitsCNN
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, flatten
 
@@ -199,7 +207,7 @@ class LightningLearner(Learner):
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         load_weights(self.module, weights)
         data = self.val if ctx.site != "server" and len(self.val[1]) else self.train_data
-        return _score(self.module.to(ctx.device), data, ctx.device)
+        return score(self.module.to(ctx.device), data, ctx.device, scale_uint8=False)
 
     def _trainer_kwargs(self, ctx: LearnerContext) -> dict[str, Any]:
         cuda = ctx.device.type == "cuda"
@@ -230,21 +238,6 @@ def _build_module(path: str, args: dict[str, Any]) -> pl.LightningModule:
         return cls(**args)
     except TypeError as exc:
         raise TypeError(f"learner_args.module_args: {args!r} do not fit {path}: {exc}") from None
-
-
-@torch.no_grad()
-def _score(module: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Cross-entropy loss and accuracy of ``module``'s logits on ``data``."""
-    module.eval()
-    x, y = data
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), 1024):
-        xb, yb = x[start:start + 1024].to(device), y[start:start + 1024].to(device)
-        out = module(xb)
-        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    n = max(1, len(y))
-    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 @contextmanager
