@@ -84,7 +84,7 @@ def test_user_learner_by_import_path_and_sampling(ray_session, workspace):
 
 
 @pytest.mark.parametrize("path, words", [
-    ("user_learners:NotALearner", ["NotALearner", "not a subclass of fl_ray.Learner"]),
+    ("user_learners:NotALearner", ["NotALearner", "expected a subclass of fl_ray.learners.Learner"]),
     ("user_learners:Missing", ["has no attribute 'Missing'"]),
     ("no_such_module:Learner", ["cannot import module 'no_such_module'"]),
 ])
