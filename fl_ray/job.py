@@ -190,7 +190,6 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
 
     owns_ray = _init_ray(address)
     started = time.time()
-    rounds: list[dict[str, Any]] = []
     site_info: dict[str, Any] = {}
     tracking: dict[str, Any] = {}
     status, error = FAILED, None

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _SeenSeqs:
     """The seqs accepted from one site incarnation: a contiguous watermark plus the ones above it."""
