@@ -1,4 +1,4 @@
-"""The Learner protocol (what a site runs each round) and the built-in image-classification learner.
+"""The Learner contract (what a site runs each round) and the built-in image-classification learner.
 
 A learner is a plug-in (see :mod:`fl_ray.plugins`): named in the config by a built-in name
 (``image_classification``, ``lightning``) or an import path (``learner: package.module:Class``) and
