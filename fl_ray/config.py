@@ -9,12 +9,13 @@ imports no Ray.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from fl_ray.plugins import check_plugin_name
 
@@ -34,6 +35,13 @@ class ConfigError(ValueError):
     """A job configuration that cannot run; the message names each bad field, value and expectation."""
 
 
+# Strict scalar types: a boolean is no number (``lr: true`` is refused, not read as 1.0) and a number
+# no boolean; a float field still takes a whole number (``lr: 1``). YAML and ``--set`` values arrive typed.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,10 +54,10 @@ class DatasetConfig(_Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="the dataset class's constructor arguments")
     root: str | None = Field(default=None, description="local folder of the data (cifar10)")
     partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration (smaller: more skewed)")
-    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
-    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
-    num_samples: int = Field(default=2000, ge=10, description="size of the synthetic dataset")
+    alpha: Float = Field(default=0.5, gt=0, description="Dirichlet concentration (smaller: more skewed)")
+    test_fraction: Float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
+    val_fraction: Float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
+    num_samples: Int = Field(default=2000, ge=10, description="size of the synthetic dataset")
 
     @field_validator("name")
     @classmethod
@@ -60,14 +68,14 @@ class DatasetConfig(_Strict):
 class ResourcesConfig(_Strict):
     """What each client actor asks Ray for, and how clients are placed on the cluster."""
 
-    client_cpus: float = Field(default=0.5, gt=0)
-    client_gpus: float = Field(default=0.0, ge=0)
+    client_cpus: Float = Field(default=0.5, gt=0)
+    client_gpus: Float = Field(default=0.0, ge=0)
     placement: Literal["spread", "pack"] = "spread"
-    autoscale: bool = Field(default=False, description="ask Ray's autoscaler for nodes instead of failing when "
+    autoscale: Bool = Field(default=False, description="ask Ray's autoscaler for nodes instead of failing when "
                                                         "the cluster is too small now")
-    server_cpus: float = Field(default=0.5, ge=0)
-    max_client_restarts: int = Field(default=2, ge=0, description="Ray restarts of a failed client actor")
-    schedule_timeout: float = Field(default=60.0, gt=0,
+    server_cpus: Float = Field(default=0.5, ge=0)
+    max_client_restarts: Int = Field(default=2, ge=0, description="Ray restarts of a failed client actor")
+    schedule_timeout: Float = Field(default=60.0, gt=0,
                                     description="seconds to wait for Ray to place all actors before failing")
 
     @field_validator("client_gpus")
@@ -101,9 +109,9 @@ class TrackingConfig(_Strict):
     """Where tracking records go and how clients batch them."""
 
     receivers: list[ReceiverConfig] = Field(default_factory=lambda: [ReceiverConfig(type="mlflow")])
-    batch_size: int = Field(default=1000, ge=1, description="events per batch sent to the receiver actor")
-    flush_interval: float = Field(default=0.2, gt=0, description="seconds between sends of a partial batch")
-    max_in_flight: int = Field(default=4, ge=1, description="unacknowledged batches per site")
+    batch_size: Int = Field(default=1000, ge=1, description="events per batch sent to the receiver actor")
+    flush_interval: Float = Field(default=0.2, gt=0, description="seconds between sends of a partial batch")
+    max_in_flight: Int = Field(default=4, ge=1, description="unacknowledged batches per site")
     credentials: dict[str, str] = Field(
         default_factory=dict,
         description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD); "
@@ -114,10 +122,10 @@ class TrackingConfig(_Strict):
         description="a file of NAME=value lines (e.g. MLFLOW_TRACKING_PASSWORD=...) on the driver's node that "
                     "only the receiver actor reads; an absolute path or one starting with ~",
     )
-    close_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
-    system_metrics: bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
-    system_metrics_interval: float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
-    log_model: bool = Field(default=True, description="log the best global model to the server run at the end "
+    close_timeout: Float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
+    system_metrics: Bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
+    system_metrics_interval: Float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
+    log_model: Bool = Field(default=True, description="log the best global model to the server run at the end "
                                                       "(receivers that can: MLflow)")
     register_model_name: str | None = Field(
         default=None, min_length=1,
@@ -153,33 +161,41 @@ class JobConfig(_Strict):
     """A federated averaging job."""
 
     name: str = Field(default="fedavg", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
-    num_rounds: int = Field(default=3, ge=1)
-    sites: Union[int, list[str]] = Field(default=2, description="a count, or the site names")
-    min_clients: int = Field(default=1, ge=1)
-    sample_fraction: float = Field(default=1.0, gt=0, le=1)
-    local_epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=0.05, gt=0)
+    seed: Int = 0
+    num_rounds: Int = Field(default=3, ge=1)
+    sites: Union[Int, list[str]] = Field(default=2, description="a count, or the site names")
+    min_clients: Int = Field(default=1, ge=1)
+    sample_fraction: Float = Field(default=1.0, gt=0, le=1)
+    local_epochs: Int = Field(default=1, ge=1)
+    batch_size: Int = Field(default=32, ge=1)
+    lr: Float = Field(default=0.05, gt=0)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    round_timeout: float | None = Field(default=None, gt=0, description="seconds a round waits for clients")
-    wait_after_min_results: float | None = Field(
+    round_timeout: Float | None = Field(default=None, gt=0, description="seconds a round waits for clients")
+    wait_after_min_results: Float | None = Field(
         default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest")
-    round_retries: int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
+    round_retries: Int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
     learner: str = Field(default="fl_ray.learners:ImageClassificationLearner",
                          description="image_classification, lightning, or package.module:Class (a fl_ray.Learner)")
     learner_args: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"},
                                      description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
-    evaluate_every: int = Field(default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)")
-    evaluate_fraction: float = Field(default=1.0, gt=0, le=1, description="share of sites that evaluate")
-    cross_site_evaluation: bool = Field(default=False, description="at the end, every site evaluates the final "
+    evaluate_every: Int = Field(default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)")
+    evaluate_fraction: Float = Field(default=1.0, gt=0, le=1, description="share of sites that evaluate")
+    cross_site_evaluation: Bool = Field(default=False, description="at the end, every site evaluates the final "
                                         "global model and each site's last local model")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     description: str = Field(default="", max_length=5000,
                              description="a note on the job: the parent run's MLflow description")
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_shape(cls, v: Any) -> Any:
+        count = isinstance(v, int) and not isinstance(v, bool)
+        if not count and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            raise ValueError(f"expected a number of sites or a list of site names (text), got {v!r}")
+        return v
 
     @field_validator("sites")
     @classmethod
@@ -233,18 +249,58 @@ class JobConfig(_Strict):
         return self.model_dump(mode="json", exclude={"tracking": {"credentials"}})
 
 
+# What each type error expects, in words (pydantic's own messages name its internal types).
+_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+             "bool_type": "true or false", "string_type": "text", "dict_type": "a mapping of keys to values",
+             "list_type": "a list", "model_type": "a section of keys", "model_attributes_type": "a section of keys"}
+
+
 def _format_errors(err: ValidationError) -> str:
+    """One plain sentence per bad field: where, what was expected, what was given."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[")))
-        msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if isinstance(value, dict) and e["type"] not in ("extra_forbidden",) else f" (got {value!r})"
+        got = "" if isinstance(value, dict) else f", got {_shown(value)}"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key{shown}; check the spelling against the documented keys")
+            line = f"{loc}: unknown key{f' (set to {_shown(value)})' if got else ''}; {_suggestion(e['loc'])}"
+        elif e["type"] in _EXPECTED:
+            line = f"{loc}: expected {_EXPECTED[e['type']]}{got}"
         else:
-            lines.append(f"  {loc or 'config'}: {msg}{shown}")
-    return "invalid job config:\n" + "\n".join(dict.fromkeys(lines))
+            msg = e["msg"].removeprefix("Value error, ")
+            if msg.startswith("Input should be "):
+                msg = "expected " + msg.removeprefix("Input should be ")
+                for bound in ("greater than", "less than"):
+                    msg = msg.replace(f"expected {bound}", f"expected a value {bound}")
+            elif repr(value) in msg:
+                got = ""
+            line = f"{loc}: {msg}{got}" if loc else msg
+        lines.append(line if line.endswith((".", "?")) else line + ".")
+    return "invalid job config:\n" + "\n".join("  " + line for line in dict.fromkeys(lines))
+
+
+def _shown(value: Any) -> str:
+    """A bad value as the user wrote it: ``true``/``false`` for booleans (as in YAML), else its repr."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    return repr(value)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """'did you mean ...' for an unknown key, or the keys its section has."""
+    model: Any = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "check the spelling against the documented keys"
+        model = annotation
+    keys = [k for k in model.model_fields if k != "credentials"] + (["credentials"] if "credentials" in
+                                                                     model.model_fields else [])
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"expected one of {', '.join(keys)}"
 
 
 def parse_config(data: dict[str, Any]) -> JobConfig:

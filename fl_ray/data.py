@@ -12,6 +12,7 @@ every sample goes to exactly one site. A dataset that cannot be loaded or split 
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,11 @@ class Cifar10(DatasetSource):
         try:
             train = CIFAR10(str(root), train=True, download=False)
             test = CIFAR10(str(root), train=False, download=False)
-        except RuntimeError as exc:
+        except RuntimeError:  # torchvision's message advises download=True, which a job config cannot set
             raise DatasetError(
-                f"dataset.root: CIFAR-10 not found under {str(root)!r} ({exc}). Download it once with "
-                f"`python scripts/prepare_data.py --root {root}`"
+                f"dataset.root: CIFAR-10 is not in {str(root)!r} (or is incomplete); download it there once with "
+                f"`{sys.executable} {Path(__file__).resolve().parent.parent / 'scripts' / 'prepare_data.py'} "
+                f"--root {root}`, or set dataset.root to where it is"
             ) from None
 
         def arrays(ds: CIFAR10) -> ArrayData:

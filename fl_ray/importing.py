@@ -13,8 +13,14 @@ def import_object(path: str, what: str) -> Any:
         raise ValueError(f"{what}: {path!r} is not an import path; expected 'package.module:Name'")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):  # the module itself is not there
+            raise ValueError(f"{what}: cannot import module {module_name!r}: "
+                             f"{'it' if missing == module_name else repr(missing)} is not on the Python path") from exc
+        raise ValueError(f"{what}: cannot import module {module_name!r}: {exc}") from exc
     except ImportError as exc:
-        raise ValueError(f"{what}: cannot import module {module_name!r} from {path!r}: {exc}") from exc
+        raise ValueError(f"{what}: cannot import module {module_name!r}: {exc}") from exc
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -30,7 +30,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fl_ray.checkpoint import BEST, BestModel, load_best, load_checkpoint, load_rounds
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
-from fl_ray.learners import learner_class
+from fl_ray.job_summary import PICTURE, participation, participation_columns, plot_job
+from fl_ray.learners import load_learner
 from fl_ray.metadata import run_tags
 from fl_ray.progress import RoundProgress
 from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver, receiver_names
@@ -62,11 +63,14 @@ class JobResult:
     sites: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     cross_site_evaluation: dict[str, Any] | None = None
+    participation: dict[str, Any] = field(default_factory=dict)
+    picture: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The content of result.json."""
         return {"job_id": self.job_id, "job_dir": str(self.job_dir), "status": self.status, "error": self.error,
                 "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
+                "participation": self.participation, "picture": self.picture,
                 "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation}
 
 
@@ -84,10 +88,10 @@ def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobCon
 
 
 def _check_plugins(cfg: JobConfig) -> list[Any]:
-    """Import the learner, build the strategy and each receiver, and load and split the dataset once here,
-    so a bad name, path, argument or dataset fails before Ray starts; the dataset's partition by site."""
+    """Build the learner (with learner_args), the strategy and each receiver, and load and split the dataset
+    once here, so a bad name, path, argument or dataset fails before Ray starts; the dataset's partition by site."""
     try:
-        learner_class(cfg.learner)
+        load_learner(cfg.learner, cfg.learner_args)
         build_strategy(cfg.strategy)
         for i, spec in enumerate(cfg.tracking.receivers):
             build_receiver(spec.type, spec.params, f"tracking.receivers.{i}")
@@ -97,15 +101,16 @@ def _check_plugins(cfg: JobConfig) -> list[Any]:
         raise ConfigError(f"invalid job config:\n  {exc}") from None
 
 
-def _init_ray(address: str | None) -> bool:
+def _init_ray(address: str | None, verbose: bool = False) -> bool:
     """Start or join Ray unless this process already did; True if this call started it.
 
     A Ray started here inherits no tracking credential, and the command line Ray records as the job's
-    entrypoint (``ray list jobs``, the dashboard) has its secrets masked.
+    entrypoint (``ray list jobs``, the dashboard) has its secrets masked. Ray's own start-up messages
+    show only when ``verbose``.
     """
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False
     entrypoint = subprocess.list2cmdline(masked_argv(psutil.Process().cmdline()))
@@ -151,6 +156,17 @@ def _wait_placed(actors: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     return {name: ray.get(ref) for name, ref in refs.items()}
 
 
+def _note_no_gpu_metrics(placed: dict[str, Any]) -> None:
+    """Say once per reason (not once per site) why sites sample no GPU metrics."""
+    reasons: dict[str, list[str]] = {}
+    for site, info in placed.items():
+        if info.get("no_gpu_metrics"):
+            reasons.setdefault(info["no_gpu_metrics"], []).append(site)
+    for why, sites in reasons.items():
+        where = "any site" if len(sites) == len(placed) else ", ".join(sites)
+        log.warning("no GPU metrics on %s: %s; sampling CPU and memory only", where, why)
+
+
 def _prepare_job_dir(cfg: JobConfig, workspace: Path, resume: Path | None) -> tuple[str, Path]:
     if resume is None:
         job_id = new_job_id(cfg.name)
@@ -164,13 +180,17 @@ def _prepare_job_dir(cfg: JobConfig, workspace: Path, resume: Path | None) -> tu
 
 def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, workspace: str | Path = "workspace",
             address: str | None = None, *, resume: str | Path | None = None,
-            show_progress: bool = True) -> JobResult:
+            show_progress: bool = True, verbose: bool = False) -> JobResult:
     """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
 
     ``config`` is a JobConfig, a dict, or a YAML path (default: the default job, fl_ray/configs/default.yaml).
     ``address`` joins an existing Ray cluster (``RAY_ADDRESS`` does too); otherwise Ray starts locally.
     ``resume`` is a job directory: the job continues after its last completed round, in the same
     directory and tracking runs (``config`` then defaults to the job's own config.yaml).
+    Whatever the outcome, the job directory gets ``summary.png`` (see fl_ray.job_summary), also logged to
+    the parent run with the site x round participation table. An exception raised once the job directory
+    exists carries it as ``exc.job_dir`` (for a ``--resume`` hint).
+    ``verbose`` shows Ray's own start-up messages.
     Raises ConfigError for a bad config before Ray starts. Ctrl+C stops the job as KILLED, after
     tracking is flushed and result.json written; a second Ctrl+C exits at once.
     """
@@ -188,7 +208,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     sites = cfg.site_names
     job_id, job_dir = _prepare_job_dir(cfg, Path(workspace).resolve() if resume is None else resume.parent, resume)
 
-    owns_ray = _init_ray(address)
+    owns_ray = _init_ray(address, verbose)
     started = time.time()
     site_info: dict[str, Any] = {}
     tracking: dict[str, Any] = {}
@@ -218,6 +238,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here).remote(
             config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
         placed = _wait_placed(clients, cfg)
+        _note_no_gpu_metrics(placed)
         site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
                      for s, idx in zip(sites, parts)}
         done = ray.get(server.completed_rounds.remote())
@@ -227,19 +248,24 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         if cfg.cross_site_evaluation:
             cross_site = _cross_site_evaluation(cfg, server, receiver)
         status = FINISHED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status, error = KILLED, "interrupted (Ctrl+C)"
+        exc.job_dir = job_dir  # type: ignore[attr-defined]
         raise
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        exc.job_dir = job_dir  # type: ignore[attr-defined]
         raise
     finally:
         previous = signal.signal(signal.SIGINT, _exit_now) if _in_main_thread() else None
         try:
-            tracking = _close(cfg, receiver, server, clients, status, job_dir)
             rounds = _completed_rounds(job_dir)
+            table = participation(sites, rounds)
+            picture = _draw_picture(job_dir, f"{job_id} ({status})", rounds,
+                                    {site: len(idx) for site, idx in zip(sites, parts)}, table)
+            tracking = _close(cfg, receiver, server, clients, status, job_dir, table, picture)
             result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
-                               tracking, site_info, error, cross_site)
+                               tracking, site_info, error, cross_site, table, str(picture) if picture else None)
             result_data = result.to_dict()
             result_data["seconds"] = round(time.time() - started, 3)
             (job_dir / "result.json").write_text(strict_json(result_data))
@@ -266,9 +292,35 @@ def _exit_now(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
+def _draw_picture(job_dir: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int],
+                  table: dict[str, Any]) -> Path | None:
+    """``<job_dir>/summary.png``; None (with a warning) if it cannot be drawn: the results matter more."""
+    try:
+        return plot_job(job_dir / PICTURE, title, rounds, samples, table)
+    except Exception as exc:
+        log.warning("the job's picture %s was not drawn: %s: %s", job_dir / PICTURE, type(exc).__name__, exc)
+        return None
+
+
+def _log_summary(cfg: JobConfig, receiver: Any, table: dict[str, Any], picture: Path | None) -> dict[str, Any]:
+    """Have the receiver actor log the participation table and the picture to the parent run."""
+    timeout = cfg.tracking.close_timeout
+    logged: dict[str, Any] = {}
+    calls = {"participation": receiver.log_table.remote("participation.json", participation_columns(table), timeout)}
+    if picture is not None:
+        calls["picture"] = receiver.log_artifact.remote(str(picture), None, timeout)
+    for what, ref in calls.items():
+        try:
+            logged[what] = ray.get(ref, timeout=timeout + 30)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            logged[what] = {"receiver_actor": {"error": f"{type(exc).__name__}: the receiver actor did not log it"}}
+    return logged
+
+
 def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str,
-           job_dir: Path) -> dict[str, Any]:
-    """Flush every site's tracking, have the receiver actor log the best model, then deliver and end the runs."""
+           job_dir: Path, table: dict[str, Any], picture: Path | None) -> dict[str, Any]:
+    """Flush every site's tracking, have the receiver actor log the best model, the participation table and
+    the picture, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
     senders: dict[str, Any] = {}
     best = _best_model(cfg, server, status)  # the server's learner rebuilds it, before the server goes
@@ -285,10 +337,12 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
         return {"senders": senders}
     try:
         model = _log_best_model(cfg, receiver, job_dir, status, best)
+        summary = _log_summary(cfg, receiver, table, picture)
         report = _close_receiver(cfg, receiver, status, job_dir)
     finally:
         ray.kill(receiver, no_restart=True)
     report["senders"] = senders
+    report["summary"] = summary
     if model is not None:
         report["model"] = model
     return report

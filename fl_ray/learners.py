@@ -23,7 +23,9 @@ this round; ``ctx.site_state`` what the site keeps until its next round (see fl_
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
@@ -33,8 +35,8 @@ import torch
 from torch import nn
 
 from fl_ray.data import ArrayData
-from fl_ray.plugins import build_plugin, plugin_class
-from fl_ray.models import build_model
+from fl_ray.models import build_model, check_model_name
+from fl_ray.plugins import plugin_class
 from fl_ray.strategies.base import Arrays
 from fl_ray.strategies.scaffold import gradient_correction, initial_control, site_control_update
 
@@ -162,8 +164,8 @@ class ImageClassificationLearner(Learner):
     def __init__(self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10,
                  log_syntax: str = "mlflow") -> None:
         if log_syntax not in LOG_SYNTAXES:
-            raise ValueError(f"log_syntax must be one of {', '.join(LOG_SYNTAXES)}, got {log_syntax!r}")
-        self.model_name = model
+            raise ValueError(f"learner_args.log_syntax: expected one of {', '.join(LOG_SYNTAXES)}, got {log_syntax!r}")
+        self.model_name = check_model_name(model)
         self.momentum = momentum
         self.log_every = log_every
         self.log_syntax = log_syntax
@@ -327,6 +329,26 @@ def learner_class(name: str) -> type[Learner]:
     return plugin_class("learner", name, "learner")
 
 
-def load_learner(name: str, args: dict[str, Any]) -> Learner:
-    """Build the learner ``name`` with ``args``; errors name the config field."""
-    return build_plugin("learner", name, args, "learner", "learner_args")
+def load_learner(path: str, args: dict[str, Any]) -> Learner:
+    """Build the learner class at import ``path`` with ``args``; errors name the config field.
+
+    The job calls this once in the driver before Ray starts, so an argument the constructor does not
+    take, or refuses, stops the job there.
+    """
+    cls = learner_class(path)
+    try:
+        accepted = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read (a C extension): the constructor itself decides
+        accepted = None
+    if accepted is not None and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        names = [n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for arg in args:
+            if arg not in names:
+                close = difflib.get_close_matches(arg, names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else (
+                    f"it takes {', '.join(names)}" if names else "it takes no arguments")
+                raise TypeError(f"learner_args.{arg}: {cls.__name__} takes no argument {arg!r}; {hint}")
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise TypeError(f"learner_args: {cls.__name__}(**learner_args) failed: {exc}") from None

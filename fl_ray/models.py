@@ -63,10 +63,13 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
 }
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it is a model of :data:`MODELS`; ValueError naming ``learner_args.model`` if not."""
+    if name not in MODELS:
+        raise ValueError(f"learner_args.model: unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}")
+    return name
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the model called ``name`` for inputs of ``input_shape``."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"learner_args.model: unknown model {name!r}; expected one of {sorted(MODELS)}") from None
-    return factory(tuple(input_shape), num_classes)
+    return MODELS[check_model_name(name)](tuple(input_shape), num_classes)

@@ -8,7 +8,10 @@ GPUs this process may use: those ``CUDA_VISIBLE_DEVICES`` names (Ray sets it for
 NVML indices or ``GPU-`` UUIDs, read as CUDA reads them), else all. ``gpu_N`` is the GPU that is
 ``cuda:N`` in this process; integer entries are taken as NVML (PCI bus) indices, as with
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID``. Sites that share a GPU each log that whole GPU's use. Without NVML
-or without a visible GPU the sampler logs CPU and memory only, after one warning.
+or without a visible GPU the sampler logs CPU and memory only, after one warning (or, with
+``warn_no_gpu=False``, only saying why in ``no_gpu``, for a job to report once for all its sites).
+Steps continue where the site's earlier samples stopped, so a restarted or resumed site adds to its
+curves instead of starting them again at 0.
 :func:`gpu_description` is the nvidia-smi-like text a site stores once. NVML is reached only through
 :class:`_Nvml`, over a pynvml-compatible module that tests may replace with a fake.
 """
@@ -162,11 +165,12 @@ class SystemMetricsSampler:
 
     ``gpu_indices``: which visible GPUs to sample, by ``cuda:N`` ordinal (default: all visible).
     ``nvml``: a pynvml-compatible module (default: ``pynvml``); tests pass a fake.
+    ``warn_no_gpu``: log a warning when no GPU is sampled (else only ``no_gpu`` says why).
     Use ``start()`` / ``stop()`` or ``with``; ``stop()`` takes one last sample and is safe to repeat.
     """
 
     def __init__(self, writer: MLflowWriter, interval: float = 10.0, gpu_indices: list[int] | None = None,
-                 *, nvml: Any = None) -> None:
+                 *, nvml: Any = None, warn_no_gpu: bool = True) -> None:
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
                 math.isfinite(interval) and interval > 0):
             raise ValueError(f"interval: expected a positive number of seconds, got {interval!r}")
@@ -186,7 +190,9 @@ class SystemMetricsSampler:
         self._failed = False
         self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=f"fl_ray-sysmetrics-{writer.site}", daemon=True)
-        self.samples = 0  # samples logged so far; the next one's step
+        self._warn_no_gpu = warn_no_gpu
+        self.no_gpu = ""  # why no GPU is sampled, once started ("" when one is)
+        self.samples = 0  # the next sample's step: past every step this site's system metrics already have
 
     @property
     def gpus(self) -> list[int]:
@@ -205,10 +211,11 @@ class SystemMetricsSampler:
         except Exception:
             self._state = _State.STOPPED
             raise
-        if why:
+        self.no_gpu = why
+        if why and self._warn_no_gpu:
             log.warning("site %s: no GPU metrics: %s; sampling CPU and memory only", self.writer.site, why)
-        psutil.cpu_percent()  # the first reading of each counter only sets its baseline
-        self._process.cpu_percent()
+        keys = self.sample()  # the first reading of each CPU counter only sets its baseline
+        self.samples = max(self.writer.auto_step(key) for key in keys)
         self._thread.start()
         return self
 

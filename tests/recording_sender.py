@@ -15,7 +15,7 @@ class RecordingSender:
     """Records ``(kind, key, value, step, timestamp, group)`` tuples; steps and params in a SiteState, as
     EventSender keeps them."""
 
-    def __init__(self, site: str = "site-1") -> None:
+    def __init__(self, site: str = "site-1", steps: dict[str, int] | None = None) -> None:
         self.site = site
         self.state = SiteState(site)
         self.events: list[tuple] = []

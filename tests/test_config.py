@@ -78,6 +78,8 @@ def _cli(*args, timeout=60):
     (["--set", "nonsense=1"], "nonsense"),
     (["--set", "strategy.name=fedprox", "--set", "strategy.bogus=1"], "strategy.bogus"),
     (["--config", "configs/does_not_exist.yaml"], "does_not_exist.yaml"),
+    (["--set", "learner_args={model: nosuch}"], "learner_args.model"),
+    (["--set", "learner_args={bogus: 1}"], "learner_args.bogus"),
 ])
 def test_cli_bad_input_exits_2_before_ray_starts(tmp_path, args, field):
     """The script prints the problem and exits with status 2, creating no job and starting no Ray."""
@@ -108,3 +110,37 @@ def test_unknown_credential_names_are_refused():
     """Only the documented tracking variables can be given as credentials."""
     with pytest.raises(ConfigError, match="AWS_SECRET"):
         parse_config({"tracking": {"credentials": {"AWS_SECRET": "x"}}})
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lr=true", "lr"), ("num_rounds=true", "num_rounds"), ("min_clients=true", "min_clients"),
+    ("local_epochs=true", "local_epochs"), ("batch_size=true", "batch_size"), ("seed=false", "seed"),
+    ("dataset.alpha=true", "dataset.alpha"), ("resources.client_gpus=true", "resources.client_gpus"),
+    ("tracking.system_metrics=1", "tracking.system_metrics"), ("cross_site_evaluation=0", "cross_site_evaluation"),
+])
+def test_booleans_and_numbers_are_not_taken_for_each_other(override, field):
+    """`--set lr=true` is refused (it is not 1.0), and so is a number where a boolean is expected."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT_CONFIG, [override])
+    line = next(line for line in str(err.value).splitlines() if line.strip().startswith(field + ":"))
+    assert "expected" in line and override.split("=")[1] in line, line
+
+
+def test_whole_numbers_still_fill_number_fields():
+    """A float field takes a whole number from YAML or --set (`lr=1`), typed as a float."""
+    cfg = load_config(DEFAULT_CONFIG, ["lr=1", "dataset.alpha=2", "tracking.system_metrics=false"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.dataset.alpha == 2.0
+    assert cfg.tracking.system_metrics is False
+
+
+@pytest.mark.parametrize("data, sentence", [
+    ({"num_rouns": 3}, "num_rouns: unknown key (set to 3); did you mean 'num_rounds'?"),
+    ({"resources": {"client_cpu": 1}}, "resources.client_cpu: unknown key (set to 1); did you mean 'client_cpus'?"),
+    ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
+    ({"learner": "x"}, "learner: expected an import path 'package.module:Class', got 'x'."),
+])
+def test_each_error_is_one_plain_sentence(data, sentence):
+    """One sentence per bad field, with a "did you mean" for a misspelt key and no validation-library internals."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value).splitlines()[1:] == ["  " + sentence]

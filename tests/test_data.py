@@ -117,9 +117,11 @@ def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
 
 
 def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
-    """No CIFAR-10 under the root: a clear error pointing at scripts/prepare_data.py."""
-    with pytest.raises(DatasetError, match="prepare_data.py"):
+    """No CIFAR-10 under the root: a clear error giving the prepare_data.py command line for that root, and not
+    torchvision's advice to pass download=True, which a job config cannot."""
+    with pytest.raises(DatasetError, match="prepare_data.py") as err:
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)
+    assert f"--root {tmp_path / 'nothing'}" in str(err.value) and "download=True" not in str(err.value)
 
 
 class Stripes(DatasetSource):
@@ -156,3 +158,4 @@ def test_a_bad_dataset_plugin_names_the_field(dataset, message):
         load_dataset(parse_config({"dataset": dataset}).dataset, seed=0)
     with pytest.raises(ConfigError, match=r"dataset.name: is not an import path .* \(got 'mnist'\)"):
         parse_config({"dataset": {"name": "mnist"}})
+

@@ -10,14 +10,14 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config and math", ["fl_ray.importing", "fl_ray.plugins", "fl_ray.config", "fl_ray.strictjson",
                          "fl_ray.fedavg", "fl_ray.strategies", "fl_ray.models", "fl_ray.data", "fl_ray.checkpoint",
-                         "fl_ray.progress", "fl_ray.mlflow_server"]),
+                         "fl_ray.progress", "fl_ray.mlflow_server", "fl_ray.viewers", "fl_ray.job_summary"]),
     ("tracking events and writers", ["fl_ray.tracking.events", "fl_ray.tracking.state", "fl_ray.tracking.sender",
                                      "fl_ray.tracking.writers", "fl_ray.tracking.site", "fl_ray.tracking.credentials",
                                      "fl_ray.metadata", "fl_ray.system_metrics", "fl_ray.learners", "fl_ray.lightning",
                                      "fl_ray.rounds"]),
     ("hub and receivers", ["fl_ray.tracking.spool", "fl_ray.tracking.hub", "fl_ray.receivers"]),
     ("actors", ["fl_ray.actors"]),
-    ("job and scripts", ["fl_ray.job", "fl_ray", "scripts"]),
+    ("job and scripts", ["fl_ray.job", "fl_ray.replay", "fl_ray.cli", "fl_ray", "scripts"]),
 ]
 
 

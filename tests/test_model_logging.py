@@ -65,7 +65,7 @@ def test_improves_ranks_by_mode():
 
 def test_model_settings_are_validated():
     """An unknown key_mode, an empty key_metric, or a registry name without log_model are ConfigErrors."""
-    with pytest.raises(ConfigError, match=r"server\.key_mode: Input should be 'max' or 'min' \(got 'biggest'\)"):
+    with pytest.raises(ConfigError, match=r"server\.key_mode: expected 'max' or 'min', got 'biggest'"):
         parse_config({"server": {"key_mode": "biggest"}})
     with pytest.raises(ConfigError, match=r"server\.key_metric"):
         parse_config({"server": {"key_metric": ""}})

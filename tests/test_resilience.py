@@ -117,9 +117,12 @@ DIGITS = ["--set", "num_rounds=4", "--set", "sites=2", "--set", "local_epochs=1"
 
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, mlflow_store):
     """Ctrl+C after round 2: runs end KILLED and result.json is written; --resume finishes rounds 3-4
-    in the same job and MLflow runs, and every round's global metrics equal an uninterrupted run's."""
+    in the same job and MLflow runs, and every round's global metrics equal an uninterrupted run's.
+    Steps continue for every metric: training metrics, and system metrics (sampled once per life here,
+    at the end: step 0 before the Ctrl+C, step 1 after the resume)."""
     ws = new_workspace(tmp_path / "ws", mlflow_store)
-    proc = _start_job(ws, *DIGITS)
+    proc = _start_job(ws, *DIGITS, "--set", "tracking.system_metrics=true",
+                      "--set", "tracking.system_metrics_interval=3600")
     _wait_for(lambda: any(ws.glob("*/checkpoints/last.json")), timeout=240)
     checkpoint = next(ws.glob("*/checkpoints/last.json"))
     _wait_for(lambda: checkpoint.stat().st_size and _round_of(checkpoint) >= 2, timeout=120)
@@ -127,6 +130,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     out = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, out
     job_dir = checkpoint.parent.parent
+    assert f"run --resume {job_dir}" in out, out  # the hint names the real job directory
     stopped = json.loads((job_dir / "result.json").read_text())
     assert stopped["status"] == "KILLED" and len(stopped["rounds"]) < 4
     mlflow = stopped["tracking"]["receivers"]["mlflow"]
@@ -149,6 +153,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     for site in ("site-1", "site-2"):
         steps = [m.step for m in client.get_metric_history(mlflow["run_ids"][site], "train_loss")]
         assert len(steps) == len(set(steps)), f"{site}: a step was written twice"
+        system = client.get_metric_history(mlflow["run_ids"][site], "system/cpu_utilization_percentage")
+        assert sorted(m.step for m in system) == [0, 1], f"{site}: system metric steps {[m.step for m in system]}"
 
 
 def _round_of(path):

@@ -330,3 +330,14 @@ def test_real_gpu_readings_under_load(monkeypatch):
         assert last["system/gpu_0_power_usage_watts"] > 0
     text = gpu_description()
     assert "cuda:0  GPU 0  " in text and "NVIDIA driver" in text
+
+
+def test_steps_continue_after_the_steps_a_resumed_site_already_has():
+    """A site whose system metrics reached step 6 in an earlier life (resume, restart) samples from step 7 on;
+    the no-GPU reason is kept in ``no_gpu``, and with warn_no_gpu=False it is not logged."""
+    sender = RecordingSender(steps={"system/cpu_utilization_percentage": 7, "system/gpu_0_power_usage_watts": 5})
+    with SystemMetricsSampler(MLflowWriter(sender), interval=3600, nvml=FakePynvml(init_error="Driver Not Loaded"),
+                              warn_no_gpu=False) as sampler:
+        pass
+    assert "Driver Not Loaded" in sampler.no_gpu
+    assert {key: [s for s, _ in points] for key, points in sender.metrics().items()} == {k: [7] for k in CPU_KEYS}

@@ -48,6 +48,11 @@ class ReceiverActor:
         """Log a table (columns) to the job's parent run, in every receiver that logs tables."""
         return self.hub.log_table(artifact_file, table, timeout)
 
+    def log_artifact(self, local_path: str, artifact_path: str | None, timeout: float) -> dict[str, Any]:
+        """Log a file of this node (e.g. the job's ``summary.png``) to the job's parent run, in every receiver
+        that logs files."""
+        return self.hub.log_artifact(local_path, artifact_path, timeout)
+
     def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
         """Log the best global ``model`` into ``site``'s run: here, where credentials are."""

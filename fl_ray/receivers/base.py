@@ -70,8 +70,8 @@ class Receiver(ABC):
       elsewhere (progress marks are kept per destination), and the constructor parameter that points it
       (a replay passes the destination of the job's mark, or ``--destination``, through it);
     * ``checkpoint``/``resume``: state saved with each progress mark, handed back after a crash;
-    * ``logs_models``/``log_model`` and ``logs_tables``/``log_table``: the hub calls these only on a
-      receiver that declares the flag;
+    * ``logs_models``/``log_model``, ``logs_tables``/``log_table`` and ``logs_artifacts``/``log_artifact``: the
+      hub calls these only on a receiver that declares the flag;
     * ``prepare_process``: once, in the process that runs receivers of this class, before any is built
       (its client library's settings: retries, log levels).
     """
@@ -80,6 +80,7 @@ class Receiver(ABC):
     destination_param: ClassVar[str | None] = None
     logs_models: ClassVar[bool] = False
     logs_tables: ClassVar[bool] = False
+    logs_artifacts: ClassVar[bool] = False
 
     @classmethod
     def prepare_process(cls) -> None:
@@ -123,6 +124,12 @@ class Receiver(ABC):
         """Log ``table`` (column name -> values) to the job's parent run; a report. Only called when
         ``logs_tables`` is declared."""
         raise NotImplementedError(f"{type(self).__name__} does not log tables (logs_tables is False)")
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any]:
+        """Log the file at ``local_path`` (on the receiver actor's node) to the job's parent run, under the
+        folder ``artifact_path`` (default: the run's root); a report. Only called when ``logs_artifacts`` is
+        declared."""
+        raise NotImplementedError(f"{type(self).__name__} does not log files (logs_artifacts is False)")
 
     def set_aside(self, event: TrackingEvent, reason: str) -> None:
         """Report ``event`` as refused for good by the back end (called from ``write`` or ``flush``); the

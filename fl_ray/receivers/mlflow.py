@@ -65,7 +65,8 @@ PATH_CLASHES = (NotADirectoryError, IsADirectoryError, FileExistsError)
 # MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
 # And a receiver has no one to show MLflow's "View run at" links to. Set where not set already.
 PROCESS_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                        "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -148,6 +149,7 @@ class MLflowReceiver(Receiver):
     destination_param = "tracking_uri"
     logs_models = True
     logs_tables = True
+    logs_artifacts = True
 
     @classmethod
     def prepare_process(cls) -> None:
@@ -438,6 +440,12 @@ class MLflowReceiver(Receiver):
         self.client.log_table(self.parent_run_id, data=table, artifact_file=artifact_file)
         return {"run_id": self.parent_run_id, "artifact_file": artifact_file}
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any]:
+        """Log the file ``local_path`` as an artifact of the job's parent run."""
+        self.client.log_artifact(self.parent_run_id, local_path, artifact_path)
+        name = Path(local_path).name
+        return {"run_id": self.parent_run_id, "artifact_file": f"{artifact_path}/{name}" if artifact_path else name}
+
     def log_model(self, site: str, model: BestModel, registered_model_name: str | None = None) -> dict[str, Any]:
         """Log the best global ``model`` into ``site``'s run with ``mlflow.pytorch.log_model`` and, given
         ``registered_model_name``, register it.
@@ -533,7 +541,9 @@ def text_artifact(key: str, step: int | None) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """How to look at the runs: the ``mlflow ui`` command line, or the server's address."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    """How to look at the runs: the ``mlflow ui`` command line (its executable by full path), or the
+    server's address."""
+    from fl_ray.viewers import mlflow_ui_command, shell_line
+
+    command = mlflow_ui_command(tracking_uri)
+    return shell_line(command) if command else f"open {tracking_uri}"

@@ -405,6 +405,12 @@ class TrackingHub:
         return self._each_open(artifact_file, timeout, [p for p in self.pumps if p.receiver.logs_tables],
                                lambda r: r.log_table(artifact_file, table))
 
+    def log_artifact(self, local_path: str, artifact_path: str | None, timeout: float) -> dict[str, Any]:
+        """Have every receiver that logs files (``logs_artifacts``) log the one at ``local_path`` to the job's
+        parent run."""
+        return self._each_open(local_path, timeout, [p for p in self.pumps if p.receiver.logs_artifacts],
+                               lambda r: r.log_artifact(local_path, artifact_path))
+
     def _each_open(self, what: str, timeout: float, pumps: list[DeliveryPump],
                    call: Callable[[Receiver], dict[str, Any]]) -> dict[str, Any]:
         """``call`` each of ``pumps``' receivers once it is open (up to ``timeout`` seconds for one that is not

@@ -59,6 +59,11 @@ class _SiteWriter:
         """The site this writer logs for."""
         return self._sender.site
 
+    def auto_step(self, key: str) -> int:
+        """The step a metric ``key`` logged without one would get now: 0, or one past the largest so far
+        (also across a restarted or resumed site)."""
+        return self._state.auto_step(key)
+
     def _key(self, key: Any, what: str) -> str:
         if key.__class__ is str and key in self._valid_keys:
             return key
