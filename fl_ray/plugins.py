@@ -76,8 +76,9 @@ def check_plugin_name(kind: Kind, name: Any, field: str) -> str:
     """``name`` if it is a built-in name or has the form of an import path (nothing is imported); the
     message of the PluginError otherwise starts with ``field`` (none when empty: a config validator's)."""
     if not isinstance(name, str) or (name not in BUILTINS[kind] and not _is_path(name)):
-        what = f"{field}: {name!r} is" if field else "is"  # a config validator's message: pydantic adds the value
-        raise PluginError(f"{what} not an import path 'package.module:Class' nor a built-in {kind}; "
+        if not field:  # a config validator's message: the config names the field and the value
+            raise PluginError(f"expected {_expected(kind)}")
+        raise PluginError(f"{field}: {name!r} is not an import path 'package.module:Class' nor a built-in {kind}; "
                           f"expected {_expected(kind)}")
     return name
 

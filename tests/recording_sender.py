@@ -17,7 +17,7 @@ class RecordingSender:
 
     def __init__(self, site: str = "site-1", steps: dict[str, int] | None = None) -> None:
         self.site = site
-        self.state = SiteState(site)
+        self.state = SiteState(site, steps=dict(steps or {}))  # a resumed site starts with some steps
         self.events: list[tuple] = []
         self._lock = threading.Lock()
 

@@ -137,7 +137,8 @@ def test_whole_numbers_still_fill_number_fields():
     ({"num_rouns": 3}, "num_rouns: unknown key (set to 3); did you mean 'num_rounds'?"),
     ({"resources": {"client_cpu": 1}}, "resources.client_cpu: unknown key (set to 1); did you mean 'client_cpus'?"),
     ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
-    ({"learner": "x"}, "learner: expected an import path 'package.module:Class', got 'x'."),
+    ({"learner": "x"}, "learner: expected one of image_classification, lightning or an import path "
+                       "'package.module:Class', got 'x'."),
 ])
 def test_each_error_is_one_plain_sentence(data, sentence):
     """One sentence per bad field, with a "did you mean" for a misspelt key and no validation-library internals."""

@@ -156,6 +156,7 @@ def test_a_bad_dataset_plugin_names_the_field(dataset, message):
     naming the field; an unknown built-in name is refused by the config itself."""
     with pytest.raises(PluginError, match=message):
         load_dataset(parse_config({"dataset": dataset}).dataset, seed=0)
-    with pytest.raises(ConfigError, match=r"dataset.name: is not an import path .* \(got 'mnist'\)"):
+    with pytest.raises(ConfigError, match=r"dataset.name: expected one of digits, cifar10, synthetic or an import "
+                                          r"path .*, got 'mnist'"):
         parse_config({"dataset": {"name": "mnist"}})
 
