@@ -12,7 +12,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ArrayData": "fl_ray.data",
     "ConfigError": "fl_ray.config",
+    "Dataset": "fl_ray.data",
+    "DatasetSource": "fl_ray.data",
     "EventKind": "fl_ray.tracking.events",
     "ImageClassificationLearner": "fl_ray.learners",
     "JobConfig": "fl_ray.config",
@@ -23,6 +26,7 @@ _EXPORTS = {
     "MemoryReceiver": "fl_ray.receivers.base",
     "Receiver": "fl_ray.receivers.base",
     "ReceiverContext": "fl_ray.receivers.base",
+    "Strategy": "fl_ray.strategies",
     "SummaryWriter": "fl_ray.tracking.writers",
     "TrackingEvent": "fl_ray.tracking.events",
     "TrainResult": "fl_ray.learners",

@@ -1,19 +1,94 @@
-"""Server checkpoints: the global weights, the last completed round, the sampling generator's state,
-the round summaries so far, the strategy's state and what each site keeps between its rounds, saved atomically after every round under ``<job>/checkpoints/``
-(``last.pkl``); and the best global model so far by ``server.key_metric`` (``best.pt``), which the
-receiver actor logs as an MLflow model at the end of the job."""
+"""The server's files in ``<job>/``: checkpoints, the best model so far and the rounds' summaries.
+
+Everything is plain arrays and JSON, readable with NumPy and ``json`` alone (no fl_ray class, no pickle):
+
+* ``checkpoints/last.npz`` + ``last.json``: what ``--resume`` continues from, rewritten atomically after
+  every round: the global weights, the strategy's state and what each site keeps between its rounds
+  (arrays, in the ``.npz``), the last completed round and the sampling generator's state (in the
+  ``.json``). Its size follows the model and the strategy, not the rounds or the sites' results.
+* ``checkpoints/best.npz`` + ``best.json``: the best global model so far by ``server.key_metric``: its
+  weights and an input example, its round and metrics. The job has the server's learner rebuild the
+  module from it (``Learner.export_model``) and the receivers log that.
+* ``rounds.jsonl``: one line per completed round, appended as each ends (its summary, as in result.json).
+
+In a ``.json`` file an array stands as ``{"$array": "<name in the .npz>"}``; :func:`load_tree` puts the
+arrays back. The ``.json`` is written after its ``.npz``, and names the round, so a crash between the
+two leaves the older pair readable (the ``.npz`` is checked to hold every array the ``.json`` names).
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-LAST = "last.pkl"
+from fl_ray.strictjson import plain, strict_json
+
+LAST = "last"
+BEST = "best"
+ROUNDS_FILE = "rounds.jsonl"
+ARRAY = "$array"
+
+
+# --- arrays + JSON ---------------------------------------------------------------------------------
+
+
+def save_tree(directory: Path, name: str, tree: dict[str, Any]) -> Path:
+    """Write ``tree`` (nested dicts of arrays and JSON values) as ``<name>.npz`` + ``<name>.json``, each
+    atomically (the ``.npz`` first); returns the ``.json`` path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    skeleton = _split_arrays(tree, "", arrays)
+    tmp = directory / f"{name}.tmp.npz"
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, directory / f"{name}.npz")
+    _write_atomic(directory / f"{name}.json", json.dumps(skeleton, allow_nan=False))
+    return directory / f"{name}.json"
+
+
+def load_tree(directory: Path, name: str) -> dict[str, Any] | None:
+    """The tree saved by :func:`save_tree` as ``name`` in ``directory``, or None if there is none."""
+    directory = Path(directory)
+    if not (directory / f"{name}.json").exists():
+        return None
+    skeleton = json.loads((directory / f"{name}.json").read_text())
+    with np.load(directory / f"{name}.npz", allow_pickle=False) as npz:
+        return _join_arrays(skeleton, {k: npz[k] for k in npz.files})
+
+
+def _split_arrays(node: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(node, np.ndarray):
+        arrays[path] = node
+        return {ARRAY: path}
+    if isinstance(node, dict):
+        return {str(k): _split_arrays(v, f"{path}/{k}" if path else str(k), arrays) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_split_arrays(v, f"{path}/{i}", arrays) for i, v in enumerate(node)]
+    return plain(node)
+
+
+def _join_arrays(node: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(node, dict):
+        if set(node) == {ARRAY}:
+            return arrays[node[ARRAY]]
+        return {k: _join_arrays(v, arrays) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_join_arrays(v, arrays) for v in node]
+    return node
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- what --resume continues from ------------------------------------------------------------------
 
 
 @dataclass
@@ -23,40 +98,79 @@ class Checkpoint:
     round: int
     weights: dict[str, np.ndarray]
     rng_state: dict[str, Any]
-    rounds: list[dict[str, Any]]
     strategy_state: dict[str, Any] = field(default_factory=dict)
-    site_states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # what each site keeps between rounds
+    site_states: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each site keeps between rounds
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` as ``<directory>/last.pkl`` so a crash leaves the old one or the new one."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{LAST}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(checkpoint, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, directory / LAST)
-    return directory / LAST
+    """Write ``checkpoint`` as ``<directory>/last.npz`` + ``last.json``."""
+    return save_tree(directory, LAST, {"round": checkpoint.round, "weights": checkpoint.weights,
+                                       "rng_state": checkpoint.rng_state, "strategy_state": checkpoint.strategy_state,
+                                       "site_states": checkpoint.site_states})
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
     """The last checkpoint in ``directory``, or None if the job completed no round."""
-    path = Path(directory) / LAST
-    if not path.exists():
+    tree = load_tree(directory, LAST)
+    if tree is None:
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    return Checkpoint(tree["round"], tree["weights"], tree["rng_state"], tree["strategy_state"], tree["site_states"])
+
+
+# --- the rounds' summaries -------------------------------------------------------------------------
+
+
+def append_round(job_dir: Path, summary: dict[str, Any]) -> None:
+    """Append one round's summary to ``<job_dir>/rounds.jsonl`` (strict JSON, one line), synced to disk."""
+    line = strict_json(summary, indent=None) + "\n"
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(job_dir) / ROUNDS_FILE, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_rounds(job_dir: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The summaries in ``<job_dir>/rounds.jsonl`` in round order, the last line for a round written twice
+    (a round run again after a crash), only rounds up to ``upto`` when given; a torn last line is skipped."""
+    path = Path(job_dir) / ROUNDS_FILE
+    if not path.exists():
+        return []
+    by_round: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            summary = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash: that round was not checkpointed, and runs again
+        if upto is None or summary["round"] <= upto:
+            by_round[summary["round"]] = summary
+    return [by_round[r] for r in sorted(by_round)]
 
 
 # --- the best global model so far, by server.key_metric ---------------------------------------------
 
-BEST = "best.pt"
+
+@dataclass
+class BestRecord:
+    """The best global model so far as saved: its round and metrics, weights and an input example."""
+
+    round: int
+    key_metric: str
+    key_mode: str
+    metrics: dict[str, float]
+    weights: dict[str, np.ndarray]
+    input_example: np.ndarray
+
+    @property
+    def score(self) -> float:
+        """The value of the key metric."""
+        return self.metrics[self.key_metric]
 
 
 @dataclass
 class BestModel:
-    """The best global model so far: its round and metrics, a standalone ``torch.nn.Module`` holding its
-    weights (from ``Learner.export_model``) and an input example (a small batch, as the data holds it)."""
+    """The best global model ready to log: a standalone ``torch.nn.Module`` (from ``Learner.export_model``),
+    an input example (a small batch, as the data holds it), its round and metrics."""
 
     round: int
     key_metric: str
@@ -85,28 +199,17 @@ def improves(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def save_best(directory: Path, best: BestModel) -> Path:
-    """Write ``best`` as ``<directory>/best.pt`` (``torch.save``), atomically like ``last.pkl``."""
-    import torch
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{BEST}.tmp"
-    torch.save(best, tmp)
-    os.replace(tmp, directory / BEST)
-    return directory / BEST
+def save_best(directory: Path, best: BestRecord) -> Path:
+    """Write ``best`` as ``<directory>/best.npz`` + ``best.json``; returns the ``.json`` path."""
+    return save_tree(directory, BEST, {"round": best.round, "key_metric": best.key_metric, "key_mode": best.key_mode,
+                                       "metrics": best.metrics, "weights": best.weights,
+                                       "input_example": best.input_example})
 
 
-def load_best(path: Path) -> BestModel | None:
-    """The best model saved at ``path`` (a ``best.pt`` file, or the directory holding it); None if none is.
-
-    The file is this job's own (``torch.load`` with ``weights_only=False``: it holds a module).
-    """
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / BEST
-    if not path.exists():
+def load_best(directory: Path) -> BestRecord | None:
+    """The best model saved in ``directory`` (a job's ``checkpoints``), or None if none is."""
+    tree = load_tree(directory, BEST)
+    if tree is None:
         return None
-    return torch.load(path, weights_only=False)
+    return BestRecord(tree["round"], tree["key_metric"], tree["key_mode"], tree["metrics"], tree["weights"],
+                      tree["input_example"])

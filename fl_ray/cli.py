@@ -54,7 +54,7 @@ def _plain_output() -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fl-ray run`` (and scripts/run_fedavg.py)."""
     parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])}")
+                        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}")
     parser.add_argument("--workspace", metavar="DIR", default="workspace",
                         help="where jobs write (<DIR>/<job_id>/...) and the default MLflow store lives; "
                              "default: %(default)s")
@@ -72,7 +72,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """``fl-ray run``: run a federated job (default: configs/fedavg_digits.yaml on a local Ray)."""
+    """``fl-ray run``: run a federated job (default: the default job, fl_ray/configs/default.yaml, on a local Ray)."""
     argv = sys.argv[1:] if argv is None else argv
     secrets = argv_secrets(argv)
     parser = _Parser(prog=prog, secrets=secrets, description="Run a federated learning job on Ray.",
@@ -183,8 +183,9 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this receiver: a type (mlflow, tensorboard, wandb, memory or module:Class) or the "
                              "name of one of the job's receivers as result.json reports it; default: every receiver "
                              "of the job's config")
-    parser.add_argument("--tracking-uri", metavar="URI", default=None,
-                        help="send MLflow records here instead of where the job sent them")
+    parser.add_argument("--destination", "--tracking-uri", metavar="URI", dest="destination", default=None,
+                        help="send the records here instead of where the job sent them (for a receiver that "
+                             "declares a destination: MLflow's tracking URI)")
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
                         help="give up on a receiver that still fails after this long; default: %(default)s")
     parser.add_argument("--dead-letters", action="store_true",
@@ -213,7 +214,7 @@ def _replay(args: argparse.Namespace) -> int:
     _plain_output()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = replay(args.job_dir, args.to, args.tracking_uri, args.timeout, args.status, err, args.dead_letters)
+        report = replay(args.job_dir, args.to, args.destination, args.timeout, args.status, err, args.dead_letters)
     except ReplayError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
@@ -227,8 +228,8 @@ def _replay(args: argparse.Namespace) -> int:
     for name, entry in report["receivers"].items():
         line = (f"{name}: {entry['replayed']} record(s) delivered now, {entry['delivered']} in all, "
                 f"{entry['undelivered']} undelivered")
-        if entry.get("tracking_uri"):
-            line += f" -> {entry['tracking_uri']} (run {entry.get('parent_run_id')})"
+        if entry.get("view"):  # where to look, as the receiver's close report says
+            line += f" -> {entry['view']}"
         out.print(line)
         if entry["undelivered"] or entry.get("error"):
             failed = True
@@ -320,7 +321,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 # -- fl-ray --------------------------------------------------------------------------------------------
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    "run": ("run a federated job (default: configs/fedavg_digits.yaml on a local Ray)", add_run_arguments,
+    "run": ("run a federated job (default: the default job, fl_ray/configs/default.yaml, on a local Ray)", add_run_arguments,
             f"Example: fl-ray run {RUN_EXAMPLE}"),
     "replay": ("deliver a job's spooled tracking records to its receivers", add_replay_arguments,
                f"Example: fl-ray replay {REPLAY_EXAMPLE}"),

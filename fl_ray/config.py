@@ -17,8 +17,18 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+from fl_ray.plugins import check_plugin_name
+
 MAX_SITES = 100_000
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedavg_digits.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+# The tracking credentials a job may give the receiver actor (and that sites never hold).
+CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
+)
 
 
 class ConfigError(ValueError):
@@ -39,7 +49,9 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """Which data, where it lives, and how it is split across sites."""
 
-    name: Literal["digits", "cifar10", "synthetic"] = "digits"
+    name: str = Field(default="digits", description="digits, cifar10, synthetic, or package.module:Class "
+                                                     "(a fl_ray.data.DatasetSource)")
+    args: dict[str, Any] = Field(default_factory=dict, description="the dataset class's constructor arguments")
     root: str | None = Field(default=None, description="local folder of the data (cifar10)")
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: Float = Field(default=0.5, gt=0, description="Dirichlet concentration (smaller: more skewed)")
@@ -55,6 +67,11 @@ class DatasetConfig(_Strict):
         if min(v) < 1:
             raise ValueError(f"every dimension must be at least 1, got {list(v)}")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return check_plugin_name("dataset", v, "")
 
 
 class ResourcesConfig(_Strict):
@@ -89,12 +106,7 @@ class ReceiverConfig(BaseModel):
     @field_validator("type")
     @classmethod
     def _known_type(cls, v: str) -> str:
-        from fl_ray.receivers.base import BUILTIN_RECEIVERS
-
-        if v not in BUILTIN_RECEIVERS and ":" not in v:
-            raise ValueError(f"unknown receiver type {v!r}; expected one of "
-                             f"{', '.join(sorted(BUILTIN_RECEIVERS))} or 'package.module:Class'")
-        return v
+        return check_plugin_name("receiver", v, "")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -131,8 +143,6 @@ class TrackingConfig(_Strict):
     @field_validator("credentials")
     @classmethod
     def _known_credentials(cls, v: dict[str, str]) -> dict[str, str]:
-        from fl_ray.tracking.credentials import CREDENTIAL_VARS
-
         unknown = sorted(set(v) - set(CREDENTIAL_VARS))
         if unknown:
             raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
@@ -148,7 +158,7 @@ class TrackingConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.pt``)."""
+    """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.npz`` + ``best.json``)."""
 
     key_metric: str = Field(default="accuracy", min_length=1,
                             description="a global metric (a key of what the learner's evaluate returns)")
@@ -173,7 +183,8 @@ class JobConfig(_Strict):
     wait_after_min_results: Float | None = Field(
         default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest")
     round_retries: Int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
-    learner: str = "fl_ray.learners:ImageClassificationLearner"
+    learner: str = Field(default="fl_ray.learners:ImageClassificationLearner",
+                         description="image_classification, lightning, or package.module:Class (a fl_ray.Learner)")
     learner_args: dict[str, Any] = Field(default_factory=dict)
     strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"},
                                      description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
@@ -215,11 +226,8 @@ class JobConfig(_Strict):
 
     @field_validator("learner")
     @classmethod
-    def _learner_path(cls, v: str) -> str:
-        module, sep, attr = v.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"expected an import path 'package.module:Class', got {v!r}")
-        return v
+    def _learner_name(cls, v: str) -> str:
+        return check_plugin_name("learner", v, "")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -229,8 +237,6 @@ class JobConfig(_Strict):
         n = len(self.site_names)
         if self.min_clients > n:
             raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")
-        if self.dataset.name == "cifar10" and not self.dataset.root:
-            raise ValueError("dataset.root: cifar10 needs the folder that holds it (see scripts/prepare_data.py)")
         return self
 
     @property
@@ -339,7 +345,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job config (default: configs/fedavg_digits.yaml) and apply ``--set`` overrides."""
+    """Read a YAML job config (default: the one shipped in the package, fl_ray/configs/default.yaml) and apply ``--set`` overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
         text = path.read_text()

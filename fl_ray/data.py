@@ -1,10 +1,13 @@
 """Datasets and how they are split across sites.
 
-Three datasets, all returned as NumPy arrays in NCHW layout: ``digits`` (scikit-learn's bundled 8x8
-digits, offline), ``cifar10`` (torchvision's CIFAR10 read from a local root, uint8; run
-``scripts/prepare_data.py`` once to download it) and ``synthetic`` (seeded Gaussian blobs of ``dataset.shape``). The
-training split is partitioned across sites IID or by a Dirichlet(alpha) label skew; every sample goes
-to exactly one site.
+A dataset is a plug-in (see :mod:`fl_ray.plugins`): a :class:`DatasetSource` subclass named in the
+config by a built-in name or an import path (``dataset.name: package.module:Class``), built with
+``dataset.args``, whose ``load`` returns NumPy arrays in NCHW layout. Three are built in: ``digits``
+(scikit-learn's bundled 8x8 digits, offline), ``cifar10`` (torchvision's CIFAR10 read from
+``dataset.root``, uint8; run ``scripts/prepare_data.py`` once to download it) and ``synthetic`` (seeded
+Gaussian blobs of ``dataset.shape``). The training split is partitioned across sites IID or by a Dirichlet(alpha) label skew;
+every sample goes to exactly one site. A dataset that cannot be loaded or split raises
+:class:`DatasetError` naming the config field; the job turns it into a config error before Ray starts.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fl_ray.config import ConfigError, DatasetConfig
+from fl_ray.config import DatasetConfig
+from fl_ray.plugins import build_plugin
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded or split as configured; the message names the field and the value."""
 
 
 @dataclass(frozen=True)
@@ -45,16 +54,26 @@ class Dataset:
     input_shape: tuple[int, ...]
 
 
+class DatasetSource(ABC):
+    """The dataset contract: ``load`` gives the training and test splits; built with ``dataset.args``.
+
+    ``load`` gets the whole ``dataset`` section (``root``, ``test_fraction``, ``num_samples``, ...) and
+    the job's seed, and runs on every site and the server, so it must give the same arrays each time.
+    """
+
+    @abstractmethod
+    def load(self, cfg: DatasetConfig, seed: int) -> Dataset:
+        """The dataset, split into a training part (shared out across sites) and a test part (the server's)."""
+
+
 def load_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
-    """Load the dataset ``cfg`` names."""
-    if cfg.name == "digits":
-        return _digits(cfg, seed)
-    if cfg.name == "cifar10":
-        return _cifar10(cfg)
-    return _synthetic(cfg, seed)
+    """Load the dataset ``cfg.name`` names; DatasetError (or PluginError) names the bad field."""
+    source: DatasetSource = build_plugin("dataset", cfg.name, dict(cfg.args), "dataset.name", "dataset.args")
+    return source.load(cfg, seed)
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, num_classes: int) -> Dataset:
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, num_classes: int) -> Dataset:
+    """A seeded random ``test_fraction`` of the samples as the test split, the rest as the training split."""
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = max(1, int(round(len(y) * test_fraction)))
     test, train = order[:n_test], order[n_test:]
@@ -79,46 +98,61 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images, bunch.target.astype(np.int64)
 
 
-def _digits(cfg: DatasetConfig, seed: int) -> Dataset:
-    images, labels = digits_arrays()
-    x = (images.astype(np.float32) / 16.0)[:, None, :, :]
-    return _split(x, labels, cfg.test_fraction, seed, 10)
+class Digits(DatasetSource):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), scaled to [0, 1]; no download."""
+
+    def load(self, cfg: DatasetConfig, seed: int) -> Dataset:
+        images, labels = digits_arrays()
+        x = (images.astype(np.float32) / 16.0)[:, None, :, :]
+        return split(x, labels, cfg.test_fraction, seed, 10)
 
 
-def _synthetic(cfg: DatasetConfig, seed: int, num_classes: int = 10) -> Dataset:
-    rng = np.random.default_rng(seed)
-    shape = tuple(cfg.shape)
-    centers = rng.normal(0.0, 1.0, size=(num_classes, *shape)).astype(np.float32)
-    y = rng.integers(0, num_classes, size=cfg.num_samples)
-    x = centers[y] + rng.normal(0.0, 0.7, size=(cfg.num_samples, *shape)).astype(np.float32)
-    return _split(x.astype(np.float32), y.astype(np.int64), cfg.test_fraction, seed, num_classes)
+class Synthetic(DatasetSource):
+    """``dataset.num_samples`` seeded Gaussian blobs of ``dataset.shape`` around one centre per class."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        self.num_classes = num_classes
+
+    def load(self, cfg: DatasetConfig, seed: int) -> Dataset:
+        rng = np.random.default_rng(seed)
+        shape = tuple(cfg.shape)
+        centers = rng.normal(0.0, 1.0, size=(self.num_classes, *shape)).astype(np.float32)
+        y = rng.integers(0, self.num_classes, size=cfg.num_samples)
+        x = centers[y] + rng.normal(0.0, 0.7, size=(cfg.num_samples, *shape)).astype(np.float32)
+        return split(x.astype(np.float32), y.astype(np.int64), cfg.test_fraction, seed, self.num_classes)
 
 
-def _cifar10(cfg: DatasetConfig) -> Dataset:
-    from torchvision.datasets import CIFAR10
+class Cifar10(DatasetSource):
+    """torchvision's CIFAR-10 (uint8 32x32 RGB, its own train/test split) from ``dataset.root``."""
 
-    root = Path(cfg.root or "").expanduser()
-    try:
-        train = CIFAR10(str(root), train=True, download=False)
-        test = CIFAR10(str(root), train=False, download=False)
-    except RuntimeError:  # torchvision's message advises download=True, which a job config cannot set
-        raise ConfigError(
-            f"dataset.root: CIFAR-10 is not in {str(root)!r} (or is incomplete); download it there once with "
-            f"`{sys.executable} {Path(__file__).resolve().parent.parent / 'scripts' / 'prepare_data.py'} "
-            f"--root {root}`, or set dataset.root to where it is"
-        ) from None
+    def load(self, cfg: DatasetConfig, seed: int) -> Dataset:
+        from torchvision.datasets import CIFAR10
 
-    def arrays(ds: CIFAR10) -> ArrayData:
-        return ArrayData(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64))
+        if not cfg.root:
+            raise DatasetError("dataset.root: cifar10 needs the folder that holds it (see scripts/prepare_data.py)")
+        root = Path(cfg.root).expanduser()
+        try:
+            train = CIFAR10(str(root), train=True, download=False)
+            test = CIFAR10(str(root), train=False, download=False)
+        except RuntimeError:  # torchvision's message advises download=True, which a job config cannot set
+            raise DatasetError(
+                f"dataset.root: CIFAR-10 is not in {str(root)!r} (or is incomplete); download it there once with "
+                f"`{sys.executable} {Path(__file__).resolve().parent.parent / 'scripts' / 'prepare_data.py'} "
+                f"--root {root}`, or set dataset.root to where it is"
+            ) from None
 
-    train_data = arrays(train)
-    return Dataset(train_data, arrays(test), 10, tuple(train_data.x.shape[1:]))
+        def arrays(ds: CIFAR10) -> ArrayData:
+            return ArrayData(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
+                             np.asarray(ds.targets, dtype=np.int64))
+
+        train_data = arrays(train)
+        return Dataset(train_data, arrays(test), 10, tuple(train_data.x.shape[1:]))
 
 
 def partition_iid(num_samples: int, num_sites: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffle and deal the samples into ``num_sites`` near-equal parts."""
     if num_samples < num_sites:
-        raise ConfigError(f"sites: {num_sites} sites but only {num_samples} training samples to share")
+        raise DatasetError(f"sites: {num_sites} sites but only {num_samples} training samples to share")
     return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_sites)]
 
 
@@ -138,7 +172,7 @@ def partition_dirichlet(labels: np.ndarray, num_sites: int, alpha: float, rng: n
                 parts[site].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ConfigError(f"dataset.alpha: {alpha} is so skewed that some of the {num_sites} sites got fewer than "
+    raise DatasetError(f"dataset.alpha: {alpha} is so skewed that some of the {num_sites} sites got fewer than "
                       f"{min_size} samples in {max_tries} draws; raise alpha or use fewer sites")
 
 

@@ -1,17 +1,16 @@
 """run_job: start Ray (or join a cluster), start the job's actors, run the rounds, write the results.
 
 The job directory ``<workspace>/<job_id>`` gets ``config.yaml`` (the resolved config) before anything
-runs and ``result.json`` at the end, whatever the outcome: per-round global metrics, per-site sample
-counts and results, the final metrics and where the tracking records went, including the best
-global model (``tracking.model``: its round and key metric, ``checkpoints/best.pt``, and once the
-receiver actor has logged it, its MLflow model URI and registered version).
+runs, ``rounds.jsonl`` a line per completed round, and ``result.json`` at the end, whatever the outcome
+(strict JSON: NaN and infinities as null): the rounds (from rounds.jsonl), per-site sample counts, the
+final metrics and where the tracking records went, including the best global model (``tracking.model``:
+its round and key metric, ``checkpoints/best.npz``, and once a receiver that logs models has logged it,
+its model URI and registered version).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -29,17 +28,17 @@ import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
-from fl_ray.checkpoint import BEST, load_best
+from fl_ray.checkpoint import BEST, BestModel, load_best, load_checkpoint, load_rounds
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
 from fl_ray.job_summary import PICTURE, participation, participation_columns, plot_job
 from fl_ray.learners import load_learner
 from fl_ray.metadata import run_tags
 from fl_ray.progress import DeliveryProgress, JobPhases, RoundProgress
-from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver
+from fl_ray.receivers.base import FAILED, FINISHED, KILLED, ReceiverContext, build_receiver, receiver_names
 from fl_ray.strategies import build_strategy
+from fl_ray.strictjson import strict_json
 from fl_ray.tracking.credentials import masked_argv, receiver_credentials, without_credentials
-from fl_ray.tracking.hub import receiver_names
 from fl_ray.tracking.spool import spool_report
 
 log = logging.getLogger(__name__)
@@ -91,19 +90,18 @@ def _as_config(config: JobConfig | dict[str, Any] | str | Path | None) -> JobCon
     return load_config(config)
 
 
-def _check_plugins(cfg: JobConfig) -> None:
-    """Build the learner (with learner_args), the strategy and each receiver once here, so a bad path or
-    argument fails before Ray starts."""
+def _check_plugins(cfg: JobConfig) -> list[Any]:
+    """Build the learner (with learner_args), the strategy and each receiver, and load and split the dataset
+    once here, so a bad name, path, argument or dataset fails before Ray starts; the dataset's partition by site."""
     try:
         load_learner(cfg.learner, cfg.learner_args)
         build_strategy(cfg.strategy)
+        for i, spec in enumerate(cfg.tracking.receivers):
+            build_receiver(spec.type, spec.params, f"tracking.receivers.{i}")
+        dataset = load_dataset(cfg.dataset, cfg.seed)
+        return partition(cfg.dataset, dataset.train.y, len(cfg.site_names), cfg.seed)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid job config:\n  {exc}") from None
-    for i, spec in enumerate(cfg.tracking.receivers):
-        try:
-            build_receiver(spec.type, spec.params)
-        except (TypeError, ValueError, ImportError) as exc:
-            raise ConfigError(f"invalid job config:\n  tracking.receivers.{i} ({spec.type}): {exc}") from None
 
 
 def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> bool:
@@ -166,21 +164,21 @@ class _StartUp:
         self.server = server.completed_rounds.remote()
         self.receiver = receiver.wait_open.remote(cfg.tracking.close_timeout)
         self.info: dict[str, Any] = {}
-        self.rounds: list[dict[str, Any]] | None = None
+        self.done: int | None = None
 
-    def wait(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def wait(self) -> tuple[dict[str, Any], int]:
         """Wait (at most resources.schedule_timeout) until every site actor and the server run; returns the
-        sites' info and the rounds completed so far. The receiver is not waited for: its back ends may be
+        sites' info and the number of rounds completed so far. The receiver is not waited for: its back ends may be
         down, and records wait in the spool meanwhile."""
         deadline = time.monotonic() + self.cfg.resources.schedule_timeout
         pending = [*self.sites, self.server, self.receiver]
-        while self.sites.keys() - self.info.keys() or self.rounds is None:
+        while self.sites.keys() - self.info.keys() or self.done is None:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self._not_placed()
             self._take(ready[0])
         self.check_receiver(0)
-        return {self.sites[ref]: info for ref, info in self.info.items()}, self.rounds
+        return {self.sites[ref]: info for ref, info in self.info.items()}, self.done
 
     def check_receiver(self, timeout: float) -> None:
         """Show the receiver's line if it has opened (or failed) within ``timeout`` seconds."""
@@ -189,7 +187,7 @@ class _StartUp:
 
     def _take(self, ref: Any) -> None:
         if ref is self.server:
-            self.rounds = ray.get(ref)
+            self.done = ray.get(ref)
             self.phases.mark("server_ready")
         elif ref is self.receiver:
             self.receiver = None
@@ -267,10 +265,10 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             show_progress: bool = True, verbose: bool = False, console: Console | None = None) -> JobResult:
     """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
 
-    ``config`` is a JobConfig, a dict, or a YAML path (default: configs/fedavg_digits.yaml).
+    ``config`` is a JobConfig, a dict, or a YAML path (default: the default job, fl_ray/configs/default.yaml).
     ``address`` joins an existing Ray cluster (``RAY_ADDRESS`` does too); otherwise Ray starts locally.
     ``resume`` is a job directory: the job continues after its last completed round, in the same
-    directory and MLflow runs (``config`` then defaults to the job's own config.yaml).
+    directory and tracking runs (``config`` then defaults to the job's own config.yaml).
     Whatever the outcome, the job directory gets ``summary.png`` (see fl_ray.job_summary), also logged to
     the parent run with the site x round participation table. An exception raised once the job directory
     exists carries it as ``exc.job_dir`` (for a ``--resume`` hint).
@@ -291,17 +289,14 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     if resume is not None and config is None:
         config = resume / "config.yaml"
     cfg = _as_config(config)
-    _check_plugins(cfg)
+    phases.mark("data", f"loading {cfg.dataset.name} for {len(cfg.site_names)} site(s)")
+    parts = _check_plugins(cfg)  # a bad plug-in or a missing dataset fails here, before Ray starts
     if resume is not None and not (resume / "config.yaml").exists():
         raise ConfigError(f"--resume {str(resume)!r}: not a job directory (it has no config.yaml)")
     sites = cfg.site_names
-    phases.mark("data", f"loading {cfg.dataset.name} for {len(sites)} site(s)")
-    dataset = load_dataset(cfg.dataset, cfg.seed)  # a missing dataset fails here, before Ray starts
-    parts = partition(cfg.dataset, dataset.train.y, len(sites), cfg.seed)
     job_id, job_dir = _prepare_job_dir(cfg, Path(workspace).resolve() if resume is None else resume.parent, resume)
 
     owns_ray = _init_ray(address, phases, verbose)
-    rounds: list[dict[str, Any]] = []
     site_info: dict[str, Any] = {}
     tracking: dict[str, Any] = {}
     status, error = FAILED, None
@@ -322,27 +317,25 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         phases.mark("actors", f"starting {len(sites)} site(s) ({cfg.resources.client_cpus:g} CPU, "
                               f"{cfg.resources.client_gpus:g} GPU each), the server and the tracking receiver")
         for index, site in enumerate(sites):
-            clients[site] = ClientActor.options(
+            clients[site] = ClientActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
                 max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
                 name=f"fl_ray-{job_id}-{site}",
             ).remote(site, index, config_dict, receiver_actor_name(job_id))
         # the server starts up while the clients do
-        server = ServerActor.options(num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server",
-                                     scheduling_strategy=here).remote(
+        server = ServerActor.options(  # type: ignore[attr-defined]
+            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here).remote(
             config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
         start_up = _StartUp(cfg, clients, server, receiver, phases)
-        placed, rounds = start_up.wait()
+        placed, done = start_up.wait()
         _note_no_gpu_metrics(placed)
         site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
                      for s, idx in zip(sites, parts)}
         phases.mark("rounds")  # the round bar's first line
-        with RoundProgress(job_id, cfg.num_rounds, done=len(rounds), enabled=show_progress,
+        with RoundProgress(job_id, cfg.num_rounds, done=done, enabled=show_progress,
                            console=phases.console) as progress:
-            for r in range(len(rounds) + 1, cfg.num_rounds + 1):
-                summary = ray.get(server.run_round.remote(r))
-                rounds.append(summary)
-                progress.round_done(summary)
+            for r in range(done + 1, cfg.num_rounds + 1):
+                progress.round_done(ray.get(server.run_round.remote(r)))
                 phases.mark("first_round_done")
                 start_up.check_receiver(0)
         phases.mark("last_round_done")
@@ -361,6 +354,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         previous = signal.signal(signal.SIGINT, _exit_now) if _in_main_thread() else None
         try:
             phases.mark("picture", "drawing the job's picture")
+            rounds = _completed_rounds(job_dir)
             table = participation(sites, rounds)
             picture = _draw_picture(job_dir, f"{job_id} ({status})", rounds,
                                     {site: len(idx) for site, idx in zip(sites, parts)}, table)
@@ -381,6 +375,12 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
     return result
+
+
+def _completed_rounds(job_dir: Path) -> list[dict[str, Any]]:
+    """The summaries of the rounds the last checkpoint holds, from ``rounds.jsonl``."""
+    checkpoint = load_checkpoint(job_dir / "checkpoints")
+    return load_rounds(job_dir, upto=checkpoint.round) if checkpoint is not None else []
 
 
 def _in_main_thread() -> bool:
@@ -424,6 +424,7 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     timeout = cfg.tracking.close_timeout
     phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
+    best = _best_model(cfg, server, status)  # the server's learner rebuilds it, before the server goes
     refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
     for name, ref in refs.items():
         try:
@@ -436,7 +437,7 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     if receiver is None:
         return {"senders": senders}
     try:
-        model = _log_best_model(cfg, receiver, job_dir, status)
+        model = _log_best_model(cfg, receiver, job_dir, status, best)
         summary = _log_summary(cfg, receiver, table, picture)
         report = _close_receiver(cfg, receiver, status, job_dir, phases)
     finally:
@@ -446,9 +447,6 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     report["summary"] = summary
     if model is not None:
         report["model"] = model
-    mlflow_reports = [r for r in report["receivers"].values() if "run_ids" in r]
-    if mlflow_reports:
-        report["mlflow"] = mlflow_reports[0]
     return report
 
 
@@ -517,13 +515,25 @@ def _cross_site_evaluation(cfg: JobConfig, server: Any, receiver: Any) -> dict[s
     return {"matrix": matrix, "logged": logged}
 
 
-def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str) -> dict[str, Any] | None:
-    """The best global model the server kept (``checkpoints/best.pt``: round, key metric) and, for a
+def _best_model(cfg: JobConfig, server: Any, status: str) -> BestModel | Exception | None:
+    """For a finished job with ``tracking.log_model``: the best global model, rebuilt by the server's learner
+    (None when it exports none; the error when that failed)."""
+    if server is None or status != FINISHED or not cfg.tracking.log_model:
+        return None
+    try:
+        return ray.get(server.best_model.remote(), timeout=cfg.tracking.close_timeout)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        return exc
+
+
+def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str,
+                    best_model: BestModel | Exception | None) -> dict[str, Any] | None:
+    """The best global model the server kept (``checkpoints/best.npz``: round, key metric) and, for a
     finished job with ``tracking.log_model``, where the receiver actor logged it (the model URI, and the
     registered version with ``tracking.register_model_name``); None when the learner exports no model."""
-    path = job_dir / "checkpoints" / BEST
+    path = job_dir / "checkpoints" / f"{BEST}.npz"
     try:
-        best = load_best(path)
+        best = load_best(path.parent)
     except Exception as exc:  # never keep the runs from being ended
         log.warning("cannot read the best model %s: %s: %s", path, type(exc).__name__, exc)
         return {"checkpoint": str(path), "error": f"{type(exc).__name__}: {exc}"}
@@ -537,36 +547,21 @@ def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str) -
     if status != FINISHED or not cfg.tracking.log_model:
         return report
     timeout = cfg.tracking.close_timeout
-    try:
-        logged = ray.get(receiver.log_model.remote("server", str(path), cfg.tracking.register_model_name, timeout),
-                         timeout=timeout + 120)
-    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-        logged = {"receiver_actor": {"error": f"{type(exc).__name__}: the receiver actor did not log the model"}}
+    if isinstance(best_model, Exception) or best_model is None:
+        why = f"{type(best_model).__name__}: the server could not rebuild it" if best_model is not None else \
+            "the learner exported no model from the saved weights"
+        logged = {"server_actor": {"error": why}}
+    else:
+        try:
+            logged = ray.get(receiver.log_model.remote("server", best_model, cfg.tracking.register_model_name,
+                                                       timeout), timeout=timeout + 120)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            logged = {"receiver_actor": {"error": f"{type(exc).__name__}: the receiver actor did not log the model"}}
     report["logged"] = logged
     for name, entry in logged.items():
         if "error" in entry:
-            log.warning("the best model (round %d) was not logged to %s: %s; it stays in %s",
+            log.warning("the best model (round %d) was not logged to %s: %s; its weights stay in %s",
                         best.round, name, entry["error"], path)
         elif "model_uri" in entry and "model_uri" not in report:
             report.update({k: v for k, v in entry.items() if k != "run_id"})
     return report
-
-
-def strict_json(data: Any) -> str:
-    """``data`` as strict JSON (what any JSON parser reads): NaN and infinities become null, arrays lists,
-    anything else unknown its string."""
-    return json.dumps(_plain(data), indent=2, allow_nan=False)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "tolist"):  # NumPy arrays and scalars
-        return _plain(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)

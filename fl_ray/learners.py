@@ -1,6 +1,7 @@
-"""The Learner protocol (what a site runs each round) and the built-in image-classification learner.
+"""The Learner contract (what a site runs each round) and the built-in image-classification learner.
 
-A learner is a class named in the config by import path (``learner: package.module:Class``) and
+A learner is a plug-in (see :mod:`fl_ray.plugins`): named in the config by a built-in name
+(``image_classification``, ``lightning``) or an import path (``learner: package.module:Class``) and
 built with ``Class(**learner_args)``. Each client actor builds one and calls, in order:
 
 * ``setup(ctx)`` once: build the model (on ``ctx.device``) and prepare ``ctx.data``, the site's
@@ -27,15 +28,15 @@ import hashlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from fl_ray.data import ArrayData
-from fl_ray.importing import import_object
 from fl_ray.models import build_model, check_model_name
+from fl_ray.plugins import plugin_class
 from fl_ray.strategies.base import Arrays
 from fl_ray.strategies.scaffold import gradient_correction, initial_control, site_control_update
 
@@ -124,6 +125,16 @@ def split_validation(ctx: LearnerContext) -> tuple[tuple[torch.Tensor, torch.Ten
     return (x[order[n_val:]], y[order[n_val:]]), (x[order[:n_val]], y[order[:n_val]])
 
 
+W = TypeVar("W")
+
+
+def _writer(writer: W | None) -> W:
+    """A context's writer, which a learner logging on a site has (only bare test contexts lack them)."""
+    if writer is None:
+        raise RuntimeError("this learner context has no tracking writers")
+    return writer
+
+
 def _site_number(site: str) -> int:
     """A stable number for the whole site name (so ``eu-west-site-1`` and ``us-west-site-1`` differ)."""
     return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
@@ -158,7 +169,6 @@ class ImageClassificationLearner(Learner):
         self.momentum = momentum
         self.log_every = log_every
         self.log_syntax = log_syntax
-        self._steps: dict[str, int] = {}  # wandb syntax: the next step of each metric
 
     def setup(self, ctx: LearnerContext) -> None:
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
@@ -176,23 +186,22 @@ class ImageClassificationLearner(Learner):
     def _log_params(self, ctx: LearnerContext, params: dict[str, Any]) -> None:
         """The hyper-parameters, once per site, in the chosen syntax."""
         if self.log_syntax == "mlflow":
-            ctx.mlflow.log_params(params)
+            _writer(ctx.mlflow).log_params(params)
         elif self.log_syntax == "tensorboard":
             rows = "".join(f"\n| {k} | {v} |" for k, v in params.items())
-            ctx.tensorboard.add_text("hparams", "| name | value |\n| --- | --- |" + rows)
+            _writer(ctx.tensorboard).add_text("hparams", "| name | value |\n| --- | --- |" + rows)
         else:
-            ctx.wandb.config.update(params)
+            _writer(ctx.wandb).config.update(params)
 
     def _log_metric(self, ctx: LearnerContext, key: str, value: float) -> None:
         """One point of ``key`` at the step after its last one on this site."""
         if self.log_syntax == "mlflow":
-            ctx.mlflow.log_metric(key, value)
+            _writer(ctx.mlflow).log_metric(key, value)
         elif self.log_syntax == "tensorboard":
-            ctx.tensorboard.add_scalar(key, value)
-        else:  # W&B's own step is one per run; count per metric, as the other two syntaxes do
-            step = self._steps.get(key, 0)
-            self._steps[key] = step + 1
-            ctx.wandb.log({key: value}, step=step)
+            _writer(ctx.tensorboard).add_scalar(key, value)
+        else:  # W&B's own step is one per run; count per metric in the site's state, as the other two do
+            wandb = _writer(ctx.wandb)
+            wandb.log({key: value}, step=wandb.state.auto_step(key))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return model_weights(self.model)
@@ -232,7 +241,7 @@ class ImageClassificationLearner(Learner):
                     self._log_metric(ctx, "train_loss", running / self.log_every)
                     running = 0.0
             if len(self.val[1]):
-                val_acc = self._score(self.val)["accuracy"]
+                val_acc = score(self.model, self.val, self.device)["accuracy"]
                 if ctx.mlflow is not None:
                     self._log_metric(ctx, "val_accuracy", val_acc)
                 self.model.train()
@@ -245,7 +254,7 @@ class ImageClassificationLearner(Learner):
 
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         load_weights(self.model, weights)
-        return self._score(self.train_data if ctx.site == "server" else self.val)
+        return score(self.model, self.train_data if ctx.site == "server" else self.val, self.device)
 
     def export_model(self, weights: Mapping[str, np.ndarray]) -> tuple[nn.Module, np.ndarray]:
         """A CPU copy of the model holding ``weights``, in eval mode, and 8 inputs of this actor's data.
@@ -260,18 +269,23 @@ class ImageClassificationLearner(Learner):
             model = ScaledInputModel(model)
         return model.eval(), example
 
-    @torch.no_grad()
-    def _score(self, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        self.model.eval()
-        x, y = data
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(y), 1024):
-            xb, yb = _as_input(x[start:start + 1024]).to(self.device), y[start:start + 1024].to(self.device)
-            out = self.model(xb)
-            loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-            correct += (out.argmax(1) == yb).sum().item()
-        n = max(1, len(y))
-        return {"loss": loss_sum / n, "accuracy": correct / n}
+
+@torch.no_grad()
+def score(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+          scale_uint8: bool = True) -> dict[str, float]:
+    """Cross-entropy ``loss`` and ``accuracy`` of ``model``'s class logits on ``data`` (in eval mode, in batches
+    of 1024); with ``scale_uint8``, uint8 images are scaled to [-1, 1] first, as the built-in learner trains."""
+    model.eval()
+    x, y = data
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), 1024):
+        xb = x[start:start + 1024]
+        xb, yb = (_as_input(xb) if scale_uint8 else xb).to(device), y[start:start + 1024].to(device)
+        out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    n = max(1, len(y))
+    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 class _Scaffold:
@@ -279,8 +293,8 @@ class _Scaffold:
     training the site's control ``c_i`` is updated in ``ctx.site_state`` and its change returned."""
 
     def __init__(self, model: nn.Module, weights: Mapping[str, np.ndarray], ctx: LearnerContext, lr: float) -> None:
-        control = ctx.payload["control"]
-        site_control = ctx.site_state.get("control") or initial_control(control)
+        control = cast(dict[str, np.ndarray], ctx.payload["control"])
+        site_control = cast(dict[str, np.ndarray], ctx.site_state.get("control") or initial_control(control))
         self.model, self.weights, self.ctx, self.lr = model, weights, ctx, lr
         self.control, self.site_control = control, site_control
         names = dict(model.named_parameters())
@@ -310,12 +324,9 @@ class ScaledInputModel(nn.Module):
         return self.model(_as_input(x))
 
 
-def learner_class(path: str) -> type[Learner]:
-    """The Learner subclass at import ``path``; ValueError/TypeError name the config field if it is not one."""
-    cls = import_object(path, "learner")
-    if not (isinstance(cls, type) and issubclass(cls, Learner)):
-        raise TypeError(f"learner: {path!r} is not a subclass of fl_ray.Learner")
-    return cls
+def learner_class(name: str) -> type[Learner]:
+    """The Learner subclass ``name`` stands for (a built-in name or an import path); PluginError names the field."""
+    return plugin_class("learner", name, "learner")
 
 
 def load_learner(path: str, args: dict[str, Any]) -> Learner:

@@ -33,7 +33,15 @@ except ImportError as exc:
                       "pip install 'fl_ray[lightning]'") from exc
 
 from fl_ray.importing import import_object
-from fl_ray.learners import Learner, LearnerContext, TrainResult, load_weights, model_weights, split_validation
+from fl_ray.learners import (
+    Learner,
+    LearnerContext,
+    TrainResult,
+    load_weights,
+    model_weights,
+    score,
+    split_validation,
+)
 from fl_ray.models import DigitsCNN
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, flatten
 
@@ -52,10 +60,11 @@ class FLRayLogger(Logger):
     """A Lightning logger that writes metrics and hyper-parameters through a site's ``MLflowWriter``.
 
     Steps: each new ``Trainer`` (one per round) counts its steps from 0 again, so this logger adds an
-    offset that grows at the end of every fit (``finalize``) to one past the largest step it has logged;
-    a site's curves then continue across rounds. The offset lives in the logger: keep one per site (as
-    :class:`LightningLearner` does); a restarted site starts again from 0. Metric and param names
-    with characters MLflow refuses get ``_`` in their place; param values longer than MLflow allows are cut.
+    offset, taken at the first record of each fit from the site's tracking state (``writer.state``): one
+    past the largest step logged so far for the keys this logger logs. A site's curves then continue
+    across rounds, and, since the receiver actor hands a restarted site its state back, across restarts.
+    Metric and param names with characters MLflow refuses get ``_`` in their place; param values longer
+    than MLflow allows are cut.
     """
 
     def __init__(self, writer: MLflowWriter, name: str = "fl_ray", version: str | None = None) -> None:
@@ -63,8 +72,8 @@ class FLRayLogger(Logger):
         self._writer = writer
         self._name = name
         self._version = writer.site if version is None else version
-        self._offset = 0  # added to Lightning's step
-        self._next = 0  # one past the largest (offset) step logged
+        self._keys: set[str] = set()  # the metric keys this logger logged
+        self._offset: int | None = None  # added to Lightning's step in this fit; None until its first record
 
     @property
     def name(self) -> str:
@@ -83,8 +92,8 @@ class FLRayLogger(Logger):
 
     @property
     def step_offset(self) -> int:
-        """What is added to Lightning's step in the current fit."""
-        return self._offset
+        """What is added to Lightning's step in the current fit (once it has logged)."""
+        return self._offset or 0
 
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
@@ -108,14 +117,15 @@ class FLRayLogger(Logger):
         if step is None:
             self._writer.log_metrics(values)
             return
-        at = self._offset + int(step)
-        self._writer.log_metrics(values, step=at)
-        self._next = max(self._next, at + 1)
+        if self._offset is None:  # the fit's first record: continue after every step of these keys so far
+            self._offset = self._writer.state.after(self._keys | set(values))
+        self._keys.update(values)
+        self._writer.log_metrics(values, step=self._offset + int(step))
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """End of a fit (or validate/test): steps of the next one start after the largest logged so far."""
-        self._offset = self._next
+        self._offset = None
 
 
 def _clean_key(key: str) -> str:
@@ -197,7 +207,7 @@ class LightningLearner(Learner):
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
         load_weights(self.module, weights)
         data = self.val if ctx.site != "server" and len(self.val[1]) else self.train_data
-        return _score(self.module.to(ctx.device), data, ctx.device)
+        return score(self.module.to(ctx.device), data, ctx.device, scale_uint8=False)
 
     def _trainer_kwargs(self, ctx: LearnerContext) -> dict[str, Any]:
         cuda = ctx.device.type == "cuda"
@@ -228,21 +238,6 @@ def _build_module(path: str, args: dict[str, Any]) -> pl.LightningModule:
         return cls(**args)
     except TypeError as exc:
         raise TypeError(f"learner_args.module_args: {args!r} do not fit {path}: {exc}") from None
-
-
-@torch.no_grad()
-def _score(module: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Cross-entropy loss and accuracy of ``module``'s logits on ``data``."""
-    module.eval()
-    x, y = data
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), 1024):
-        xb, yb = x[start:start + 1024].to(device), y[start:start + 1024].to(device)
-        out = module(xb)
-        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    n = max(1, len(y))
-    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 @contextmanager
@@ -284,4 +279,4 @@ class DigitsLitModule(pl.LightningModule):
         self.log("val_accuracy", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=self.hparams["momentum"])

@@ -3,8 +3,9 @@
 :func:`replay` rebuilds the job's receivers from ``<job dir>/config.yaml`` (or only the one named) and
 sends each one every record of ``<job dir>/spool/`` past its progress mark, through the same delivery
 pumps the receiver actor uses. Marks move as records are delivered, so replaying again sends nothing
-twice. MLflow marks (and run ids) are kept per tracking URI: another ``tracking_uri`` gets everything,
-once. With ``dead_letters``, the records a receiver refused for good (``dead_letters.jsonl``) are tried
+twice. A receiver that can be pointed elsewhere declares a destination (MLflow: its tracking URI) and
+keeps a mark per destination: it replays to where the job sent its records, or to ``destination``, which
+then gets everything, once. With ``dead_letters``, the records a receiver refused for good (``dead_letters.jsonl``) are tried
 again first. Credentials come from the environment (MLFLOW_TRACKING_USERNAME, ...), as for the job.
 ``fl-ray replay`` and ``scripts/replay_spool.py`` are its command line.
 """
@@ -12,7 +13,6 @@ again first. Credentials come from the environment (MLFLOW_TRACKING_USERNAME, ..
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ import yaml
 from rich.console import Console
 
 from fl_ray.config import ConfigError, parse_config
-from fl_ray.receivers.base import KILLED, ReceiverContext, build_receiver
-from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
+from fl_ray.receivers.base import KILLED, ReceiverContext, build_receivers, receiver_class, receiver_names
+from fl_ray.tracking.hub import TrackingHub
 from fl_ray.tracking.spool import EVENTS_FILE, load_progress
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -59,30 +59,27 @@ def select_receivers(cfg: Any, to: str | None) -> list[tuple[str, dict[str, Any]
     return chosen or [(receiver_names([{"type": to}])[0], {"type": to})]
 
 
-def mlflow_destination(spec: dict[str, Any], mark: dict[str, Any], tracking_uri: str | None, workspace: Path) -> str:
-    """Where MLflow records go: --tracking-uri, else the entry's, else where the job sent them, else the default."""
-    from fl_ray.receivers.mlflow import default_tracking_uri
-
-    return (tracking_uri or spec.get("tracking_uri") or mark.get("destination")
-            or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workspace))
-
-
-def plan(job_dir: Path, cfg: Any, to: str | None, tracking_uri: str | None) -> list[tuple[str, dict[str, Any]]]:
-    """The receivers to build. An MLflow one goes to --tracking-uri, else where the job sent its records;
-    its pump keeps a separate progress mark per destination, so sending elsewhere sends everything there."""
+def plan(job_dir: Path, cfg: Any, to: str | None, destination: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The receivers to build. One that declares a destination parameter goes to ``destination``, else to
+    its entry's, else where the job sent its records; its pump keeps a separate progress mark per
+    destination, so sending elsewhere sends everything there."""
     planned = []
     for name, spec in select_receivers(cfg, to):
         spec = dict(spec)
-        if spec["type"] == "mlflow":
+        try:
+            param = receiver_class(spec["type"]).destination_param
+        except ValueError as exc:
+            raise ReplayError(f"receiver {name!r}: {exc}") from None
+        if param is not None:
             mark = load_progress(job_dir / "spool", name)
-            spec["tracking_uri"] = mlflow_destination(spec, mark, tracking_uri, job_dir.parent)
+            spec[param] = destination or spec.get(param) or mark.get("destination")
         planned.append((name, spec))
-    if tracking_uri and not any(spec["type"] == "mlflow" for _, spec in planned):
-        raise ReplayError("--tracking-uri was given but no MLflow receiver is replayed to (see --to)")
+    if destination and not any(receiver_class(spec["type"]).destination_param for _, spec in planned):
+        raise ReplayError("--destination was given but no receiver replayed to takes one (see --to)")
     return planned
 
 
-def replay(job_dir: Path, to: str | None = None, tracking_uri: str | None = None, timeout: float = 120.0,
+def replay(job_dir: Path, to: str | None = None, destination: str | None = None, timeout: float = 120.0,
            status: str | None = None, console: Console | None = None, dead_letters: bool = False) -> dict[str, Any]:
     """Deliver ``job_dir``'s spool past each receiver's mark (and, with ``dead_letters``, try its set-aside
     records again); returns the hub's close report plus counts."""
@@ -94,16 +91,12 @@ def replay(job_dir: Path, to: str | None = None, tracking_uri: str | None = None
         if job_status is None:
             console.print(f"[yellow]note:[/] {job_dir / 'result.json'} is missing (a job that was killed, or one "
                           "still running: do not replay a running job); runs end as KILLED")
-    planned = plan(job_dir, cfg, to, tracking_uri)
-    for key, value in RECEIVER_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    quiet_http_retries()
-    receivers = []
-    for name, spec in planned:
-        try:
-            receivers.append((name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"})))
-        except (TypeError, ValueError, ImportError) as exc:
-            raise ReplayError(f"receiver {name!r} ({spec['type']}): {exc}") from None
+    planned = plan(job_dir, cfg, to, destination)
+    try:
+        built = build_receivers([spec for _, spec in planned])
+    except (TypeError, ValueError) as exc:
+        raise ReplayError(f"receivers {[name for name, _ in planned]}: {exc}") from None
+    receivers = [(name, receiver) for (name, _), (_, receiver) in zip(planned, built)]
     from fl_ray.metadata import run_tags
 
     ctx = ReceiverContext(job_id=job_dir.name, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,

@@ -23,7 +23,18 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from fl_ray.checkpoint import BestModel, Checkpoint, improves, load_best, load_checkpoint, save_best, save_checkpoint
+from fl_ray.checkpoint import (
+    BestModel,
+    BestRecord,
+    Checkpoint,
+    append_round,
+    improves,
+    load_best,
+    load_checkpoint,
+    load_rounds,
+    save_best,
+    save_checkpoint,
+)
 from fl_ray.config import ConfigError, JobConfig
 from fl_ray.fedavg import weighted_metrics
 from fl_ray.learners import Learner, LearnerContext
@@ -122,7 +133,7 @@ class _FutureRunning(Running):
         future = next(iter(done))
         site = self._futures.pop(future)
         error = future.exception()
-        return site, error if error is not None else future.result()
+        return site, error if isinstance(error, Exception) else future.result()
 
     @property
     def pending(self) -> list[str]:
@@ -157,15 +168,20 @@ class RoundEngine:
     def __init__(self, cfg: JobConfig, learner: Learner, ctx: LearnerContext, strategy: Strategy,
                  executor: Executor, checkpoint_dir: Path) -> None:
         self.cfg, self.learner, self.ctx, self.strategy, self.executor = cfg, learner, ctx, strategy, executor
+        if ctx.mlflow is None:
+            raise ValueError("the server's learner context needs its writer (ctx.mlflow: the server run)")
+        self.log = ctx.mlflow
         self.sites = list(cfg.site_names)
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.job_dir = self.checkpoint_dir.parent  # where rounds.jsonl grows, a line per round
         self.rng = np.random.default_rng(cfg.seed)
         resumed = load_checkpoint(self.checkpoint_dir)
         if resumed is None:
             self.weights, self.rounds, self.site_states = learner.get_weights(), [], {}
             strategy.initialize(self.weights, self.sites)
         else:
-            self.weights, self.rounds, self.site_states = resumed.weights, resumed.rounds, resumed.site_states
+            self.weights, self.site_states = resumed.weights, resumed.site_states
+            self.rounds = load_rounds(self.job_dir, upto=resumed.round)
             self.rng.bit_generator.state = resumed.rng_state
             strategy.load_state(resumed.strategy_state)
         self.local_weights: dict[str, dict[str, np.ndarray]] = {}  # each site's last result, for cross-site evaluation
@@ -186,7 +202,7 @@ class RoundEngine:
             if len(results) >= needed:
                 break
         else:
-            self.ctx.mlflow.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
+            self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
             raise RoundError(f"round {round_}: fewer than min_clients={self.cfg.min_clients} of the sampled sites "
                              f"{plan.sites} returned a result in {self.cfg.round_retries + 1} attempt(s); "
                              f"failures: {failures}")
@@ -202,17 +218,18 @@ class RoundEngine:
         logged.update({"sites_completed": float(len(results)), "sites_failed": float(len(failures))})
         federated = self._evaluate_on_sites(round_)
         logged.update({f"federated_{k}": v for k, v in federated.get("mean", {}).items()})
-        self.ctx.mlflow.log_metrics(logged, step=round_)
+        self.log.log_metrics(logged, step=round_)
         if failures:
-            self.ctx.mlflow.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
+            self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
         summary = {"round": round_, "sampled": plan.sites, "completed": sorted(results), "failures": failures,
                    "global": global_metrics, "client_mean": client_mean, "strategy": reported, "clients": results,
                    "seconds": time.perf_counter() - start}
         if federated:
             summary["federated_evaluation"] = federated
         self.rounds.append(summary)
-        save_checkpoint(self.checkpoint_dir, Checkpoint(round_, self.weights, self.rng.bit_generator.state,
-                                                        self.rounds, self.strategy.state(), self.site_states))
+        append_round(self.job_dir, summary)  # before the checkpoint: a resume never lacks a round's summary
+        save_checkpoint(self.checkpoint_dir, Checkpoint(round_, self.weights, dict(self.rng.bit_generator.state),
+                                                        self.strategy.state(), self.site_states))
         return summary
 
     def _train(self, round_: int, plan: RoundPlan) -> tuple[Aggregation, dict[str, dict[str, Any]],
@@ -227,7 +244,7 @@ class RoundEngine:
         states: dict[str, dict[str, Arrays]] = {}
         timeout = self.cfg.round_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        for site, outcome in running.until(lambda: deadline):  # the grace below moves the deadline
+        for site, outcome in running.until(lambda: deadline):  # noqa: B023 (the grace below moves the deadline)
             if isinstance(outcome, Exception):
                 failed[site] = describe_failure(outcome)
                 continue
@@ -295,7 +312,7 @@ class RoundEngine:
         return {"sites": results, "mean": mean, "failures": failed}
 
     def _keep_if_best(self, round_: int, metrics: dict[str, float]) -> None:
-        """Save the global model as ``best.pt`` if it beats the best so far on ``server.key_metric``."""
+        """Save the global model as ``best.npz``/``.json`` if it beats the best so far on ``server.key_metric``."""
         if not self.exports:
             return
         key, mode = self.cfg.server.key_metric, self.cfg.server.key_mode
@@ -309,9 +326,17 @@ class RoundEngine:
         if exported is None:  # this learner exports no model after all; the job says so at the end
             self.exports = False
             return
-        model, example = exported
-        save_best(self.checkpoint_dir, BestModel(round_, key, mode, metrics, model, np.asarray(example)))
+        save_best(self.checkpoint_dir, BestRecord(round_, key, mode, metrics, dict(self.weights),
+                                                  np.asarray(exported[1])))
         self.best_score = value
+
+    def best_model(self) -> BestModel | None:
+        """The best global model so far rebuilt by the learner (``export_model``) to be logged; None if none."""
+        best = load_best(self.checkpoint_dir)
+        exported = self.learner.export_model(best.weights) if best is not None else None
+        if best is None or exported is None:
+            return None
+        return BestModel(best.round, best.key_metric, best.key_mode, best.metrics, exported[0], best.input_example)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -59,9 +59,10 @@ class _Nvml:
         """Start NVML: ``(nvml, "")``, or ``(None, why not)``."""
         if module is None:
             try:
-                import pynvml as module
+                import pynvml
             except ImportError:
                 return None, "NVML is not available (the nvidia-ml-py package is not installed)"
+            module = pynvml
         try:
             module.nvmlInit()
         except module.NVMLError as exc:
@@ -296,6 +297,7 @@ class SystemMetricsSampler:
     def _gpu_sample(self, gpu: _Gpu) -> dict[str, float]:
         """One GPU's metrics; a reading NVML refuses (e.g. power on some boards) is skipped, warned once."""
         nvml, h, p = self._nvml, gpu.handle, f"system/gpu_{gpu.ordinal}_"
+        assert nvml is not None  # GPUs are sampled only while NVML is open
         values: dict[str, float] = {}
         try:
             values[p + "utilization_percentage"] = nvml.utilization(h)

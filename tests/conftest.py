@@ -76,7 +76,8 @@ def workspace(tmp_path, mlflow_store):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that need Ray or a real `mlflow server` are slow: `pytest -m "not slow"` is the unit tier."""
+    """Tests that need Ray, a real `mlflow server` or W&B's processes are slow: `pytest -m "not slow"` is the
+    unit tier."""
     for item in items:
-        if {"ray_session", "mlflow_server"} & set(item.fixturenames):
+        if {"ray_session", "mlflow_server", "wandb_env"} & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)

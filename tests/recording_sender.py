@@ -8,31 +8,22 @@ from __future__ import annotations
 import threading
 
 from fl_ray.tracking.events import EventKind
+from fl_ray.tracking.state import SiteState
 
 
 class RecordingSender:
-    """Records ``(kind, key, value, step, timestamp, group)`` tuples; steps and params as EventSender keeps them."""
+    """Records ``(kind, key, value, step, timestamp, group)`` tuples; steps and params in a SiteState, as
+    EventSender keeps them."""
 
     def __init__(self, site: str = "site-1", steps: dict[str, int] | None = None) -> None:
         self.site = site
+        self.state = SiteState(site, steps=dict(steps or {}))  # a resumed site starts with some steps
         self.events: list[tuple] = []
-        self.params: dict[str, str] = {}  # the site's param cache, shared by its writers (as on EventSender)
-        self._steps: dict[str, int] = dict(steps or {})  # next step per key (a resumed site starts with some)
         self._lock = threading.Lock()
 
     def record(self, kind, key, value, step, timestamp, group=None) -> None:
         with self._lock:
             self.events.append((kind, key, value, step, timestamp, group))
-
-    def next_step(self, key: str, explicit: int | None = None) -> int:
-        with self._lock:
-            step = self._steps.get(key, 0) if explicit is None else explicit
-            self._steps[key] = max(self._steps.get(key, 0), step + 1)
-            return step
-
-    def auto_step(self, key: str) -> int:
-        with self._lock:
-            return self._steps.get(key, 0)
 
     def metrics(self) -> dict[str, list[tuple[int, float]]]:
         """Metric points by key, as (step, value)."""

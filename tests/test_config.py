@@ -11,7 +11,7 @@ from conftest import REPO
 
 
 def test_default_config_is_the_digits_job():
-    """configs/fedavg_digits.yaml: 2 sites, >= 3 rounds, digits, IID."""
+    """The default config (fl_ray/configs/default.yaml): 2 sites, >= 3 rounds, digits, IID."""
     cfg = load_config()
     assert cfg.site_names == ["site-1", "site-2"]
     assert cfg.num_rounds >= 3
@@ -39,7 +39,7 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     ({"sites": 2, "min_clients": 3}, "min_clients", "3", "more than the 2 site"),
     ({"sample_fraction": 0}, "sample_fraction", "0", "greater than 0"),
     ({"sample_fraction": 1.5}, "sample_fraction", "1.5", "less than or equal to 1"),
-    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "'digits', 'cifar10' or 'synthetic'"),
+    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "digits, cifar10, synthetic or an import path"),
     ({"dataset": {"partition": "by-label"}}, "dataset.partition", "'by-label'", "'iid' or 'dirichlet'"),
     ({"resources": {"client_cpus": -1}}, "resources.client_cpus", "-1", "greater than 0"),
     ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),
@@ -137,7 +137,8 @@ def test_whole_numbers_still_fill_number_fields():
     ({"num_rouns": 3}, "num_rouns: unknown key (set to 3); did you mean 'num_rounds'?"),
     ({"resources": {"client_cpu": 1}}, "resources.client_cpu: unknown key (set to 1); did you mean 'client_cpus'?"),
     ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
-    ({"learner": "x"}, "learner: expected an import path 'package.module:Class', got 'x'."),
+    ({"learner": "x"}, "learner: expected one of image_classification, lightning or an import path "
+                       "'package.module:Class', got 'x'."),
 ])
 def test_each_error_is_one_plain_sentence(data, sentence):
     """One sentence per bad field, with a "did you mean" for a misspelt key and no validation-library internals."""

@@ -6,8 +6,18 @@ import pickle
 import numpy as np
 import pytest
 
-from fl_ray.config import ConfigError, DatasetConfig
-from fl_ray.data import load_dataset, partition, partition_dirichlet, partition_iid, site_data
+from fl_ray.config import ConfigError, DatasetConfig, parse_config
+from fl_ray.data import (
+    DatasetError,
+    DatasetSource,
+    load_dataset,
+    partition,
+    partition_dirichlet,
+    partition_iid,
+    site_data,
+    split,
+)
+from fl_ray.plugins import PluginError
 
 
 def _assert_exact_cover(parts, n):
@@ -41,7 +51,7 @@ def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
 
 def test_too_many_sites_for_the_data_is_a_config_error():
     """More sites than samples cannot be split."""
-    with pytest.raises(ConfigError, match="sites"):
+    with pytest.raises(DatasetError, match="sites"):
         partition_iid(3, 5, np.random.default_rng(0))
 
 
@@ -109,7 +119,7 @@ def test_cifar10_is_read_through_torchvision(tmp_path, monkeypatch):
 def test_missing_cifar10_says_to_run_prepare_data(tmp_path):
     """No CIFAR-10 under the root: a clear error giving the prepare_data.py command line for that root, and not
     torchvision's advice to pass download=True, which a job config cannot."""
-    with pytest.raises(ConfigError, match="prepare_data.py") as err:
+    with pytest.raises(DatasetError, match="prepare_data.py") as err:
         load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path / "nothing")), seed=0)
     assert f"--root {tmp_path / 'nothing'}" in str(err.value) and "download=True" not in str(err.value)
 
@@ -137,3 +147,41 @@ def test_synthetic_data_takes_the_configured_shape():
     assert ds.input_shape == (3, 32, 32) and ds.train.x.shape[1:] == (3, 32, 32)
     with pytest.raises(ValueError, match="at least 1"):
         DatasetConfig(name="synthetic", shape=(3, 0, 32))
+
+
+class Stripes(DatasetSource):
+    """A user's dataset: ``n`` 1x4x4 images of horizontal (label 0) or vertical (label 1) stripes."""
+
+    def __init__(self, n: int = 40) -> None:
+        self.n = n
+
+    def load(self, cfg, seed):
+        y = np.arange(self.n) % 2
+        x = np.zeros((self.n, 1, 4, 4), np.float32)
+        x[y == 0, :, ::2, :] = 1.0
+        x[y == 1, :, :, ::2] = 1.0
+        return split(x, y.astype(np.int64), cfg.test_fraction, seed, 2)
+
+
+def test_a_dataset_is_chosen_by_import_path_with_its_arguments():
+    """dataset.name: package.module:Class builds the user's DatasetSource with dataset.args, as a learner is."""
+    cfg = parse_config({"dataset": {"name": "test_data:Stripes", "args": {"n": 50}, "test_fraction": 0.2}})
+    ds = load_dataset(cfg.dataset, seed=0)
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.input_shape) == (40, 10, 2, (1, 4, 4))
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ({"name": "test_data:split"}, r"dataset.name: expected a subclass of fl_ray.data.DatasetSource"),
+    ({"name": "test_data:Stripes", "args": {"size": 3}}, r"dataset.args.size: unknown argument \(got 3\); "
+                                                         r"test_data:Stripes takes n"),
+    ({"name": "no_such_module:X"}, r"dataset.name: cannot import module 'no_such_module'"),
+])
+def test_a_bad_dataset_plugin_names_the_field(dataset, message):
+    """A path to something that is not a DatasetSource, or an argument it does not take, is a PluginError
+    naming the field; an unknown built-in name is refused by the config itself."""
+    with pytest.raises(PluginError, match=message):
+        load_dataset(parse_config({"dataset": dataset}).dataset, seed=0)
+    with pytest.raises(ConfigError, match=r"dataset.name: expected one of digits, cifar10, synthetic or an import "
+                                          r"path .*, got 'mnist'"):
+        parse_config({"dataset": {"name": "mnist"}})
+

@@ -125,7 +125,7 @@ def test_tracking_server_outage_mid_job_loses_and_doubles_nothing(ray_session, m
         entry = result.tracking["receivers"]["mlflow"]
         assert entry["undelivered"] == 0 and "error" not in entry
         assert result.tracking["accepted"] == sum(s["recorded"] for s in result.tracking["senders"].values())
-        runs = result.tracking["mlflow"]
+        runs = result.tracking["receivers"]["mlflow"]
         client = assert_learner_records_in_mlflow(server.uri, runs, rounds, points)
         during = [m for m in client.get_metric_history(runs["run_ids"]["site-1"], "stream")
                   if down * 1000 <= m.timestamp <= up * 1000]

@@ -84,7 +84,7 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
             continue
         ray.kill(actor, no_restart=False)
         kills += 1
-        wait_for(lambda: not job.is_alive() or actor_pid(actor) not in (None, pid), 120, "Ray to restart the receiver")
+        wait_for(lambda pid=pid: not job.is_alive() or actor_pid(actor) not in (None, pid), 120, "Ray to restart the receiver")
     result = job.finish(timeout=300)
 
     assert kills == 4 and result.status == "FINISHED" and len(result.rounds) == rounds
@@ -93,8 +93,8 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
         assert entry["undelivered"] == 0 and "error" not in entry, (name, entry)
     recorded = sum(s["recorded"] for s in result.tracking["senders"].values())
     assert result.tracking["accepted"] == recorded == len(spooled_events(job_dir / "spool"))
-    assert_every_record_once(job_dir, result.tracking["mlflow"], rounds, points)
-    assert_learner_records_in_mlflow(result.tracking["mlflow"]["tracking_uri"], result.tracking["mlflow"], rounds,
+    assert_every_record_once(job_dir, result.tracking["receivers"]["mlflow"], rounds, points)
+    assert_learner_records_in_mlflow(result.tracking["receivers"]["mlflow"]["tracking_uri"], result.tracking["receivers"]["mlflow"], rounds,
                                      points)  # params, tags and the server's metrics too
     wandb = result.tracking["receivers"]["wandb"]
     assert sorted(wandb["runs"]) == sorted([*SITES, "server"])  # one run per site, across every restart
@@ -118,7 +118,7 @@ def test_a_receiver_actor_dying_while_closing_is_restarted_and_the_job_finishes(
     entry = result.tracking["receivers"]["user_receivers_DiesWhileClosing"]
     assert entry["status"] == "FINISHED"  # the restarted actor's close report
     assert entry["delivered"] == result.tracking["accepted"] and entry["undelivered"] == 0
-    mlflow = result.tracking["mlflow"]
+    mlflow = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(mlflow["tracking_uri"])
     for run_id in (mlflow["parent_run_id"], *mlflow["run_ids"].values()):
         assert client.get_run(run_id).info.status == "FINISHED"
@@ -191,7 +191,7 @@ def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, t
     final = json.loads((job_dir / "result.json").read_text())
     assert final["status"] == "FINISHED" and [r["round"] for r in final["rounds"]] == list(range(1, rounds + 1))
     assert final["tracking"]["spool"]["dropped_after_resume"] > 0, "the cut-off round's steps should repeat"
-    assert_every_record_once(job_dir, final["tracking"]["mlflow"], rounds, points)
+    assert_every_record_once(job_dir, final["tracking"]["receivers"]["mlflow"], rounds, points)
 
 
 def _actor_exists(name):

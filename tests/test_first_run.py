@@ -118,7 +118,7 @@ def test_the_summary_commands_work_pasted_into_a_new_shell(piped_job):
     assert Path(ui[0]) == bin_dir / "mlflow" and ui[1] == "ui"
     _runs([ui[0], "ui", "--help"])
     store = ui[ui.index("--backend-store-uri") + 1]
-    parent = result["tracking"]["mlflow"]["parent_run_id"]
+    parent = result["tracking"]["receivers"]["mlflow"]["parent_run_id"]
     assert MlflowClient(store).get_run(parent).info.run_name == result["job_id"]
 
     tensorboard = shlex.split(_line(out, "TensorBoard:").split("view with: ", 1)[1])
@@ -146,7 +146,7 @@ def test_the_job_leaves_a_picture_and_a_participation_table(piped_job):
     assert picture == Path(result["picture"]) == Path(result["job_dir"]) / "summary.png"
     height, width, _ = matplotlib.image.imread(picture).shape
     assert height > 200 and width > 200
-    info = result["tracking"]["mlflow"]
+    info = result["tracking"]["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])
     logged = client.download_artifacts(info["parent_run_id"], "summary.png")
     assert Path(logged).read_bytes() == picture.read_bytes()
@@ -193,7 +193,7 @@ def test_fl_ray_ui_serves_the_workspaces_runs(piped_job):
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None, "the UI did not answer"
                 time.sleep(0.5)
-        run = MlflowClient(url).get_run(result["tracking"]["mlflow"]["parent_run_id"])
+        run = MlflowClient(url).get_run(result["tracking"]["receivers"]["mlflow"]["parent_run_id"])
         assert run.info.run_name == result["job_id"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -7,7 +7,8 @@ import yaml
 
 from fl_ray.receivers.base import MemoryReceiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.hub import INCARNATION_BITS, TrackingHub
+from fl_ray.tracking.hub import TrackingHub
+from fl_ray.tracking.state import INCARNATION_BITS, SiteState
 from fl_ray.tracking.spool import Spool
 
 from user_receivers import FlakyReceiver, RefusesKey
@@ -55,7 +56,7 @@ def test_restart_recovers_from_the_spool(tmp_path):
     """A new hub on the same job dir knows what was accepted, resumes delivery, and continues steps."""
     first_sink = MemoryReceiver()
     hub = TrackingHub(ctx(tmp_path), [("memory", first_sink)])
-    first_seq, _ = hub.open_site("site-1")
+    first_seq = SiteState.from_snapshot("site-1", hub.open_site("site-1")).seq
     hub.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(3)])
     wait_until(lambda: len(first_sink.events) == 3)
     for pump in hub.pumps:  # the actor "crashes": delivery stops; a last batch is spooled, not delivered
@@ -68,8 +69,8 @@ def test_restart_recovers_from_the_spool(tmp_path):
     again = TrackingHub(ctx(tmp_path), [("memory", sink)])
     assert again.accepted == 4
     assert again.submit("site-1", [metric("site-1", first_seq + i, 10 + i) for i in range(4)]) == 0
-    seq, steps = again.open_site("site-1")
-    assert seq == 1 << INCARNATION_BITS and steps == {"loss": 14}
+    restarted = SiteState.from_snapshot("site-1", again.open_site("site-1"))
+    assert restarted.seq == 1 << INCARNATION_BITS and restarted.steps == {"loss": 14}
     again.close("FINISHED", timeout=10)
     delivered = [e.seq for e in first_sink.events] + [e.seq for e in sink.events]
     assert sorted(delivered) == [first_seq + i for i in range(4)]
@@ -163,7 +164,7 @@ def test_non_metric_events_do_not_move_step_counters(tmp_path, kind):
     """Only metrics advance the steps handed to a restarted site."""
     hub = TrackingHub(ctx(tmp_path), [])
     hub.submit("site-1", [TrackingEvent("site-1", 0, kind, "k", "v", 7, 0)])
-    assert hub.open_site("site-1")[1] == {}
+    assert hub.open_site("site-1")["steps"] == {}
 
 
 class Picky(MemoryReceiver):
@@ -258,3 +259,32 @@ def test_replay_with_dead_letters_delivers_what_was_set_aside(tmp_path, capsys):
     assert entry["dead_letters_retried"] == {"retried": 1, "delivered": 1, "set_aside": 0}
     assert [tuple(e)[:2] for e in entry["echo"]] == [("site-1", 1)] and "dead_letters" not in entry
     assert (tmp_path / "dead_letters.jsonl").read_text() == ""
+
+
+class TableReceiver(MemoryReceiver):
+    """Declares that it logs tables, and keeps them."""
+
+    logs_tables = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict] = {}
+
+    def log_table(self, artifact_file, table):
+        self.tables[artifact_file] = table
+        return {"artifact_file": artifact_file}
+
+
+def test_the_hub_calls_only_the_capabilities_a_receiver_declares(tmp_path):
+    """log_table reaches the receiver that declares logs_tables, once it is open, and no other; log_model
+    reaches none of them (neither declares logs_models)."""
+    tables, plain = TableReceiver(), MemoryReceiver()
+    hub = TrackingHub(ctx(tmp_path), [("tables", tables), ("plain", plain)])
+    hub.submit("site-1", [metric("site-1", 0, 0)])
+    table = {"site": ["site-1"], "accuracy": [0.5]}
+    assert hub.log_table("matrix.json", table, timeout=10) == {"tables": {"artifact_file": "matrix.json"}}
+    assert tables.tables == {"matrix.json": table}
+    assert hub.log_model("server", object(), None, timeout=10) == {}
+    with pytest.raises(NotImplementedError, match="MemoryReceiver does not log tables"):
+        plain.log_table("matrix.json", table)
+    hub.close("FINISHED", timeout=10)

@@ -42,7 +42,8 @@ def test_digits_job_learns(digits_job):
 
 
 def test_result_json_holds_rounds_sites_and_tracking(digits_job):
-    """result.json: per-round global metrics, per-site sample counts and results, final metrics, tracking."""
+    """result.json: per-round global metrics (built from rounds.jsonl), per-site sample counts and results,
+    final metrics, tracking."""
     result, ws = digits_job
     job_dir = ws / result.job_id
     data = json.loads((job_dir / "result.json").read_text())
@@ -51,13 +52,16 @@ def test_result_json_holds_rounds_sites_and_tracking(digits_job):
     assert saved_cfg == digits_config().to_dict()
     assert data["status"] == "FINISHED" and data["final_metrics"] == data["rounds"][-1]["global"]
     assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    # result.json's rounds are rounds.jsonl's lines, one per round; the checkpoint holds none of them
+    assert [json.loads(line) for line in (job_dir / "rounds.jsonl").read_text().splitlines()] == data["rounds"]
+    assert "rounds" not in json.loads((job_dir / "checkpoints" / "last.json").read_text())
     for r in data["rounds"]:
         assert set(r["global"]) == {"loss", "accuracy"}
         assert r["sampled"] == r["completed"] == ["site-1", "site-2", "site-3"]
-        for site, c in r["clients"].items():
+        for c in r["clients"].values():
             assert c["num_samples"] > 0 and "train_loss" in c["metrics"] and c["device"] == "cpu"
     assert sum(s["num_samples"] for s in data["sites"].values()) == 1797 - round(1797 * 0.2)
-    mlflow = data["tracking"]["mlflow"]
+    mlflow = data["tracking"]["receivers"]["mlflow"]
     assert mlflow["tracking_uri"] == f"sqlite:///{ws.resolve() / 'mlflow.db'}"
     assert set(mlflow["run_ids"]) == {"site-1", "site-2", "site-3", "server"}
     assert data["tracking"]["receivers"]["mlflow"]["undelivered"] == 0
@@ -111,7 +115,7 @@ def test_user_learner_by_import_path_and_sampling(ray_session, workspace):
 
 
 @pytest.mark.parametrize("path, words", [
-    ("user_learners:NotALearner", ["NotALearner", "not a subclass of fl_ray.Learner"]),
+    ("user_learners:NotALearner", ["NotALearner", "expected a subclass of fl_ray.learners.Learner"]),
     ("user_learners:Missing", ["has no attribute 'Missing'"]),
     ("no_such_module:Learner", ["cannot import module 'no_such_module'"]),
 ])

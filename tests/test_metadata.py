@@ -82,7 +82,7 @@ def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session
     result = run_job(cfg, workspace=new_workspace(tmp_path / "ws", mlflow_store), show_progress=False)
     assert result.status == "FINISHED"
 
-    info = result.tracking["mlflow"]
+    info = result.tracking["receivers"]["mlflow"]
     parent = MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"])
     tags = parent.data.tags
     assert tags["mlflow.source.git.commit"] == commit and tags["fl_ray.git_dirty"] == "true"

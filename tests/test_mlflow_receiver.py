@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.receivers.mlflow import MAX_SERVER_ERRORS, MLflowReceiver
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS
+from fl_ray.receivers.mlflow import PROCESS_ENV_DEFAULTS
 
 SITES = ("site-1", "site-2")
 CREATE = "/api/2.0/mlflow/runs/create"
@@ -101,7 +101,7 @@ class FaultyProxy:
 @pytest.fixture
 def receiver_env(monkeypatch):
     """The receiver actor's MLflow client settings (few HTTP retries, short timeouts)."""
-    for name, value in RECEIVER_ENV_DEFAULTS.items():
+    for name, value in PROCESS_ENV_DEFAULTS.items():
         monkeypatch.setenv(name, value)
 
 

@@ -1,5 +1,5 @@
 """The global model as an MLflow model: the server keeps the best round's model by server.key_metric /
-key_mode as <job>/checkpoints/best.pt, the receiver actor logs it into the `server` run with
+key_mode as <job>/checkpoints/best.npz + best.json, the receiver actor logs it into the `server` run with
 mlflow.pytorch.log_model (pt2) and registers it when tracking.register_model_name is set; loaded back,
 it reproduces the accuracy the job reported for that round on the test split."""
 
@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fl_ray import ConfigError, JobConfig, run_job
-from fl_ray.checkpoint import BEST, improves, load_best
+from fl_ray.checkpoint import improves, load_best
 from fl_ray.config import parse_config
 from fl_ray.data import ArrayData, site_data
 
@@ -44,7 +44,7 @@ def assert_logged_to_server_run(client, result, model_info):
     """The model is an output of the job's `server` run, saved in the pt2 format."""
     import mlflow
 
-    server_run = result.tracking["mlflow"]["run_ids"]["server"]
+    server_run = result.tracking["receivers"]["mlflow"]["run_ids"]["server"]
     logged = client.get_logged_model(model_info["model_id"])
     assert logged.source_run_id == server_run
     assert model_info["model_id"] in [o.model_id for o in client.get_run(server_run).outputs.model_outputs]
@@ -100,7 +100,7 @@ def test_uint8_images_export_with_their_scaling(tmp_path):
 
 
 def test_best_model_is_logged_and_reproduces_its_round(ray_session, workspace, monkeypatch):
-    """Default sqlite store: best.pt by max accuracy, logged to the server run; loaded back it scores the
+    """Default sqlite store: the best model (checkpoints/best.npz) by max accuracy, logged to the server run; loaded back it scores the
     accuracy the job reported for that round; result.json records the model URI."""
     import mlflow.pytorch
 
@@ -112,12 +112,12 @@ def test_best_model_is_logged_and_reproduces_its_round(ray_session, workspace, m
     model_info = result.tracking["model"]
     assert model_info["round"] == best["round"] and model_info["key_metric"] == "accuracy"
     assert model_info["value"] == best["global"]["accuracy"] and "registered_model_version" not in model_info
-    saved = load_best(workspace / result.job_id / "checkpoints" / BEST)
+    saved = load_best(workspace / result.job_id / "checkpoints")
     assert saved.round == best["round"] and saved.metrics == best["global"]
     on_disk = json.loads((workspace / result.job_id / "result.json").read_text())["tracking"]["model"]
     assert on_disk["model_uri"] == model_info["model_uri"] and model_info["model_uri"].startswith("models:/")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking["mlflow"]["tracking_uri"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking["receivers"]["mlflow"]["tracking_uri"])
     assert_logged_to_server_run(MlflowClient(), result, model_info)
     model = mlflow.pytorch.load_model(model_info["model_uri"])
     assert accuracy_on_test_split(model, cfg) == pytest.approx(best["global"]["accuracy"], abs=1e-12)
@@ -143,7 +143,7 @@ def test_best_model_by_min_loss_is_registered(ray_session, mlflow_server, tmp_pa
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{name}'")
     assert [(v.version, v.run_id, v.source) for v in versions] == [
-        ("1", result.tracking["mlflow"]["run_ids"]["server"], f"models:/{model_info['model_id']}")]
+        ("1", result.tracking["receivers"]["mlflow"]["run_ids"]["server"], f"models:/{model_info['model_id']}")]
     assert_logged_to_server_run(client, result, model_info)
     model = mlflow.pytorch.load_model(f"models:/{name}/1")
     assert accuracy_on_test_split(model, cfg) == pytest.approx(best["global"]["accuracy"], abs=1e-12)

@@ -36,6 +36,7 @@ from fl_ray.config import ConfigError, JobConfig, apply_overrides, parse_config
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.tracking.events import MAX_INT64, EventKind, TrackingEvent
 from fl_ray.tracking.sender import EventSender
+from fl_ray.tracking.state import SiteState
 from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 
 from conftest import REPO
@@ -134,7 +135,7 @@ class RecordingSender(EventSender):
         super().__init__(*args, **kwargs)
 
     def record(self, kind, key, value, step, timestamp, group=None) -> None:
-        seq = self._seq
+        seq = self.state.seq
         super().record(kind, key, value, step, timestamp, group)
         self.log.append(TrackingEvent(self.site, seq, kind, key, value, step, timestamp, group))
 
@@ -287,8 +288,8 @@ def test_a_mixed_stream_reaches_the_receiver_actor_exactly_once(ray_session, tmp
     actor = start_receiver(ctx, [{"type": "user_receivers:EchoReceiver"}, {"type": "mlflow", "buffer_flush_time": 0}],
                            {}, here)
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-    first_seq, _ = ray.get(actor.open_site.remote("site-1"))
-    sender = RecordingSender("site-1", actor, batch_size=37, flush_interval=0.05, first_seq=first_seq)
+    state = SiteState.from_snapshot("site-1", ray.get(actor.open_site.remote("site-1")))
+    sender = RecordingSender(state, actor, batch_size=37, flush_interval=0.05)
     writers = (MLflowWriter(sender), SummaryWriter(sender), WandBWriter(sender))
     tried = []
 

@@ -26,7 +26,7 @@ def faulty_config(faults, **overrides):
 
 
 def server_history(result, key):
-    info = result.tracking["mlflow"]
+    info = result.tracking["receivers"]["mlflow"]
     return sorted((m.step, m.value) for m in MlflowClient(info["tracking_uri"]).get_metric_history(
         info["run_ids"]["server"], key))
 
@@ -51,7 +51,7 @@ def test_a_raising_client_does_not_fail_the_round(faulty_job):
     saved = json.loads((result.job_dir / "result.json").read_text())
     assert saved["rounds"][2]["failures"] == r3["failures"]
     assert server_history(result, "sites_failed") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 0.0)]
-    info = result.tracking["mlflow"]
+    info = result.tracking["receivers"]["mlflow"]
     text = MlflowClient(info["tracking_uri"]).download_artifacts(info["run_ids"]["server"], "failures/round_3.txt")
     assert "site-2 broke in round 3" in open(text).read()
 
@@ -63,7 +63,7 @@ def test_a_dead_client_is_restarted_for_later_rounds(faulty_job):
     assert result.status == "FINISHED"
     assert result.rounds[3]["completed"] == ["site-1", "site-2"] and "site-3 (attempt 1)" in result.rounds[3]["failures"]
     assert result.rounds[4]["completed"] == ["site-1", "site-2", "site-3"]
-    info = result.tracking["mlflow"]
+    info = result.tracking["receivers"]["mlflow"]
     auto = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_ids"]["site-3"], "auto")
     steps = sorted(m.step for m in auto)
     assert steps == sorted(set(steps)) and len(steps) == 12  # rounds 1-3 and 5, 3 points each, no step reused
@@ -87,7 +87,7 @@ def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, 
     saved = json.loads((job_dir / "result.json").read_text())
     assert saved["status"] == "FAILED" and "RoundError" in saved["error"]
     assert [r["round"] for r in saved["rounds"]] == [1]
-    info = saved["tracking"]["mlflow"]
+    info = saved["tracking"]["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])
     assert [m.step for m in client.get_metric_history(info["run_ids"]["site-1"], "known")] == [1]
     assert client.get_run(info["run_ids"]["server"]).info.status == "FAILED"
@@ -123,8 +123,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     ws = new_workspace(tmp_path / "ws", mlflow_store)
     proc = _start_job(ws, *DIGITS, "--set", "tracking.system_metrics=true",
                       "--set", "tracking.system_metrics_interval=3600")
-    _wait_for(lambda: any(ws.glob("*/checkpoints/last.pkl")), timeout=240)
-    checkpoint = next(ws.glob("*/checkpoints/last.pkl"))
+    _wait_for(lambda: any(ws.glob("*/checkpoints/last.json")), timeout=240)
+    checkpoint = next(ws.glob("*/checkpoints/last.json"))
     _wait_for(lambda: checkpoint.stat().st_size and _round_of(checkpoint) >= 2, timeout=120)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=180)[0]
@@ -133,7 +133,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     assert f"run --resume {job_dir}" in out, out  # the hint names the real job directory
     stopped = json.loads((job_dir / "result.json").read_text())
     assert stopped["status"] == "KILLED" and len(stopped["rounds"]) < 4
-    mlflow = stopped["tracking"]["mlflow"]
+    mlflow = stopped["tracking"]["receivers"]["mlflow"]
     client = MlflowClient(mlflow["tracking_uri"])
     assert client.get_run(mlflow["parent_run_id"]).info.status == "KILLED"
 
@@ -142,7 +142,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     assert resumed.returncode == 0, out
     final = json.loads((job_dir / "result.json").read_text())
     assert final["status"] == "FINISHED" and [r["round"] for r in final["rounds"]] == [1, 2, 3, 4]
-    assert final["tracking"]["mlflow"]["run_ids"] == mlflow["run_ids"]
+    assert final["tracking"]["receivers"]["mlflow"]["run_ids"] == mlflow["run_ids"]
 
     config = JobConfig.model_validate(__import__("yaml").safe_load((job_dir / "config.yaml").read_text()))
     uninterrupted = run_job(config, workspace=new_workspace(tmp_path / "ref", mlflow_store), show_progress=False)
@@ -172,7 +172,7 @@ def test_a_second_ctrl_c_exits_at_once(ray_session, tmp_path):
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
     proc = _start_job(ws, *DIGITS, "--set", "num_rounds=50", "--set", "tracking.close_timeout=600",
                       "--set", f"tracking.receivers=[{{type: mlflow, tracking_uri: '{dead}'}}]")
-    _wait_for(lambda: any(ws.glob("*/checkpoints/last.pkl")), timeout=240)
+    _wait_for(lambda: any(ws.glob("*/checkpoints/last.json")), timeout=240)
     proc.send_signal(signal.SIGINT)
     time.sleep(3)
     assert proc.poll() is None, "the first Ctrl+C should still be waiting on the tracking server"

@@ -296,10 +296,10 @@ def test_credentials_reach_the_receiver_actor_only(mode, tmp_path, mlflow_store,
     assert result["tracking"]["receivers"]["user_receivers_CredentialProbe"]["credentials"] == NAMES  # restarted
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(result["tracking"]["mlflow"]["tracking_uri"])
-    parent = client.get_run(result["tracking"]["mlflow"]["parent_run_id"])
+    client = MlflowClient(result["tracking"]["receivers"]["mlflow"]["tracking_uri"])
+    parent = client.get_run(result["tracking"]["receivers"]["mlflow"]["parent_run_id"])
     assert "tracking.credentials.MLFLOW_TRACKING_PASSWORD=***" in parent.data.tags["fl_ray.command"]
-    for run_id in [parent.info.run_id, *result["tracking"]["mlflow"]["run_ids"].values()]:
+    for run_id in [parent.info.run_id, *result["tracking"]["receivers"]["mlflow"]["run_ids"].values()]:
         run = client.get_run(run_id)
         assert not _leaks(json.dumps([run.data.tags, run.data.params]).encode(), planted)
         assert run.data.tags.get("credentials_seen", "none") == "none"  # the sites held none

@@ -11,6 +11,7 @@ import time
 from fl_ray.receivers.base import MemoryReceiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.hub import TrackingHub
+from fl_ray.tracking.state import SiteState
 from fl_ray.tracking.spool import EVENTS_FILE, Spool, load_progress, spool_report, spooled_events
 
 from conftest import REPO
@@ -200,15 +201,16 @@ def test_after_resume_a_step_recorded_by_an_earlier_life_is_not_recorded_again(t
     """A job resumed after kill -9 re-runs the cut-off round: its metrics and texts at (key, step) pairs the
     first life recorded are dropped (the first value stays); new steps, params and tags are kept."""
     hub = TrackingHub(ctx(tmp_path), [])
-    seq0, _ = hub.open_site("site-1")
+    seq0 = SiteState.from_snapshot("site-1", hub.open_site("site-1")).seq
     hub.submit("site-1", [metric(seq0 + i, step=i) for i in range(5)]
                + [TrackingEvent("site-1", seq0 + 5, EventKind.PARAM, "lr", "0.1", None, 0)])
     hub.spool.close()  # killed: no close
 
     sink = MemoryReceiver()
     hub = TrackingHub(ctx(tmp_path, life="resume-1"), [("memory", sink)])
-    seq1, steps = hub.open_site("site-1")
-    assert steps == {"loss": 5}
+    restarted = SiteState.from_snapshot("site-1", hub.open_site("site-1"))
+    seq1 = restarted.seq
+    assert restarted.steps == {"loss": 5} and restarted.params == {"lr": "0.1"}
     rerun = [metric(seq1 + i, step=3 + i) for i in range(4)]  # steps 3, 4 again, then 5, 6
     rerun.append(TrackingEvent("site-1", seq1 + 4, EventKind.PARAM, "lr", "0.1", None, 0))
     assert hub.submit("site-1", rerun) == 3

@@ -26,7 +26,7 @@ def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session
     assert result.status == "FINISHED"
     assert [("federated_evaluation" in r) for r in result.rounds] == [False, True, False, True]
 
-    runs = result.tracking["mlflow"]
+    runs = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(runs["tracking_uri"])
     params = client.get_run(runs["parent_run_id"]).data.params
     assert params["strategy.name"] == "fedavgm" and params["strategy.momentum"] == "0.5"

@@ -381,7 +381,7 @@ def test_crash_before_the_first_mark_leaves_nothing_behind(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"theirs")
     batches = _three_batches()
-    for life in range(2):
+    for _ in range(2):
         rx = TensorBoardReceiver(flush_secs=0, log_dir=str(log_dir))
         rx.open(_ctx(tmp_path))
         rx.resume({})

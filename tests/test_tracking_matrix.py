@@ -221,7 +221,8 @@ def test_builtin_learner_logs_in_the_chosen_syntax(ray_session, workspace, tmp_p
     hyper-parameters as params (W&B syntax) or as the text ``hparams`` (TensorBoard syntax)."""
     cfg = load_config(REPO / "configs" / "fedavg_digits_tb_syntax_to_mlflow.yaml",
                       [f"learner_args.log_syntax={syntax}", f"num_rounds={ROUNDS}", "local_epochs=1",
-                       "resources.client_cpus=0.25", "resources.server_cpus=0.25"])
+                       "resources.client_cpus=0.25", "resources.server_cpus=0.25",
+                       "tracking.log_model=false"])  # the best model is tested in test_model_logging.py
     result = run_job(cfg, workspace=workspace, show_progress=False)
     info = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])

@@ -27,7 +27,7 @@ def history(client, run_id, key):
 
 def assert_known_values_in_mlflow(result):
     """Every site's run holds exactly what KnownValuesLearner logged; the server run the global metrics."""
-    info = result.tracking["mlflow"]
+    info = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])
     parent = client.get_run(info["parent_run_id"])
     assert parent.info.run_name == result.job_id and parent.info.status == "FINISHED"
@@ -66,7 +66,7 @@ def assert_known_values_in_mlflow(result):
 def test_known_values_reach_the_default_sqlite_store(ray_session, tmp_path):
     """Default receiver: sqlite:///<workspace>/mlflow.db, artifacts under <workspace>/mlartifacts."""
     result = run_job(known_config([{"type": "mlflow"}]), workspace=tmp_path, show_progress=False)
-    assert result.tracking["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert result.tracking["receivers"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert_known_values_in_mlflow(result)
     assert any((tmp_path / "mlartifacts").rglob("hello.txt"))
 
@@ -76,7 +76,7 @@ def test_known_values_reach_a_real_mlflow_server(ray_session, mlflow_server, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     result = run_job(known_config([{"type": "mlflow", "buffer_flush_time": 0.5}], name="known-values-server"),
                      workspace=tmp_path, show_progress=False)
-    assert result.tracking["mlflow"]["tracking_uri"] == mlflow_server.uri
+    assert result.tracking["receivers"]["mlflow"]["tracking_uri"] == mlflow_server.uri
     assert_known_values_in_mlflow(result)
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -89,6 +89,6 @@ def test_only_the_receiver_actor_holds_credentials(ray_session, workspace, monke
     result = run_job(cfg, workspace=workspace, show_progress=False)
     probe = result.tracking["receivers"]["user_receivers_CredentialProbe"]
     assert probe["credentials"] == sorted([*SESSION_CREDENTIALS, "MLFLOW_TRACKING_TOKEN"])
-    client = MlflowClient(result.tracking["mlflow"]["tracking_uri"])
+    client = MlflowClient(result.tracking["receivers"]["mlflow"]["tracking_uri"])
     for site in SITES:
-        assert client.get_run(result.tracking["mlflow"]["run_ids"][site]).data.tags["credentials_seen"] == "none"
+        assert client.get_run(result.tracking["receivers"]["mlflow"]["run_ids"][site]).data.tags["credentials_seen"] == "none"

@@ -12,6 +12,7 @@ import torch
 
 from fl_ray.tracking.events import EventKind
 from fl_ray.tracking.sender import EventSender
+from fl_ray.tracking.state import SiteState
 from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 
 
@@ -127,12 +128,17 @@ def test_default_steps_continue_per_key(sender):
         ("loss", 0), ("loss", 1), ("acc", 0), ("loss", 10), ("loss", 11), ("loss", 2), ("loss", 12)]
 
 
-def test_sender_resumes_steps_it_is_given():
-    """A restarted site continues the step counters the receiver actor hands back."""
-    s = EventSender("site-2", _Unreachable(), batch_size=10**9, flush_interval=3600, first_seq=5 << 32,
-                    steps={"loss": 40})
-    MLflowWriter(s).log_metric("loss", 1.0)
-    assert (s._buffer[0].seq, s._buffer[0].step) == (5 << 32, 40)
+def test_sender_resumes_the_state_it_is_given():
+    """A restarted site continues from the state the receiver actor hands back: seqs of its new incarnation,
+    step counters, and params already logged (the same value again logs nothing; another one is refused)."""
+    state = SiteState.from_snapshot("site-2", {"incarnation": 5, "steps": {"loss": 40}, "params": {"lr": "0.1"}})
+    s = EventSender(state, _Unreachable(), batch_size=10**9, flush_interval=3600)
+    writer = MLflowWriter(s)
+    writer.log_metric("loss", 1.0)
+    writer.log_param("lr", 0.1)
+    assert [(e.seq, e.key, e.step) for e in s._buffer] == [(5 << 32, "loss", 40)]
+    with pytest.raises(ValueError, match="param 'lr' was already logged for site 'site-2' with value '0.1'"):
+        WandBWriter(s).config.update({"lr": 0.2})
     s._closed = True
 
 

@@ -13,41 +13,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import ray
-import torch
 
-from fl_ray.config import JobConfig
-from fl_ray.data import site_data
-from fl_ray.learners import LearnerContext, load_learner
+from fl_ray.actors.context import make_context
+from fl_ray.config import CREDENTIAL_VARS
+from fl_ray.learners import load_learner
 from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
-from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
-from fl_ray.tracking.site import SiteTracking
-
-
-def select_device() -> torch.device:
-    """CUDA when Ray assigned this worker a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
-def make_context(site: str, site_index: int | None, config: dict[str, Any], receiver_name: str,
-                 cpus: float) -> tuple[LearnerContext, SiteTracking]:
-    """Shared start-up of client and server actors: no credentials, threads, data, device, tracking.
-
-    The receiver actor is found by name (a handle as a constructor argument would keep Ray from
-    restarting the actor safely).
-    """
-    drop_credentials()
-    torch.set_num_threads(max(1, int(cpus)))
-    cfg = JobConfig.model_validate(config)
-    data, dataset = site_data(cfg.dataset, cfg.seed, len(cfg.site_names), site_index)
-    tracking = SiteTracking(site, ray.get_actor(receiver_name), cfg.tracking)
-    ctx = LearnerContext(site=site, device=select_device(), config=cfg, data=data, num_classes=dataset.num_classes,
-                         input_shape=dataset.input_shape, mlflow=tracking.mlflow, tensorboard=tracking.tensorboard,
-                         wandb=tracking.wandb)
-    return ctx, tracking
 
 
 @ray.remote
@@ -62,8 +34,8 @@ class ClientActor:
         self.system_metrics = None
         tracking_cfg = self.ctx.config.tracking
         if tracking_cfg.system_metrics:
-            self.ctx.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
-            self.system_metrics = SystemMetricsSampler(self.ctx.mlflow, tracking_cfg.system_metrics_interval,
+            self.tracking.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
+            self.system_metrics = SystemMetricsSampler(self.tracking.mlflow, tracking_cfg.system_metrics_interval,
                                                        warn_no_gpu=False).start()
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays]) -> dict[str, Any]:

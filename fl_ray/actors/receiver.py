@@ -10,18 +10,21 @@ API), set into this process's environment only.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fl_ray.receivers.base import ReceiverContext, build_receiver
+from fl_ray.receivers.base import ReceiverContext, build_receivers
 from fl_ray.tracking.credentials import ReceiverCredentials
 from fl_ray.tracking.events import TrackingEvent
-from fl_ray.tracking.hub import RECEIVER_ENV_DEFAULTS, TrackingHub, quiet_http_retries, receiver_names
+from fl_ray.tracking.hub import TrackingHub
+
+if TYPE_CHECKING:
+    from fl_ray.checkpoint import BestModel
 
 
-@ray.remote(concurrency_groups={"watch": 2})  # wait_open may wait while status answers
+@ray.remote(concurrency_groups={"watch": 2})  # type: ignore[call-overload]  # wait_open may wait while status answers
 class ReceiverActor:
     """Accepts every site's tracking batches and fans them out to the configured receivers.
 
@@ -29,16 +32,11 @@ class ReceiverActor:
     ``watch`` group) so the driver can follow start-up and the final delivery while the actor works.
     """
 
-    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: ReceiverCredentials,
-                 env: Mapping[str, str]) -> None:
-        os.environ.update(env)  # the back-end clients' settings (RECEIVER_ENV_DEFAULTS the driver did not override)
+    def __init__(self, ctx: ReceiverContext, specs: list[dict[str, Any]], credentials: ReceiverCredentials) -> None:
         os.environ.update(credentials.resolve())  # this process only; MLflow and W&B read them from here
-        quiet_http_retries()
-        receivers = [(name, build_receiver(spec["type"], {k: v for k, v in spec.items() if k != "type"}))
-                     for name, spec in zip(receiver_names(specs), specs)]
-        self.hub = TrackingHub(ctx, receivers)
+        self.hub = TrackingHub(ctx, build_receivers(specs))
 
-    def open_site(self, site: str) -> tuple[int, dict[str, int]]:
+    def open_site(self, site: str) -> dict[str, Any]:
         return self.hub.open_site(site)
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
@@ -65,10 +63,10 @@ class ReceiverActor:
         that logs files."""
         return self.hub.log_artifact(local_path, artifact_path, timeout)
 
-    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
+    def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
-        """Log a saved model (e.g. the server's ``best.pt``) into ``site``'s run: here, where credentials are."""
-        return self.hub.log_model(site, checkpoint, registered_model_name, timeout)
+        """Log the best global ``model`` into ``site``'s run: here, where credentials are."""
+        return self.hub.log_model(site, model, registered_model_name, timeout)
 
 
 def receiver_actor_name(job_id: str) -> str:
@@ -84,11 +82,9 @@ def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]],
     but neither logs nor shows, unlike ``runtime_env``."""
     if not isinstance(credentials, ReceiverCredentials):
         credentials = ReceiverCredentials(configured=dict(credentials))
-    env = {k: v for k, v in RECEIVER_ENV_DEFAULTS.items() if k not in os.environ}
-    # set by the actor itself rather than as a runtime_env, so that Ray can give it a worker it has already started
-    return ReceiverActor.options(
+    return ReceiverActor.options(  # type: ignore[attr-defined]
         num_cpus=0,
         max_restarts=max_restarts,
         name=receiver_actor_name(ctx.job_id),
         scheduling_strategy=placement,
-    ).remote(ctx, specs, credentials, env)
+    ).remote(ctx, specs, credentials)

@@ -3,8 +3,8 @@
 The actor builds the server's learner (initial weights, evaluation on the held-out test split, model
 export), the configured strategy and a :class:`RayExecutor` over the client actors, and runs rounds
 with the engine; it logs the rounds into the ``server`` run through the same tracking path as the
-sites. It runs on the driver's node, so checkpoints and ``best.pt`` land in the job directory, and it
-holds no tracking credentials (the receiver actor logs the best model).
+sites. It runs on the driver's node, so its files (checkpoints, the best model, rounds.jsonl) land in the
+job directory, and it holds no tracking credentials (the receiver actor logs the best model).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import ray
 
-from fl_ray.actors.client import make_context
+from fl_ray.actors.context import make_context
+from fl_ray.checkpoint import BestModel
 from fl_ray.learners import load_learner
 from fl_ray.rounds import Executor, RoundEngine, Running, Task, describe_failure
 from fl_ray.strategies import build_strategy
@@ -103,9 +104,9 @@ class ServerActor:
         self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), RayExecutor(clients),
                                   Path(checkpoint_dir))
 
-    def completed_rounds(self) -> list[dict[str, Any]]:
-        """Summaries of the rounds completed so far (from the checkpoint when the job resumed)."""
-        return list(self.engine.rounds)
+    def completed_rounds(self) -> int:
+        """How many rounds are completed so far (from the checkpoint when the job resumed)."""
+        return len(self.engine.rounds)
 
     def run_round(self, round_: int) -> dict[str, Any]:
         """Run round ``round_`` (1-based) and return its summary; its tracking records are sent before it returns."""
@@ -113,6 +114,10 @@ class ServerActor:
             return self.engine.run_round(round_)
         finally:
             self.tracking.flush()
+
+    def best_model(self) -> BestModel | None:
+        """The best global model so far, rebuilt by the server's learner to be logged (None: none kept)."""
+        return self.engine.best_model()
 
     def cross_site_evaluation(self) -> dict[str, dict[str, Any]]:
         """Every site evaluates the final global model and each site's last local model (see RoundEngine)."""

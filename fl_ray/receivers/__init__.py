@@ -1,1 +1,1 @@
-"""Receivers: the tracking back ends (MLflow, TensorBoard, W&B) behind the Receiver protocol."""
+"""Receivers: the tracking back ends (MLflow, TensorBoard, W&B) behind the Receiver contract (receivers/base.py)."""

@@ -28,13 +28,17 @@ keys of the entry are passed to its constructor.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from fl_ray.importing import import_object
+from fl_ray.plugins import build_plugin, plugin_class
 from fl_ray.tracking.events import TrackingEvent
+
+if TYPE_CHECKING:
+    from fl_ray.checkpoint import BestModel
 
 # Run status names, as MLflow spells them.
 FINISHED = "FINISHED"
@@ -59,13 +63,28 @@ class ReceiverContext:
 class Receiver(ABC):
     """A tracking back end: ``open`` once, ``write``/``flush`` batches, ``close`` once.
 
-    Optional capabilities have defaults here: ``buffer_flush_time`` (seconds between deliveries;
-    0: deliver as records arrive), ``destination`` (where records go, when the receiver can be
-    pointed elsewhere: progress marks are kept per destination), ``checkpoint``/``resume``, and
-    ``log_model``/``log_table`` (a receiver that does not override them does not log models or tables).
+    Optional capabilities are declared here with their defaults, and a receiver overrides those it has:
+
+    * ``buffer_flush_time``: seconds between deliveries (0: deliver as records arrive);
+    * ``destination`` and ``destination_param``: where records go, when the receiver can be pointed
+      elsewhere (progress marks are kept per destination), and the constructor parameter that points it
+      (a replay passes the destination of the job's mark, or ``--destination``, through it);
+    * ``checkpoint``/``resume``: state saved with each progress mark, handed back after a crash;
+    * ``logs_models``/``log_model``, ``logs_tables``/``log_table`` and ``logs_artifacts``/``log_artifact``: the
+      hub calls these only on a receiver that declares the flag;
+    * ``prepare_process``: once, in the process that runs receivers of this class, before any is built
+      (its client library's settings: retries, log levels).
     """
 
     buffer_flush_time: float = 0.0
+    destination_param: ClassVar[str | None] = None
+    logs_models: ClassVar[bool] = False
+    logs_tables: ClassVar[bool] = False
+    logs_artifacts: ClassVar[bool] = False
+
+    @classmethod
+    def prepare_process(cls) -> None:
+        """Set up this process for receivers of this class (called before the first is built)."""
 
     @property
     def destination(self) -> str | None:
@@ -96,18 +115,21 @@ class Receiver(ABC):
         """Called once after ``open`` with the checkpoint saved with the mark delivery restarts from
         (``{}`` when there is none): everything written after that checkpoint is written again."""
 
-    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None) -> dict[str, Any] | None:
-        """Log the model saved at ``checkpoint`` into ``site``'s run (a receiver that can overrides this)."""
-        return None
+    def log_model(self, site: str, model: BestModel, registered_model_name: str | None) -> dict[str, Any]:
+        """Log ``model`` (the best global model: module, input example, round and metrics) into ``site``'s run;
+        a report (``model_uri``, ...). Only called when ``logs_models`` is declared."""
+        raise NotImplementedError(f"{type(self).__name__} does not log models (logs_models is False)")
 
-    def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any] | None:
-        """Log ``table`` (column name -> values) to the job's parent run (a receiver that can overrides this)."""
-        return None
+    def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any]:
+        """Log ``table`` (column name -> values) to the job's parent run; a report. Only called when
+        ``logs_tables`` is declared."""
+        raise NotImplementedError(f"{type(self).__name__} does not log tables (logs_tables is False)")
 
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any] | None:
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> dict[str, Any]:
         """Log the file at ``local_path`` (on the receiver actor's node) to the job's parent run, under the
-        folder ``artifact_path`` (default: the run's root); a receiver that can overrides this."""
-        return None
+        folder ``artifact_path`` (default: the run's root); a report. Only called when ``logs_artifacts`` is
+        declared."""
+        raise NotImplementedError(f"{type(self).__name__} does not log files (logs_artifacts is False)")
 
     def set_aside(self, event: TrackingEvent, reason: str) -> None:
         """Report ``event`` as refused for good by the back end (called from ``write`` or ``flush``); the
@@ -140,19 +162,32 @@ class MemoryReceiver(Receiver):
         return {"events": len(self.events)}
 
 
-BUILTIN_RECEIVERS = {
-    "mlflow": "fl_ray.receivers.mlflow:MLflowReceiver",
-    "tensorboard": "fl_ray.receivers.tensorboard:TensorBoardReceiver",
-    "wandb": "fl_ray.receivers.wandb:WandBReceiver",
-    "memory": "fl_ray.receivers.base:MemoryReceiver",
-}
+def receiver_class(type_: str, field: str = "tracking.receivers[].type") -> type[Receiver]:
+    """The Receiver subclass a config entry's ``type`` names (a built-in name or an import path)."""
+    return plugin_class("receiver", type_, field)
 
 
-def build_receiver(type_: str, params: dict[str, Any]) -> Receiver:
+def build_receivers(specs: list[dict[str, Any]]) -> list[tuple[str, Receiver]]:
+    """Each config entry (``type`` plus constructor parameters) built, with its name (see
+    :func:`receiver_names`); every receiver class prepares the process once, before its first receiver."""
+    classes = [receiver_class(spec["type"], f"tracking.receivers.{i}.type") for i, spec in enumerate(specs)]
+    for cls in dict.fromkeys(classes):
+        cls.prepare_process()
+    return [(name, build_receiver(spec["type"], receiver_params(spec), f"tracking.receivers.{i}"))
+            for i, (name, spec) in enumerate(zip(receiver_names(specs), specs))]
+
+
+def build_receiver(type_: str, params: dict[str, Any], field: str = "tracking.receivers[]") -> Receiver:
     """Instantiate a receiver from its config entry (``type`` plus constructor parameters)."""
-    cls = import_object(BUILTIN_RECEIVERS.get(type_, type_), "tracking.receivers[].type")
-    receiver = cls(**params)
-    if not isinstance(receiver, Receiver):
-        raise TypeError(f"receiver {type_!r} is a {type(receiver).__name__}, not a subclass of "
-                        "fl_ray.receivers.base.Receiver (open, write, flush, close)")
-    return receiver
+    return build_plugin("receiver", type_, params, f"{field}.type", field)
+
+
+def receiver_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """A receiver entry's constructor parameters: everything but ``type``."""
+    return {k: v for k, v in spec.items() if k != "type"}
+
+
+def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
+    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
+    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
+    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]

@@ -49,6 +49,8 @@ from fl_ray.tracking.spool import read_json, write_json_atomic
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Param, Run, RunTag
 
+    from fl_ray.checkpoint import BestModel
+
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "mlflow_runs.json"
@@ -61,6 +63,13 @@ MAX_SPLITS = 32  # splits of failing requests per delivery, to find the records 
 TRANSIENT_STATUSES = frozenset({408, 429})
 # Local artifact stores: a text path that clashes with another ("notes" and "notes/a.txt").
 PATH_CLASHES = (NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+# MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
+# And a receiver has no one to show MLflow's "View run at" links to. Set where not set already.
+PROCESS_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                        "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -139,6 +148,20 @@ class _Delivery:
 
 class MLflowReceiver(Receiver):
     """Writes tracking events to an MLflow tracking server or store."""
+
+    destination_param = "tracking_uri"
+    logs_models = True
+    logs_tables = True
+    logs_artifacts = True
+
+    @classmethod
+    def prepare_process(cls) -> None:
+        """MLflow's HTTP settings for a receiver (:data:`PROCESS_ENV_DEFAULTS`), and no log line per HTTP retry:
+        a pump says once that its receiver fails."""
+        for key, value in PROCESS_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None,
                  buffer_flush_time: float = 1.0) -> None:
@@ -286,11 +309,11 @@ class MLflowReceiver(Receiver):
                 continue
             batch = self._pending.get(e.site) or self._pending.setdefault(e.site, _Batch())
             if e.kind == EventKind.METRIC:
-                batch.metrics.append(_Record(e, Metric(e.key, e.value, e.timestamp, e.step)))
+                batch.metrics.append(_Record(e, Metric(e.key, e.value, e.timestamp, e.step or 0)))
             elif e.kind == EventKind.PARAM:
                 first = batch.params.setdefault(e.key, _Record(e, Param(e.key, e.value)))
-                if first.entity.value != e.value:
-                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "
+                if first.entity.value != e.value:  # type: ignore[union-attr]
+                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "  # type: ignore[union-attr]
                                        "same batch: MLflow keeps a param's first value")
             elif e.kind == EventKind.TAG:
                 batch.tags[e.key] = _Record(e, RunTag(e.key, e.value))
@@ -421,7 +444,9 @@ class MLflowReceiver(Receiver):
             self.client.set_terminated(run_id, status)
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "ui": ui_command(self.tracking_uri)}
+                "ui": ui_command(str(self.tracking_uri)),
+                "view": f"experiment {self.experiment_id}, run {self.parent_run_id}; view with: "
+                        f"{ui_command(str(self.tracking_uri))}"}
 
     def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any]:
         """Log ``table`` (columns) as an MLflow table artifact of the job's parent run."""
@@ -434,11 +459,11 @@ class MLflowReceiver(Receiver):
         name = Path(local_path).name
         return {"run_id": self.parent_run_id, "artifact_file": f"{artifact_path}/{name}" if artifact_path else name}
 
-    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None = None) -> dict[str, Any]:
-        """Log the model saved at ``checkpoint`` (a :class:`~fl_ray.checkpoint.BestModel`, ``best.pt``) into
-        ``site``'s run with ``mlflow.pytorch.log_model`` and, given ``registered_model_name``, register it.
+    def log_model(self, site: str, model: BestModel, registered_model_name: str | None = None) -> dict[str, Any]:
+        """Log the best global ``model`` into ``site``'s run with ``mlflow.pytorch.log_model`` and, given
+        ``registered_model_name``, register it.
 
-        MLflow 3 saves it in the ``pt2`` format (``torch.export``), traced with the checkpoint's input
+        MLflow 3 saves it in the ``pt2`` format (``torch.export``), traced with the model's input
         example, whose batch dimension stays free; the pip requirements are MLflow's defaults for the
         flavor (inferring them would load the model again in a subprocess). Called from the receiver
         actor's own thread, beside the delivery thread: it only reads the run ids set up by ``open``.
@@ -446,19 +471,16 @@ class MLflowReceiver(Receiver):
         import mlflow
         import mlflow.pytorch
 
-        from fl_ray.checkpoint import load_best
-
-        best = load_best(checkpoint)
-        if best is None:
-            raise FileNotFoundError(f"no saved model at {checkpoint}")
+        best = model
         if site not in self._ctx.sites and site != SERVER_RUN:
             raise KeyError(f"no MLflow run for {site!r} in this job")
         self._site_runs([site])
         run_id = self.run_ids[site]
-        mlflow.set_tracking_uri(self.tracking_uri)  # this process writes to MLflow only through receivers
+        mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
-                best.model, name="model", input_example=best.input_example, step=best.round,
+                best.model, name="model", input_example=best.input_example.copy(),  # writable: Ray hands arrays over read-only
+                step=best.round,
                 registered_model_name=registered_model_name,
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                 tags={"fl_ray.job_id": self._ctx.job_id, "fl_ray.round": str(best.round),

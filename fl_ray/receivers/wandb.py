@@ -68,7 +68,7 @@ import zlib
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence, cast
 
 import psutil
 
@@ -311,7 +311,8 @@ class WandBReceiver(Receiver):
     def _receive(self, timeout: float) -> None:
         """Take every reply that arrives within ``timeout`` seconds (0: only those already there)."""
         live = {s.replies: s for s in self._sites.values() if not s.gone}
-        for conn in wait(list(live), max(0.0, timeout)):
+        for ready in wait(list(live), max(0.0, timeout)):
+            conn = cast(Connection, ready)
             site = live[conn]
             try:
                 while conn.poll():
@@ -635,7 +636,7 @@ def read_records(path: Path) -> Iterator[Any]:
         pending += payload
         inside = kind in (_FIRST, _MIDDLE)
         if not inside:
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]
             record.ParseFromString(bytes(pending))
             pending = bytearray()
             yield record

@@ -1,4 +1,5 @@
-"""Federated strategies: the built-in ones by name, and :func:`build_strategy` for a config's ``strategy:``.
+"""Federated strategies: the built-in ones by name (listed in :mod:`fl_ray.plugins`), and :func:`build_strategy`
+for a config's ``strategy:``.
 
 ``{"name": "fedadam", "eta": 0.01}`` builds a built-in strategy; ``{"class": "package.module:Class",
 ...}`` a user's own :class:`Strategy` subclass, each with its constructor arguments. Every problem
@@ -8,23 +9,14 @@ what was expected.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 from fl_ray.importing import import_object
+from fl_ray.plugins import BUILTINS, PluginError, check_arguments, plugin_class
 from fl_ray.strategies.base import Aggregation, FitResult, RoundPlan, Strategy, StrategyError
-from fl_ray.strategies.fedadagrad import FedAdagrad
-from fl_ray.strategies.fedadam import FedAdam
-from fl_ray.strategies.fedavg import FedAvg
-from fl_ray.strategies.fedavgm import FedAvgM
-from fl_ray.strategies.fedmedian import FedMedian
-from fl_ray.strategies.fedprox import FedProx
-from fl_ray.strategies.fedtrimmedavg import FedTrimmedAvg
-from fl_ray.strategies.fedyogi import FedYogi
-from fl_ray.strategies.scaffold import Scaffold
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, Scaffold, FedMedian, FedTrimmedAvg)}
+STRATEGIES: dict[str, type[Strategy]] = {name: import_object(path, "strategy.name")
+                                         for name, path in BUILTINS["strategy"].items()}
 
 __all__ = ["Aggregation", "FitResult", "RoundPlan", "STRATEGIES", "Strategy", "StrategyError", "build_strategy"]
 
@@ -38,35 +30,15 @@ def build_strategy(spec: Mapping[str, Any]) -> Strategy:
     if ("name" in spec) == ("class" in spec):
         raise StrategyError(f"strategy: expected exactly one of 'name' (one of {', '.join(STRATEGIES)}) or "
                             f"'class' (package.module:Class), got keys {sorted(map(str, spec))}")
-    if "name" in spec:
-        cls = STRATEGIES.get(spec["name"]) if isinstance(spec["name"], str) else None
-        if cls is None:
-            raise StrategyError(f"strategy.name: expected one of {', '.join(STRATEGIES)}, got {spec['name']!r}")
-        label = spec["name"]
-    else:
-        label = spec["class"]
-        if not isinstance(label, str):
-            raise StrategyError(f"strategy.class: expected an import path 'package.module:Class', got {label!r}")
-        try:
-            cls = import_object(label, "strategy.class")
-        except ValueError as exc:
-            raise StrategyError(str(exc)) from None
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise StrategyError(f"strategy.class: expected a subclass of fl_ray.strategies.Strategy, got {label!r} "
-                                f"({cls!r})")
-    _check_arguments(cls, label, args)
+    field = "strategy.name" if "name" in spec else "strategy.class"
+    label = spec["name"] if "name" in spec else spec["class"]
+    if "name" in spec and label not in STRATEGIES:
+        raise StrategyError(f"strategy.name: expected one of {', '.join(STRATEGIES)}, got {label!r}")
+    if "class" in spec and (not isinstance(label, str) or label in STRATEGIES):
+        raise StrategyError(f"strategy.class: expected an import path 'package.module:Class', got {label!r}")
+    try:
+        cls = plugin_class("strategy", label, field)
+        check_arguments(cls, label, args, "strategy")
+    except PluginError as exc:
+        raise StrategyError(str(exc)) from None
     return cls(**args)
-
-
-def _check_arguments(cls: type[Strategy], label: str, args: dict[str, Any]) -> None:
-    params = list(inspect.signature(cls).parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes = f"{label} takes {', '.join(accepted)}" if accepted else f"{label} takes no arguments"
-    for name, value in args.items():
-        if name not in accepted:
-            raise StrategyError(f"strategy.{name}: unknown argument (got {value!r}); {takes}")
-    for p in params:
-        if p.name in accepted and p.default is p.empty and p.name not in args:
-            raise StrategyError(f"strategy.{p.name}: missing; {label} requires it ({takes})")

@@ -19,7 +19,7 @@ O(model) on the server, one control per site (O(sites x model) in all) in the si
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -89,8 +89,8 @@ class ScaffoldAggregation(Aggregation):
         if "control_delta" not in result.extras:
             raise StrategyError(f"site {result.site!r}: scaffold needs extras['control_delta'] (c_i+ - c_i), "
                                 f"got extras {sorted(result.extras)}")
-        delta = result.extras["control_delta"]
-        check_arrays(result.site, "extras['control_delta']", delta, self._strategy.control)
+        delta = cast(dict[str, np.ndarray], result.extras["control_delta"])
+        check_arrays(result.site, "extras['control_delta']", delta, self._strategy.ready_control())
         self._params.add({k: v for k, v in result.weights.items() if is_float(self._weights[k])}, 1)
         self._counters.add({k: v for k, v in result.weights.items() if not is_float(self._weights[k])},
                            result.num_samples)
@@ -107,9 +107,9 @@ class ScaffoldAggregation(Aggregation):
         mean_params, mean_deltas = self._params.result(), self._deltas.result()
         new = {k: cast_like(v, self._weights[k]) for k, v in self._counters.result().items()}
         control = {}
-        for key, c in strategy.control.items():
+        for key, c in strategy.ready_control().items():
             x, c_new = scaffold_server_step(self._weights[key], mean_params[key], c, mean_deltas[key],
-                                            strategy.eta_g, self.count, strategy.num_sites)
+                                            strategy.eta_g, self.count, int(strategy.num_sites or 0))
             new[key], control[key] = x.astype(self._weights[key].dtype), c_new.astype(c.dtype)
         strategy.control = control
         return {k: new[k] for k in self._weights}, {"update_norm": update_norm(new, self._weights),
@@ -134,22 +134,23 @@ class Scaffold(Strategy):
 
     def configure_round(self, round_: int, weights: Weights, sites: Sequence[str], count: int,
                         rng: np.random.Generator) -> RoundPlan:
-        self._check_ready()
         plan = super().configure_round(round_, weights, sites, count, rng)
-        plan.payload = {"control": self.control}
+        plan.payload = {"control": self.ready_control()}
         return plan
 
     def aggregation(self, round_: int, weights: Weights) -> Aggregation:
-        self._check_ready()
+        control = self.ready_control()
         params = {k for k, w in weights.items() if is_float(w)}
-        if set(self.control) != params:
-            raise StrategyError(f"scaffold: the server control covers {sorted(self.control)}, but the weights' "
+        if set(control) != params:
+            raise StrategyError(f"scaffold: the server control covers {sorted(control)}, but the weights' "
                                 f"floating entries are {sorted(params)}")
         return ScaffoldAggregation(self, weights)
 
-    def _check_ready(self) -> None:
+    def ready_control(self) -> dict[str, np.ndarray]:
+        """The server control variate; StrategyError before ``initialize`` (or ``load_state``)."""
         if self.control is None or not self.num_sites:
             raise StrategyError("scaffold: no server control yet; call initialize() (or load_state()) first")
+        return self.control
 
     def state(self) -> dict[str, Any]:
         return {"control": self.control, "num_sites": self.num_sites}

@@ -23,17 +23,10 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-from fl_ray.config import ConfigError
+from fl_ray.config import CREDENTIAL_VARS, ConfigError
 
 log = logging.getLogger(__name__)
 
-CREDENTIAL_VARS = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "WANDB_API_KEY",
-)
 MASK = "***"
 
 # A KEY=VALUE argument is secret when its key or value names a credential; a URL's password always is.

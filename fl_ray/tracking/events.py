@@ -14,7 +14,7 @@ import posixpath
 import re
 from enum import Enum
 from argparse import Namespace
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, cast
 
 
 class EventKind(str, Enum):
@@ -86,7 +86,7 @@ def check_step(key: str, step: Any) -> int:
     """Return ``step`` if it is a non-negative integer, else raise naming the metric."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"metric {key!r}: step must be a non-negative integer, got {step!r} ({type(step).__name__})")
-    if not 0 <= step <= MAX_INT64:
+    if not 0 <= int(step) <= MAX_INT64:
         raise ValueError(f"metric {key!r}: step must be a non-negative 64-bit integer (0 to 2**63-1), got {step!r:.80}")
     return int(step)
 
@@ -96,10 +96,11 @@ def check_timestamp(key: str, timestamp: Any) -> int:
     if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or \
             (not isinstance(timestamp, numbers.Integral) and not math.isfinite(timestamp)):
         raise TypeError(f"metric {key!r}: timestamp must be milliseconds since the epoch, got {timestamp!r:.80}")
-    if not 0 <= timestamp <= MAX_INT64:
+    value = cast(float, timestamp)  # a real number, checked above
+    if not 0 <= value <= MAX_INT64:
         raise ValueError(f"metric {key!r}: timestamp must be a non-negative 64-bit integer of milliseconds, "
                          f"got {timestamp!r:.80}")
-    return int(timestamp)
+    return int(value)
 
 
 def check_text_value(what: str, key: str, value: Any, max_length: int) -> str:

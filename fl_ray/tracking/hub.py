@@ -20,38 +20,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.spool import Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
+from fl_ray.tracking.state import INCARNATION_BITS, SiteState
+
+if TYPE_CHECKING:
+    from fl_ray.checkpoint import BestModel
 
 log = logging.getLogger(__name__)
-
-INCARNATION_BITS = 32  # a restarted site sends seqs from a fresh block, so late batches never collide
-
-# MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
-# And a receiver has no one to show MLflow's "View run at" links to.
-RECEIVER_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-                         "MLFLOW_LOGGING_LEVEL": "WARNING"}
-
-
-def receiver_names(specs: list[dict[str, Any]]) -> list[str]:
-    """A name per receiver entry (its type; numbered when a type repeats) for progress marks and reports."""
-    types = [re.sub(r"[^A-Za-z0-9_.-]", "_", s["type"]) for s in specs]
-    return [t if types.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(types)]
-
-
-def quiet_http_retries() -> None:
-    """Keep back-end clients from logging every HTTP retry: a pump says once that its receiver fails."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -303,7 +286,7 @@ class TrackingHub:
         self.dead_letters = DeadLetters(ctx.job_dir)
         self._sites_path = self.spool.directory / "sites.json"
         self._seen: dict[tuple[str, int], _SeenSeqs] = {}
-        self._next_step: dict[str, dict[str, int]] = {}
+        self._sites: dict[str, SiteState] = {}  # what each site logged so far: steps, params
         self._earlier_lives: set[tuple[str, str, str, int | None] | None] = set()  # (site, kind, key, step)
         self.accepted = 0
         self.duplicates = 0
@@ -334,18 +317,22 @@ class TrackingHub:
         if seen is None:
             seen = self._seen[(event.site, block)] = _SeenSeqs(block << INCARNATION_BITS)
         seen.add(event.seq)
-        if event.kind == EventKind.METRIC and event.step is not None:
-            steps = self._next_step.setdefault(event.site, {})
-            if event.step >= steps.get(event.key, 0):
-                steps[event.key] = event.step + 1
+        self._site(event.site).observe(event)
         self.accepted += 1
 
-    def open_site(self, site: str) -> tuple[int, dict[str, int]]:
-        """Start (or restart) a site's sender: its first seq, and the next step of each metric so far."""
+    def _site(self, site: str) -> SiteState:
+        state = self._sites.get(site)
+        if state is None:
+            state = self._sites[site] = SiteState(site)
+        return state
+
+    def open_site(self, site: str) -> dict[str, Any]:
+        """Start (or restart) a site's tracking: the :meth:`SiteState.snapshot` it continues from, with a new
+        incarnation (so its seqs start a fresh block), the next step of each metric and the params so far."""
         incarnation = self._incarnations.get(site, -1) + 1
         self._incarnations[site] = incarnation
         write_json_atomic(self._sites_path, self._incarnations)
-        return incarnation << INCARNATION_BITS, dict(self._next_step.get(site, {}))
+        return {**self._site(site).snapshot(), "incarnation": incarnation}
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         """Accept a batch from ``site``: store what is new durably, then acknowledge with the count accepted.
@@ -420,28 +407,31 @@ class TrackingHub:
             report["dropped_after_resume"] = self.resumed_duplicates
         return report
 
-    def log_model(self, site: str, checkpoint: str, registered_model_name: str | None,
+    def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
                   timeout: float) -> dict[str, Any]:
-        """Have every receiver that logs models log a saved one (``checkpoint``: a ``best.pt``) into ``site``'s
-        run; a report per such receiver (see :meth:`_each_open`)."""
-        return self._each_open("the model", timeout, "log_model", site, checkpoint, registered_model_name)
+        """Have every receiver that logs models (``logs_models``) log ``model`` into ``site``'s run; a report
+        per such receiver (see :meth:`_each_open`)."""
+        return self._each_open("the model", timeout, [p for p in self.pumps if p.receiver.logs_models],
+                               lambda r: r.log_model(site, model, registered_model_name))
 
     def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
-        """Have every receiver that logs tables log ``table`` (columns) to the job's parent run."""
-        return self._each_open(artifact_file, timeout, "log_table", artifact_file, table)
+        """Have every receiver that logs tables (``logs_tables``) log ``table`` (columns) to the job's parent run."""
+        return self._each_open(artifact_file, timeout, [p for p in self.pumps if p.receiver.logs_tables],
+                               lambda r: r.log_table(artifact_file, table))
 
     def log_artifact(self, local_path: str, artifact_path: str | None, timeout: float) -> dict[str, Any]:
-        """Have every receiver that logs files log the one at ``local_path`` to the job's parent run."""
-        return self._each_open(local_path, timeout, "log_artifact", local_path, artifact_path)
+        """Have every receiver that logs files (``logs_artifacts``) log the one at ``local_path`` to the job's
+        parent run."""
+        return self._each_open(local_path, timeout, [p for p in self.pumps if p.receiver.logs_artifacts],
+                               lambda r: r.log_artifact(local_path, artifact_path))
 
-    def _each_open(self, what: str, timeout: float, method: str, *args: Any) -> dict[str, Any]:
-        """Call ``method`` with ``args`` on each receiver that implements it, once it is open (up to ``timeout``
-        seconds for one that is not yet); its report, or its error (reported, never raised)."""
+    def _each_open(self, what: str, timeout: float, pumps: list[DeliveryPump],
+                   call: Callable[[Receiver], dict[str, Any]]) -> dict[str, Any]:
+        """``call`` each of ``pumps``' receivers once it is open (up to ``timeout`` seconds for one that is not
+        yet); its report, or its error (reported, never raised)."""
         deadline = time.monotonic() + timeout
         reports: dict[str, Any] = {}
-        for pump in self.pumps:
-            if getattr(type(pump.receiver), method) is getattr(Receiver, method):
-                continue  # the base class's: this receiver does not do it
+        for pump in pumps:
             while not pump.opened and pump.error is None and pump.busy and time.monotonic() < deadline:
                 time.sleep(0.1)
             if not pump.opened:
@@ -449,7 +439,7 @@ class TrackingHub:
                 reports[pump.name] = {"error": f"{what} not logged: the receiver is not open ({why})"}
                 continue
             try:
-                reports[pump.name] = getattr(pump.receiver, method)(*args) or {}
+                reports[pump.name] = call(pump.receiver) or {}
             except Exception as exc:  # what was to be logged stays in the job directory; records are unaffected
                 reports[pump.name] = {"error": _describe(exc)}
                 log.warning("tracking receiver %r could not log %s: %s", pump.name, what, reports[pump.name]["error"])

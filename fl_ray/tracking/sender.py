@@ -1,7 +1,8 @@
 """EventSender: the transport between a site's writers and the receiver actor.
 
 A writer call ends in :meth:`EventSender.record`, which stamps the event with the site and the next
-sequence number and appends it to a buffer: no network, no Ray call. A background thread ships the
+sequence number (from the site's :class:`~fl_ray.tracking.state.SiteState`, ``sender.state``, which
+also holds its steps and params) and appends it to a buffer: no network, no Ray call. A background thread ships the
 buffer to the receiver actor in batches, when ``batch_size`` events are waiting or every
 ``flush_interval`` seconds, keeping at most ``max_in_flight`` batches unacknowledged. A batch is sent
 again until the receiver actor acknowledges it (the receiver drops duplicates by ``(site, seq)``), so
@@ -21,6 +22,7 @@ from typing import Any
 import ray
 
 from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.state import SiteState
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +42,21 @@ class EventSender:
 
     def __init__(
         self,
-        site: str,
+        state: SiteState | str,
         receiver: Any,
         *,
         batch_size: int = 1000,
         flush_interval: float = 0.2,
         max_in_flight: int = 4,
         max_buffered: int = 50_000,
-        first_seq: int = 0,
-        steps: dict[str, int] | None = None,
     ) -> None:
-        self.site = site
+        self.state = state if isinstance(state, SiteState) else SiteState(state)  # seqs, steps, params
+        self.site = self.state.site
         self._receiver = receiver
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._max_in_flight = max_in_flight
         self._max_buffered = max(max_buffered, batch_size)
-        self._seq = first_seq
-        self._next_step: dict[str, int] = dict(steps or {})
-        self.params: dict[str, str] = {}  # params logged by any of the site's writers: a param never changes
         self._buffer: list[TrackingEvent] = []
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -66,7 +64,7 @@ class EventSender:
         self._closed = False
         self._failures = 0  # batches resent since the last acknowledgement
         self.stats = SenderStats()
-        self._thread = threading.Thread(target=self._run, name=f"fl_ray-sender-{site}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"fl_ray-sender-{self.site}", daemon=True)
         self._thread.start()
 
     # -- hot path -----------------------------------------------------------------------------------
@@ -79,29 +77,11 @@ class EventSender:
             while len(self._buffer) >= self._max_buffered:
                 self._cond.notify_all()
                 self._cond.wait(0.05)
-            self._buffer.append(TrackingEvent(self.site, self._seq, kind, key, value, step, timestamp, group))
-            self._seq += 1
+            self._buffer.append(TrackingEvent(self.site, self.state.next_seq(), kind, key, value, step, timestamp,
+                                              group))
             self.stats.recorded += 1
             if len(self._buffer) == self._batch_size:
                 self._cond.notify_all()
-
-    def next_step(self, key: str, explicit: int | None = None) -> int:
-        """The step to use for ``key``: ``explicit`` when given, else one past the largest so far.
-
-        Counters are per site and key and never restart, so curves continue across rounds.
-        """
-        if explicit is None:
-            step = self._next_step.get(key, 0)
-        else:
-            step = explicit
-            if step < self._next_step.get(key, 0):
-                return step
-        self._next_step[key] = step + 1
-        return step
-
-    def auto_step(self, key: str) -> int:
-        """The step ``next_step(key)`` would give without an explicit one (nothing changes)."""
-        return self._next_step.get(key, 0)
 
     # -- delivery -----------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> int:

@@ -1,4 +1,4 @@
-"""SiteTracking: one site's sender and its three writers, as a client or the server holds them."""
+"""SiteTracking: one site's state, sender and three writers, as a client or the server holds them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ray
 
 from fl_ray.config import TrackingConfig
 from fl_ray.tracking.sender import EventSender
+from fl_ray.tracking.state import SiteState
 from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 
 
@@ -15,9 +16,9 @@ class SiteTracking:
     """The tracking endpoint of one site: ``mlflow``, ``tensorboard`` and ``wandb`` writers on one sender."""
 
     def __init__(self, site: str, receiver: Any, cfg: TrackingConfig) -> None:
-        first_seq, steps = ray.get(receiver.open_site.remote(site))
-        self.sender = EventSender(site, receiver, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                                  max_in_flight=cfg.max_in_flight, first_seq=first_seq, steps=steps)
+        state = SiteState.from_snapshot(site, ray.get(receiver.open_site.remote(site)))
+        self.sender = EventSender(state, receiver, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                                  max_in_flight=cfg.max_in_flight)
         self.mlflow = MLflowWriter(self.sender)
         self.tensorboard = SummaryWriter(self.sender)
         self.wandb = WandBWriter(self.sender)

@@ -8,7 +8,9 @@ receiver; see docs/tracking.md for how each call maps onto MLflow, TensorBoard a
 
 Steps: where a call gives no step, MLflow and TensorBoard syntax take a per-site, per-key counter
 one past the largest step logged for that key so far (so curves continue across rounds); W&B syntax
-keeps W&B's own per-run step that advances on each committed ``log``.
+keeps W&B's own per-run step that advances on each committed ``log``. Both, and the params already
+logged, live in the site's :class:`~fl_ray.tracking.state.SiteState` (``writer.state``), shared by the
+site's writers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fl_ray.tracking.events import (
     flatten,
 )
 from fl_ray.tracking.sender import EventSender
+from fl_ray.tracking.state import SiteState
 
 METRIC, PARAM, TAG, TEXT = EventKind.METRIC, EventKind.PARAM, EventKind.TAG, EventKind.TEXT
 
@@ -43,8 +46,13 @@ class _SiteWriter:
 
     def __init__(self, sender: EventSender) -> None:
         self._sender = sender
+        self._state = sender.state  # the site's steps and params, shared by its writers (and restored on restart)
         self._valid_keys: set[str] = set()
-        self._params = sender.params  # shared by the site's writers, so no two of them set a param differently
+
+    @property
+    def state(self) -> SiteState:
+        """The site's tracking state (steps per key, params logged), shared by all its writers."""
+        return self._state
 
     @property
     def site(self) -> str:
@@ -54,7 +62,7 @@ class _SiteWriter:
     def auto_step(self, key: str) -> int:
         """The step a metric ``key`` logged without one would get now: 0, or one past the largest so far
         (also across a restarted or resumed site)."""
-        return self._sender.auto_step(key)
+        return self._state.auto_step(key)
 
     def _key(self, key: Any, what: str) -> str:
         if key.__class__ is str and key in self._valid_keys:
@@ -67,7 +75,7 @@ class _SiteWriter:
         key = self._key(key, "metric name")
         value = value if value.__class__ is float else check_metric_value(key, value)
         if step is None:
-            if self._sender.auto_step(key) > MAX_INT64:
+            if self._state.auto_step(key) > MAX_INT64:
                 raise ValueError(f"metric {key!r}: the next automatic step would pass 2**63-1; give a step")
         else:
             step = check_step(key, step)
@@ -75,14 +83,14 @@ class _SiteWriter:
         return key, value, step, timestamp, group
 
     def _emit_metrics(self, checked: list[tuple]) -> None:
-        sender = self._sender
+        sender, state = self._sender, self._state
         for key, value, step, timestamp, group in checked:
-            sender.record(METRIC, key, value, sender.next_step(key, step), timestamp, group)
+            sender.record(METRIC, key, value, state.next_step(key, step), timestamp, group)
 
     def _param(self, key: Any, value: Any) -> tuple[str, str] | None:
         key = self._key(key, "param name")
         text = check_text_value("param", key, value, MAX_PARAM_VALUE_LENGTH)
-        old = self._params.get(key)
+        old = self._state.param(key)
         if old is not None:
             if old != text:
                 raise ValueError(
@@ -96,7 +104,7 @@ class _SiteWriter:
         now = _now_ms()
         for item in checked:
             if item is not None:
-                self._params[item[0]] = item[1]
+                self._state.set_param(item[0], item[1])
                 self._sender.record(PARAM, item[0], item[1], None, now)
 
     def _text(self, name: Any, text: Any, step: Any, what: str) -> None:
@@ -215,7 +223,6 @@ class WandBWriter(_SiteWriter):
 
     def __init__(self, sender: EventSender) -> None:
         super().__init__(sender)
-        self._step = 0
         self.config = _WandBConfig(self)
 
     def log(self, data: Mapping[str, Any], step: int | None = None, commit: bool | None = None) -> None:
@@ -226,11 +233,12 @@ class WandBWriter(_SiteWriter):
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"log takes a mapping of name to number, got {type(data).__name__}")
-        at = check_step("step", self._step if step is None else step)
+        state = self._state
+        at = check_step("step", state.run_step if step is None else step)
         checked = [self._metric(k, v, at, None) for k, v in flatten(data, "/").items()]
         self._emit_metrics(checked)
         if step is None:
             if commit is not False:
-                self._step = at + 1
+                state.run_step = at + 1
         else:
-            self._step = max(self._step, at + 1 if commit else at)
+            state.run_step = max(state.run_step, at + 1 if commit else at)
