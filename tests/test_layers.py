@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config and math", ["fl_ray.importing", "fl_ray.plugins", "fl_ray.config", "fl_ray.strictjson",
                          "fl_ray.fedavg", "fl_ray.strategies", "fl_ray.models", "fl_ray.data", "fl_ray.checkpoint",
-                         "fl_ray.progress", "fl_ray.mlflow_server", "fl_ray.viewers", "fl_ray.job_summary"]),
+                         "fl_ray.progress", "fl_ray.mlflow_server", "fl_ray.mlflow_store", "fl_ray.viewers", "fl_ray.job_summary"]),
     ("tracking events and writers", ["fl_ray.tracking.events", "fl_ray.tracking.state", "fl_ray.tracking.sender",
                                      "fl_ray.tracking.writers", "fl_ray.tracking.site", "fl_ray.tracking.credentials",
                                      "fl_ray.metadata", "fl_ray.system_metrics", "fl_ray.learners", "fl_ray.lightning",
