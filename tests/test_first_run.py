@@ -153,12 +153,14 @@ def test_the_job_leaves_a_picture_and_a_participation_table(piped_job):
 
     expected = {"rounds": [1, 2], "sites": {"site-1": [TOOK_PART, TOOK_PART], "site-2": [TOOK_PART, FAILED]}}
     assert result["participation"] == expected
-    previous = mlflow.get_tracking_uri()
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(info["tracking_uri"])  # load_table searches runs through the global tracking URI
     try:
         table = client.load_table(info["experiment_id"], "participation.json", run_ids=[info["parent_run_id"]])
-    finally:
+    finally:  # as before, for the tests that follow: set_tracking_uri also sets the environment variable
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert table.to_dict("list") == {"site": ["site-1", "site-2"], "round 1": [TOOK_PART, TOOK_PART],
                                      "round 2": [TOOK_PART, FAILED]}
 
