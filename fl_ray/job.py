@@ -450,12 +450,22 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
     best = _best_model(cfg, server, status)  # the server's learner rebuilds it, before the server goes
-    refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
+    actors = {name: a for name, a in [*clients.items(), ("server", server)] if a is not None}
+    refs = {name: a.close.remote(timeout) for name, a in actors.items()}
+    deadline = time.monotonic() + timeout + 10
     for name, ref in refs.items():
-        try:
-            senders[name] = ray.get(ref, timeout=timeout + 10)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+        while True:
+            try:
+                senders[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask the new one
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    ref = actors[name].close.remote(timeout)
+                    continue
+                senders[name] = {"error": "ActorUnavailableError: could not flush this site's tracking"}
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+            break
     for actor in [*clients.values(), server]:
         if actor is not None:
             ray.kill(actor, no_restart=True)

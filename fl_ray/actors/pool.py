@@ -4,9 +4,10 @@ With ``resources.workers`` below the number of sites, sites are virtual: the rou
 to :class:`PoolExecutor`, which hands each free :class:`~fl_ray.actors.worker.WorkerActor` the next
 task (one at a time per worker, so a slow task holds up only its worker) and gives results back as
 they finish. A task whose worker dies under it (a crash, an out-of-memory kill, ``ray.kill``) is
-not the site's fault: it goes back to the queue for any worker (Ray restarts the dead one) up to
-``MAX_ATTEMPTS`` times; a learner's own error fails the site as with one actor per site. A worker
-whose tasks keep dying more times in a row than Ray restarts it is dropped from the pool.
+not the site's fault: it goes back to the queue for any worker up to ``MAX_ATTEMPTS`` times, and the
+dead worker gets no task until Ray has restarted it and it answers again; a learner's own error fails
+the site as with one actor per site. A worker that keeps dying more times in a row than Ray restarts it
+is dropped from the pool.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fl_ray.rounds import Executor, Running, Task
 from fl_ray.strategies.base import Arrays
 
 MAX_ATTEMPTS = 3  # runs of one task on workers that die under it before the site fails
+PROBE_INTERVAL = 0.2  # seconds between asks whether a restarting worker is back
 
 
 def worker_count(cfg: JobConfig, cluster: Mapping[str, float]) -> int:
@@ -76,38 +78,54 @@ class _PoolRunning(Running):
         self._queue: deque[tuple[Task, int]] = deque((t, 1) for t in tasks)
         self._refs = weights_ref, payload_ref
         self._busy: dict[Any, tuple[Task, int, int]] = {}  # ref -> (task, attempt, worker)
+        self._probing: dict[Any, int] = {}  # ref of an info() call -> worker whose task died, until it answers
         self._free = pool.live_workers()
 
     def _dispatch(self) -> None:
         while self._queue and self._free:
             worker = self._free.pop(0)
-            if worker in self._pool.dropped:
-                continue
             task, attempt = self._queue.popleft()
             ref = self._pool.workers[worker].run.remote(task.site, self._pool.index[task.site], task, *self._refs)
             self._busy[ref] = (task, attempt, worker)
+
+    def _probe(self, worker: int) -> None:
+        """Give ``worker`` no task until it answers again (Ray is restarting it), unless it is out of the pool."""
+        if worker not in self._pool.dropped:
+            self._probing[self._pool.workers[worker].info.remote()] = worker
 
     def next(self, timeout: float | None) -> tuple[str, dict[str, Any] | Exception] | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatch()
-            if not self._busy:
+            if not self._busy and not self._probing:
                 if self._queue:
                     task, _ = self._queue.popleft()
                     return task.site, RuntimeError("no pool worker is left to run the task: each died more times "
                                                    "than resources.max_client_restarts lets Ray restart it")
                 return None
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(self._busy), num_returns=1, timeout=left)
+            ready, _ = ray.wait([*self._busy, *self._probing], num_returns=1, timeout=left)
             if not ready:
                 return None
+            if ready[0] in self._probing:
+                worker = self._probing.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                    self._free.append(worker)
+                except ray.exceptions.RayActorError as exc:
+                    self._pool.worker_died(worker, exc)
+                    time.sleep(PROBE_INTERVAL)
+                    self._probe(worker)
+                continue
             task, attempt, worker = self._busy.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:  # the worker died under the task: run it elsewhere
                 self._pool.worker_died(worker, exc)
-                if worker not in self._pool.dropped:
-                    self._free.append(worker)
+                self._probe(worker)
+                if isinstance(exc, ray.exceptions.ActorUnavailableError):  # it never ran: no attempt spent
+                    self._queue.appendleft((task, attempt))
+                    continue
                 if attempt < MAX_ATTEMPTS:
                     self._queue.appendleft((task, attempt + 1))
                     continue
@@ -128,6 +146,7 @@ class _PoolRunning(Running):
         for ref in self._busy:
             ray.cancel(ref)
         self._busy.clear()
+        self._probing.clear()
 
 
 def start_workers(cfg: JobConfig, job_id: str, count: int, parts_ref: Any, receiver_name: str) -> dict[str, Any]:
@@ -140,5 +159,5 @@ def start_workers(cfg: JobConfig, job_id: str, count: int, parts_ref: Any, recei
     names = [f"worker-{i}" for i in range(1, count + 1)]
     return {name: WorkerActor.options(num_cpus=res.client_cpus, num_gpus=res.client_gpus,
                                       max_restarts=res.max_client_restarts, scheduling_strategy=strategy,
-                                      name=f"fl_ray-{job_id}-{name}").remote(name, config, receiver_name, parts_ref)
+                                      name=f"fl_ray-{job_id}-{name}").remote(name, config, receiver_name, [parts_ref])
             for name in names}

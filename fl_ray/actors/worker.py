@@ -1,7 +1,8 @@
 """WorkerActor: one actor of a pool that runs many virtual sites' tasks, one at a time.
 
 A worker loads the dataset once and serves every site from it, by the partition indices the driver
-computed once (they come as one object in the object store, with the constructor). For each task it
+computed once (one object in the object store, whose reference the constructor gets inside a list: the
+driver holds it for the job, so a restarted worker finds it again). For each task it
 builds the site's learner and context afresh: the learner gets the site's data, its own tracking stream
 (a new ``(site, seq)`` incarnation from the receiver actor, so a site moving between workers never
 reuses a seq, and the step counters the receiver holds for it) and ``ctx.site_state`` from the task;
@@ -37,11 +38,12 @@ WORKER_TAG = "fl_ray.worker"
 class WorkerActor:
     """A pool worker: runs any site's train or evaluate task on the dataset it loaded once."""
 
-    def __init__(self, name: str, config: dict[str, Any], receiver_name: str, parts: list[np.ndarray]) -> None:
+    def __init__(self, name: str, config: dict[str, Any], receiver_name: str, parts: list[Any]) -> None:
         drop_credentials()
         self.cfg = JobConfig.model_validate(config)
         torch.set_num_threads(max(1, int(self.cfg.resources.client_cpus)))
-        self.name, self.parts = name, parts
+        self.name = name
+        self.parts: list[np.ndarray] = ray.get(parts[0])  # every site's indices, in configured order
         self.dataset = load_dataset(self.cfg.dataset, self.cfg.seed)
         self.device = select_device()
         self.receiver = ray.get_actor(receiver_name)
