@@ -8,7 +8,8 @@ builds the site's learner and context afresh: the learner gets the site's data, 
 reuses a seq, and the step counters the receiver holds for it) and ``ctx.site_state`` from the task;
 everything a site keeps between rounds thus lives with the server, not here, and a worker that dies
 loses nothing but the task it was running. The site's run gets the tag ``fl_ray.worker`` (the worker
-that ran its latest task); the worker logs its own system metrics to the run ``worker-<n>``.
+that ran its latest task); from its first task on, the worker logs its own system metrics to the run
+``worker-<n>``.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class WorkerActor:
         self.dataset = load_dataset(self.cfg.dataset, self.cfg.seed)
         self.device = select_device()
         self.receiver = ray.get_actor(receiver_name)
-        self.tracking = SiteTracking(name, self.receiver, self.cfg.tracking)
         self.sent = {"recorded": 0, "acknowledged": 0, "retries": 0, "undelivered": 0}  # its sites' streams
-        self.system_metrics = None
+        self.tracking: SiteTracking | None = None  # its own stream, from its first task on
+        self.system_metrics: SystemMetricsSampler | None = None
+
+    def _open_tracking(self) -> None:
+        """The worker's own stream and system metrics: opened with its first task, so that starting a worker
+        never waits for the receiver actor (busy setting up its back ends while the workers start)."""
+        self.tracking = SiteTracking(self.name, self.receiver, self.cfg.tracking)
         if self.cfg.tracking.system_metrics:
             self.tracking.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
             self.system_metrics = SystemMetricsSampler(self.tracking.mlflow,
@@ -60,6 +66,8 @@ class WorkerActor:
         """Run ``task`` for the site at ``index`` of the configured sites; its tracking records are delivered
         before it returns."""
         start = time.perf_counter()
+        if self.tracking is None:
+            self._open_tracking()
         tracking = SiteTracking(site, self.receiver, self.cfg.tracking)
         try:
             tracking.mlflow.set_tag(WORKER_TAG, self.name)
@@ -88,4 +96,5 @@ class WorkerActor:
         stream and, under ``sites_*``, of the site streams it ran (this life of the worker)."""
         if self.system_metrics is not None:
             self.system_metrics.stop()
-        return {**self.tracking.close(timeout), **{f"sites_{k}": v for k, v in self.sent.items()}}
+        own = self.tracking.close(timeout) if self.tracking is not None else {}
+        return {**own, **{f"sites_{k}": v for k, v in self.sent.items()}}
