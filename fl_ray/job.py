@@ -338,7 +338,8 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         if pooled:
             parts_ref = ray.put(parts)  # held here for the whole job: restarted workers take it again
             clients = start_workers(cfg, job_id, workers, parts_ref, receiver_actor_name(job_id))
-            executor: Executor = PoolExecutor(list(clients.values()), sites, cfg.resources.max_client_restarts)
+            executor: Executor = PoolExecutor(list(clients.values()), sites, cfg.resources.max_client_restarts,
+                                              receiver_actor_name(job_id))
         else:
             clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id))
             executor = RayExecutor(clients)

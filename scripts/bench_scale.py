@@ -49,7 +49,7 @@ def bench_config(sites: int, sampled: int, rounds: int, workers: int | None) -> 
         "name": f"bench-scale-{sites}-{sampled}", "num_rounds": rounds, "sites": sites, "min_clients": sampled,
         "sample_fraction": sampled / sites, "dataset": data, "learner_args": {"model": "digits_cnn"},
         "resources": {"workers": workers, "client_cpus": 0.5, "server_cpus": 0.5, "schedule_timeout": 600},
-        "tracking": {"log_model": False, "system_metrics_interval": 30.0},
+        "tracking": {"log_model": False, "system_metrics_interval": 30.0, "close_timeout": 900},
     })
 
 
@@ -114,10 +114,10 @@ def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
             memory.sample()
             ray.shutdown()
         total = time.monotonic() - job_start
-        mlflow = result.tracking["mlflow"]
-        client = MlflowClient(mlflow["tracking_uri"])
-        runs = client.search_runs([mlflow["experiment_id"]], f"tags.`fl_ray.job_id` = '{result.job_id}'",
-                                  max_results=50_000)
+        client = MlflowClient(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name(cfg.name)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], f"tags.`fl_ray.job_id` = '{result.job_id}'", max_results=50_000)
     rounds = [r["seconds"] for r in result.rounds]
     steady = rounds[1:] or rounds
     senders = result.tracking["senders"].values()

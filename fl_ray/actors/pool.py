@@ -46,10 +46,12 @@ def worker_count(cfg: JobConfig, cluster: Mapping[str, float]) -> int:
 
 class PoolExecutor(Executor):
     """Runs the sites' tasks as work items on ``workers``; ``sites`` is the configured order (the index a
-    worker takes a site's data by). ``max_restarts`` is how often Ray restarts a worker."""
+    worker takes a site's data by). ``max_restarts`` is how often Ray restarts a worker. Each run opens the
+    tracking streams of all its sites with one call to the receiver actor (``receiver_name``)."""
 
-    def __init__(self, workers: Sequence[Any], sites: Sequence[str], max_restarts: int) -> None:
+    def __init__(self, workers: Sequence[Any], sites: Sequence[str], max_restarts: int, receiver_name: str) -> None:
         self.workers = list(workers)
+        self.receiver_name = receiver_name
         self.index = {site: i for i, site in enumerate(sites)}
         self.max_restarts = max_restarts
         self.deaths = [0] * len(self.workers)  # tasks in a row that each worker died under
@@ -57,7 +59,8 @@ class PoolExecutor(Executor):
 
     def run(self, tasks: list[Task], weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays],
             failed: dict[str, str]) -> Running:
-        return _PoolRunning(self, tasks, ray.put(dict(weights)), ray.put(dict(payload)))
+        opened = ray.get(ray.get_actor(self.receiver_name).open_sites.remote(sorted({t.site for t in tasks})))
+        return _PoolRunning(self, tasks, ray.put(dict(weights)), ray.put(dict(payload)), opened)
 
     def live_workers(self) -> list[int]:
         """Indices of the workers still in the pool."""
@@ -73,8 +76,10 @@ class PoolExecutor(Executor):
 
 
 class _PoolRunning(Running):
-    def __init__(self, pool: PoolExecutor, tasks: list[Task], weights_ref: Any, payload_ref: Any) -> None:
+    def __init__(self, pool: PoolExecutor, tasks: list[Task], weights_ref: Any, payload_ref: Any,
+                 opened: dict[str, dict[str, Any]]) -> None:
         self._pool = pool
+        self._opened = opened  # each site's tracking stream, for the first time its task is sent
         self._queue: deque[tuple[Task, int]] = deque((t, 1) for t in tasks)
         self._refs = weights_ref, payload_ref
         self._busy: dict[Any, tuple[Task, int, int]] = {}  # ref -> (task, attempt, worker)
@@ -85,7 +90,9 @@ class _PoolRunning(Running):
         while self._queue and self._free:
             worker = self._free.pop(0)
             task, attempt = self._queue.popleft()
-            ref = self._pool.workers[worker].run.remote(task.site, self._pool.index[task.site], task, *self._refs)
+            opened = self._opened.pop(task.site, None)  # once: a task sent again opens a fresh stream
+            ref = self._pool.workers[worker].run.remote(task.site, self._pool.index[task.site], task, *self._refs,
+                                                        opened)
             self._busy[ref] = (task, attempt, worker)
 
     def _probe(self, worker: int) -> None:
@@ -123,7 +130,7 @@ class _PoolRunning(Running):
             except ray.exceptions.RayActorError as exc:  # the worker died under the task: run it elsewhere
                 self._pool.worker_died(worker, exc)
                 self._probe(worker)
-                if isinstance(exc, ray.exceptions.ActorUnavailableError):  # it never ran: no attempt spent
+                if isinstance(exc, ray.exceptions.ActorUnavailableError):  # refused by a restarting worker: no attempt spent
                     self._queue.appendleft((task, attempt))
                     continue
                 if attempt < MAX_ATTEMPTS:

@@ -62,13 +62,13 @@ class WorkerActor:
                                                        self.cfg.tracking.system_metrics_interval).start()
 
     def run(self, site: str, index: int, task: Task, weights: Mapping[str, np.ndarray],
-            payload: Mapping[str, Arrays]) -> dict[str, Any]:
-        """Run ``task`` for the site at ``index`` of the configured sites; its tracking records are delivered
-        before it returns."""
+            payload: Mapping[str, Arrays], opened: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``task`` for the site at ``index`` of the configured sites, on the tracking stream ``opened`` for
+        it (else opened here); its tracking records are delivered before it returns."""
         start = time.perf_counter()
         if self.tracking is None:
             self._open_tracking()
-        tracking = SiteTracking(site, self.receiver, self.cfg.tracking)
+        tracking = SiteTracking(site, self.receiver, self.cfg.tracking, opened)
         try:
             tracking.mlflow.set_tag(WORKER_TAG, self.name)
             ds = self.dataset
