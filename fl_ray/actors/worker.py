@@ -94,7 +94,8 @@ class WorkerActor:
     def close(self, timeout: float) -> dict[str, int]:
         """Take a last system sample and deliver the worker's own records; returns the counters of its own
         stream and, under ``sites_*``, of the site streams it ran (this life of the worker)."""
+        if self.tracking is None:  # no task since it started (or Ray restarted it): still one sample
+            self._open_tracking()
         if self.system_metrics is not None:
             self.system_metrics.stop()
-        own = self.tracking.close(timeout) if self.tracking is not None else {}
-        return {**own, **{f"sites_{k}": v for k, v in self.sent.items()}}
+        return {**self.tracking.close(timeout), **{f"sites_{k}": v for k, v in self.sent.items()}}
