@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: many virtual sites on a pool of workers: memory, start-up, round time, tracking.
 
-For each ``--sampled`` count, runs a real job of ``--sites`` sites (digits when it has a sample for every
-site, else synthetic data; the built-in learner and model; ``--rounds`` rounds; MLflow tracking into a
+For each ``--sampled`` count, runs a real job of ``--sites`` sites (synthetic data, ``--per-site`` samples
+each, or digits, whose 1,437 training samples leave about one per site of 1,000; the built-in learner and
+its small CNN; ``--rounds`` rounds; MLflow tracking into a
 sqlite store) on a fresh local Ray, with ``resources.workers`` as ``--workers`` says (default: what the
 machine holds). A thread samples, every ``--interval`` seconds, the memory of all the job's processes
 together (this driver and every process Ray started: GCS, raylet, agents, workers): PSS (proportional
@@ -10,8 +11,8 @@ set size: a page shared by several processes counts once in all) and RSS summed.
 each, start-up (Ray's start, and from the job's start to its first round), seconds per round, MLflow runs
 created and records lost (recorded by the sites, the workers and the server, less those MLflow got).
 The baseline, measured in the same run: the sites of the job's first round, trained one after another in
-this one process (no Ray, no tracking), round after round. ``--also-10k`` adds a job of 10,000 sites with
-100 sampled per round, which has to complete. The last line printed is one JSON object.
+this one process (no Ray, no tracking), round after round. ``--also-10k`` adds a job of 10,000 sites (20
+synthetic samples each) with 100 sampled per round, which has to complete. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from fl_ray.learners import ImageClassificationLearner, LearnerContext
 from fl_ray.progress import RoundProgress
 
 TARGET_PSS_GB, TARGET_STARTUP_S, TARGET_RATIO = 4.0, 30.0, 2.0
-DIGITS_TRAIN = 1437  # samples in digits' training split (80% of 1797)
 
 
-def bench_config(sites: int, sampled: int, rounds: int, workers: int | None) -> JobConfig:
-    data = {"name": "digits"} if sites <= DIGITS_TRAIN else {"name": "synthetic", "num_samples": 20 * sites}
+def bench_config(sites: int, sampled: int, rounds: int, workers: int | None, dataset: str,
+                 per_site: int) -> JobConfig:
+    data = {"name": "digits"} if dataset == "digits" else {"name": "synthetic", "num_samples": per_site * sites}
     return JobConfig.model_validate({
         "name": f"bench-scale-{sites}-{sampled}", "num_rounds": rounds, "sites": sites, "min_clients": sampled,
         "sample_fraction": sampled / sites, "dataset": data, "learner_args": {"model": "digits_cnn"},
@@ -119,6 +120,7 @@ def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
         runs = [] if experiment is None else client.search_runs(
             [experiment.experiment_id], f"tags.`fl_ray.job_id` = '{result.job_id}'", max_results=50_000)
     rounds = [r["seconds"] for r in result.rounds]
+    tasks = [c["seconds"] for r in result.rounds[1:] for c in r["clients"].values()]
     steady = rounds[1:] or rounds
     senders = result.tracking["senders"].values()
     recorded = sum(s.get("recorded", 0) + s.get("sites_recorded", 0) for s in senders)
@@ -131,6 +133,7 @@ def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
         "job_startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - job_start, 2),
         "startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - started, 2),
         "first_round_seconds": round(rounds[0], 3), "round_seconds_median": round(statistics.median(steady), 3),
+        "task_seconds_median": round(statistics.median(tasks or [float("nan")]), 4),
         "job_seconds": round(total, 1), "mlflow_runs_created": len(runs), "records_recorded": recorded,
         "records_delivered_to_mlflow": delivered, "records_lost": recorded - delivered,
         "first_round_sites": result.rounds[0]["sampled"], "final_accuracy": round(result.final_metrics["accuracy"], 4),
@@ -175,20 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per job (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="resources.workers (default: what fits)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
+                        help="synthetic (default; --per-site samples a site) or digits (1,437 training samples "
+                             "shared by all the sites)")
+    parser.add_argument("--per-site", type=int, default=100, help="synthetic samples per site (default %(default)s)")
     parser.add_argument("--also-10k", action="store_true", help="also 10,000 sites with 100 sampled per round")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    jobs = [(args.sites, n) for n in args.sampled] + ([(10_000, 100)] if args.also_10k else [])
+    jobs = [(args.sites, n, args.per_site) for n in args.sampled] + ([(10_000, 100, 20)] if args.also_10k else [])
     figures: dict[str, Any] = {"jobs": []}
-    for sites, sampled in jobs:
+    for sites, sampled, per_site in jobs:
         console.print(f"{sites} sites, {sampled} sampled per round, {args.rounds} rounds...")
-        measured = run_one(bench_config(sites, sampled, args.rounds, args.workers), args.interval)
+        measured = run_one(bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site),
+                           args.interval)
         console.print({k: v for k, v in measured.items() if k != "first_round_sites"})
         figures["jobs"].append(measured)
     first = figures["jobs"][0]
     console.print(f"baseline: the {first['sampled']} sites of the first job's first round, sequentially in one "
                   "process...")
-    cfg = bench_config(first["sites"], first["sampled"], args.rounds, args.workers)
+    cfg = bench_config(first["sites"], first["sampled"], args.rounds, args.workers, args.dataset, args.per_site)
     base = sequential_baseline(cfg, first.pop("first_round_sites"), min(args.rounds, 5))
     for measured in figures["jobs"]:
         measured.pop("first_round_sites", None)
