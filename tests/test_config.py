@@ -47,7 +47,7 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
     ({"sites": ["a", ".."]}, "sites", "'..'", "not 'server'"),
     ({"sites": ["a", "worker-2"]}, "sites", "'worker-2'", "'worker-<number>'"),
-    ({"sites": True}, "sites", "True", "a number of sites (1 to 100000"),
+    ({"sites": True}, "sites", "True", "a number of sites or a list of site names"),
     ({"sites": "a"}, "sites", "'a'", "or a list of site names"),
     ({"sites": 0}, "sites", "0", "need 1 to 100000 sites"),
     ({"resources": {"workers": 0}}, "resources.workers", "0", "greater than or equal to 1"),
