@@ -56,8 +56,9 @@ def test_200_virtual_sites_on_2_workers_with_a_worker_killed(ray_session, worksp
     assert {c["worker"] for r in result.rounds for c in r["clients"].values()} == {"worker-1", "worker-2"}
     assert sorted(result.workers) == ["worker-1", "worker-2"] and result.sites[victim]["num_samples"] == 4
 
-    client = MlflowClient(result.tracking["mlflow"]["tracking_uri"])
-    runs = client.search_runs([result.tracking["mlflow"]["experiment_id"]],
+    mlflow = result.tracking["receivers"]["mlflow"]
+    client = MlflowClient(mlflow["tracking_uri"])
+    runs = client.search_runs([mlflow["experiment_id"]],
                               f"tags.`{JOB_TAG}` = '{result.job_id}'", max_results=1000)
     by_site: dict[str, list] = {}
     for run in runs:
