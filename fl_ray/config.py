@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from fl_ray.plugins import check_plugin_name
 
 MAX_SITES = 100_000
+WORKER_NAME = re.compile(r"worker-[0-9]+")  # the tracking name of a pool worker (its system metrics)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # The tracking credentials a job may give the receiver actor (and that sites never hold).
 CREDENTIAL_VARS = (
@@ -83,7 +86,16 @@ class ResourcesConfig(_Strict):
     autoscale: Bool = Field(default=False, description="ask Ray's autoscaler for nodes instead of failing when "
                                                         "the cluster is too small now")
     server_cpus: Float = Field(default=0.5, ge=0)
-    max_client_restarts: Int = Field(default=2, ge=0, description="Ray restarts of a failed client actor")
+    max_client_restarts: Int = Field(default=2, ge=0, description="Ray restarts of a failed client or worker actor")
+    workers: Int | None = Field(
+        default=None, ge=1,
+        description="actors that run the sites: at least the number of sites gives each site its own long-lived "
+                    "actor; fewer run the sites as work items on a pool of that many workers; unset: one per site "
+                    "when the cluster holds them at client_cpus/client_gpus, else as many workers as it holds")
+    site_state_mb: Float = Field(
+        default=1024.0, gt=0,
+        description="budget in MB for what all sites keep between their rounds (ctx.site_state), held by the "
+                    "server on the driver's node and checkpointed; a round that passes it fails the job")
     schedule_timeout: Float = Field(default=60.0, gt=0,
                                     description="seconds to wait for Ray to place all actors before failing")
 
@@ -215,13 +227,14 @@ class JobConfig(_Strict):
             return v
         if not v:
             raise ValueError("the list of site names is empty")
-        dup = sorted({s for s in v if v.count(s) > 1})
+        dup = sorted(name for name, n in Counter(v).items() if n > 1)
         if dup:
             raise ValueError(f"site names must be unique; repeated: {dup}")
-        bad = [s for s in v if s in ("server", ".", "..") or not s or not all(c.isalnum() or c in "-_." for c in s)]
+        bad = [s for s in v if s in ("server", ".", "..") or not s or not all(c.isalnum() or c in "-_." for c in s)
+               or WORKER_NAME.fullmatch(s)]
         if bad:
-            raise ValueError(f"invalid site name(s) {bad}: use letters, digits, '-', '_' or '.' "
-                             "(not 'server', '.' or '..')")
+            raise ValueError(f"invalid site name(s) {bad[:10]}: use letters, digits, '-', '_' or '.' "
+                             "(not 'server', '.', '..' or 'worker-<number>', the names of pool workers' runs)")
         return v
 
     @field_validator("learner")

@@ -67,6 +67,7 @@ class JobResult:
     participation: dict[str, Any] = field(default_factory=dict)
     picture: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # each phase's start, in seconds since the job began
+    workers: dict[str, Any] = field(default_factory=dict)  # with a pool of workers: where each runs
 
     def to_dict(self) -> dict[str, Any]:
         """The content of result.json."""
@@ -74,7 +75,7 @@ class JobResult:
                 "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
                 "participation": self.participation, "picture": self.picture,
                 "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation,
-                "timings": self.timings}
+                "timings": self.timings, "workers": self.workers}
 
 
 def new_job_id(name: str) -> str:
@@ -130,27 +131,41 @@ def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> 
     return True
 
 
-def _check_resources(cfg: JobConfig) -> None:
-    """Fail at once, naming what was asked and what is there, if the whole cluster is too small.
+def _check_resources(cfg: JobConfig, n: int) -> None:
+    """Fail at once, naming what was asked and what is there, if the whole cluster is too small for ``n``
+    site actors (or pool workers) and the server.
 
-    With ``resources.autoscale`` the job instead asks the autoscaler for the sites' resources and
-    relies on ``resources.schedule_timeout``.
+    With ``resources.autoscale`` the job instead asks the autoscaler for their resources and relies on
+    ``resources.schedule_timeout``.
     """
-    n, res = len(cfg.site_names), cfg.resources
+    res = cfg.resources
     if res.autoscale:
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[{"CPU": res.client_cpus, "GPU": res.client_gpus}] * n)
         return
-    asked = {"CPU": (n * res.client_cpus + res.server_cpus, f"{n} sites x {res.client_cpus:g} + server "
+    actors = "sites" if n == len(cfg.site_names) else "workers"
+    asked = {"CPU": (n * res.client_cpus + res.server_cpus, f"{n} {actors} x {res.client_cpus:g} + server "
                                                              f"{res.server_cpus:g}"),
-             "GPU": (n * res.client_gpus, f"{n} sites x {res.client_gpus:g}")}
+             "GPU": (n * res.client_gpus, f"{n} {actors} x {res.client_gpus:g}")}
     have = ray.cluster_resources()
     short = [f"{total:g} {kind} ({how}) but the cluster has {have.get(kind, 0.0):g}"
              for kind, (total, how) in asked.items() if total > have.get(kind, 0.0) + 1e-9]
     if short:
         raise ResourceError(f"the cluster cannot place this job: it asks for {'; '.join(short)}. "
-                            "Lower resources.client_cpus / client_gpus, use fewer sites, or add nodes.")
+                            "Lower resources.client_cpus / client_gpus, use fewer sites or resources.workers, "
+                            "or add nodes.")
+
+
+def _start_clients(cfg: JobConfig, job_id: str, config: dict[str, Any], receiver_name: str) -> dict[str, Any]:
+    """One long-lived client actor per site, by site name."""
+    from fl_ray.actors.client import ClientActor
+
+    strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
+    return {site: ClientActor.options(num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
+                                      max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
+                                      name=f"fl_ray-{job_id}-{site}").remote(site, index, config, receiver_name)
+            for index, site in enumerate(cfg.site_names)}
 
 
 class _StartUp:
@@ -280,9 +295,10 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     a bar per round and one of the tracking records left per receiver at the end; result.json's
     ``timings`` gives each phase's start in seconds since the job began.
     """
-    from fl_ray.actors.client import ClientActor
+    from fl_ray.actors.pool import PoolExecutor, start_workers, worker_count
     from fl_ray.actors.receiver import receiver_actor_name, start_receiver
-    from fl_ray.actors.server import ServerActor
+    from fl_ray.actors.server import RayExecutor, ServerActor
+    from fl_ray.rounds import Executor
 
     phases = JobPhases(console, enabled=show_progress)
     resume = Path(resume).resolve() if resume is not None else None
@@ -303,8 +319,11 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
     cross_site: dict[str, Any] | None = None
     receiver = server = None
     clients: dict[str, Any] = {}
+    worker_info: dict[str, Any] = {}
     try:
-        _check_resources(cfg)
+        workers = worker_count(cfg, ray.cluster_resources())
+        pooled = workers < len(sites)  # virtual sites on a pool of workers, else one actor per site
+        _check_resources(cfg, min(workers, len(sites)))
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
                               sites=tuple(sites), config=cfg.to_dict(),
@@ -313,24 +332,31 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
                                   receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file), here)
         config_dict = cfg.to_dict()
-        strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
-        phases.mark("actors", f"starting {len(sites)} site(s) ({cfg.resources.client_cpus:g} CPU, "
-                              f"{cfg.resources.client_gpus:g} GPU each), the server and the tracking receiver")
-        for index, site in enumerate(sites):
-            clients[site] = ClientActor.options(  # type: ignore[attr-defined]
-                num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
-                max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
-                name=f"fl_ray-{job_id}-{site}",
-            ).remote(site, index, config_dict, receiver_actor_name(job_id))
+        actors = f"{workers} worker(s) for {len(sites)} sites" if pooled else f"{len(sites)} site(s)"
+        phases.mark("actors", f"starting {actors} ({cfg.resources.client_cpus:g} CPU, {cfg.resources.client_gpus:g} "
+                              "GPU each), the server and the tracking receiver")
+        if pooled:
+            parts_ref = ray.put(parts)  # held here for the whole job: restarted workers take it again
+            clients = start_workers(cfg, job_id, workers, parts_ref, receiver_actor_name(job_id))
+            executor: Executor = PoolExecutor(list(clients.values()), sites, cfg.resources.max_client_restarts,
+                                              receiver_actor_name(job_id))
+        else:
+            clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id))
+            executor = RayExecutor(clients)
         # the server starts up while the clients do
         server = ServerActor.options(  # type: ignore[attr-defined]
             num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here).remote(
-            config_dict, receiver_actor_name(job_id), clients, str(job_dir / "checkpoints"))
+            config_dict, receiver_actor_name(job_id), executor, str(job_dir / "checkpoints"))
         start_up = _StartUp(cfg, clients, server, receiver, phases)
         placed, done = start_up.wait()
         _note_no_gpu_metrics(placed)
-        site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in ("node_id", "device", "gpu_ids")}}
-                     for s, idx in zip(sites, parts)}
+        where = ("node_id", "device", "gpu_ids")
+        if pooled:
+            site_info = {s: {"num_samples": int(len(idx))} for s, idx in zip(sites, parts)}
+            worker_info = {w: {k: placed[w][k] for k in where} for w in clients}
+        else:
+            site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in where}}
+                         for s, idx in zip(sites, parts)}
         phases.mark("rounds")  # the round bar's first line
         with RoundProgress(job_id, cfg.num_rounds, done=done, enabled=show_progress,
                            console=phases.console) as progress:
@@ -362,7 +388,7 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             phases.mark("results", "writing results")
             result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
                                tracking, site_info, error, cross_site, table, str(picture) if picture else None,
-                               timings=phases.timings)
+                               timings=phases.timings, workers=worker_info)
             result_data = result.to_dict()
             result_data["seconds"] = round(phases.seconds(), 3)
             result_data["started_at"] = phases.started_at
@@ -425,12 +451,22 @@ def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], 
     phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
     best = _best_model(cfg, server, status)  # the server's learner rebuilds it, before the server goes
-    refs = {name: a.close.remote(timeout) for name, a in [*clients.items(), ("server", server)] if a is not None}
+    actors = {name: a for name, a in [*clients.items(), ("server", server)] if a is not None}
+    refs = {name: a.close.remote(timeout) for name, a in actors.items()}
+    deadline = time.monotonic() + timeout + 10
     for name, ref in refs.items():
-        try:
-            senders[name] = ray.get(ref, timeout=timeout + 10)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+        while True:
+            try:
+                senders[name] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask the new one
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    ref = actors[name].close.remote(timeout)
+                    continue
+                senders[name] = {"error": "ActorUnavailableError: could not flush this site's tracking"}
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                senders[name] = {"error": f"{type(exc).__name__}: could not flush this site's tracking"}
+            break
     for actor in [*clients.values(), server]:
         if actor is not None:
             ray.kill(actor, no_restart=True)

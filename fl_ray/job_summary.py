@@ -14,6 +14,7 @@ from typing import Any
 
 TOOK_PART, FAILED, NOT_SAMPLED = "took part", "failed", "not sampled"
 PICTURE = "summary.png"
+MAX_LABELS = 50  # sites (or curves) named in the picture; beyond, they are drawn unnamed
 
 
 def participation(sites: list[str], rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,13 +86,15 @@ def plot_job(path: Path, title: str, rounds: list[dict[str, Any]], samples: dict
         ax.set(title=f"{label} per round", xlabel="round", ylabel=label)
         if rounds:
             ax.set_xticks([r["round"] for r in rounds])
-        if ax.lines:
+        if ax.lines and len(ax.lines) <= MAX_LABELS:
             ax.legend(fontsize="small")
     ax = axes[1][0]
     names = list(samples)
-    ax.bar(names, [samples[n] for n in names], color="tab:blue")
+    ax.bar(range(len(names)), [samples[n] for n in names], color="tab:blue")
     ax.set(title="training samples per site", ylabel="samples")
-    ax.tick_params(axis="x", labelrotation=45 if len(names) > 6 else 0)
+    if len(names) <= MAX_LABELS:  # thousands of virtual sites: their names would take minutes to draw, unread
+        ax.set_xticks(range(len(names)), names)
+        ax.tick_params(axis="x", labelrotation=45 if len(names) > 6 else 0)
     ax = axes[1][1]
     codes = {TOOK_PART: 0, FAILED: 1, NOT_SAMPLED: 2}
     sites = list(table["sites"])
@@ -99,7 +102,8 @@ def plot_job(path: Path, title: str, rounds: list[dict[str, Any]], samples: dict
     if grid and grid[0]:
         ax.imshow(grid, cmap=ListedColormap(["tab:green", "tab:red", "lightgrey"]), vmin=0, vmax=2, aspect="auto")
         ax.set_xticks(range(len(table["rounds"])), [str(r) for r in table["rounds"]])
-        ax.set_yticks(range(len(sites)), sites)
+        if len(sites) <= MAX_LABELS:
+            ax.set_yticks(range(len(sites)), sites)
     ax.set(title="who took part (green), failed (red), was not sampled (grey)", xlabel="round")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

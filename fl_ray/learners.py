@@ -17,7 +17,14 @@ built with ``Class(**learner_args)``. Each client actor builds one and calls, in
 
 ``ctx.round`` is the current round (1-based); ``ctx.mlflow``, ``ctx.tensorboard`` and ``ctx.wandb``
 are the site's writers. ``ctx.round_config`` and ``ctx.payload`` hold what the strategy sends the site
-this round; ``ctx.site_state`` what the site keeps until its next round (see fl_ray.strategies).
+this round.
+
+What a site keeps between its rounds: a learner declares it by putting it in ``ctx.site_state``
+(arrays, or dicts of arrays: its own counters, optimiser state it wants to keep, SCAFFOLD's control
+variate), which the server stores per site and hands back in the site's next task; by default a site
+keeps nothing but the weights it is sent. Nothing else on the learner object may be relied on between
+rounds: with a pool of workers (``resources.workers`` below the number of sites) a learner is built and
+``setup`` for each task, on whichever worker runs it.
 """
 
 from __future__ import annotations

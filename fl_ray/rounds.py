@@ -184,6 +184,7 @@ class RoundEngine:
             self.rounds = load_rounds(self.job_dir, upto=resumed.round)
             self.rng.bit_generator.state = resumed.rng_state
             strategy.load_state(resumed.strategy_state)
+        self._state_bytes = {site: state_bytes(state) for site, state in self.site_states.items()}
         self.local_weights: dict[str, dict[str, np.ndarray]] = {}  # each site's last result, for cross-site evaluation
         # the learner can export a model (it overrides Learner.export_model): keep the best one
         self.exports = type(learner).export_model is not Learner.export_model
@@ -207,7 +208,7 @@ class RoundEngine:
                              f"{plan.sites} returned a result in {self.cfg.round_retries + 1} attempt(s); "
                              f"failures: {failures}")
         self.weights, reported = aggregation.result()  # moves the strategy's state: only for the round kept
-        self.site_states.update({site: state for site, state in states.items() if state})
+        self._keep_site_states(round_, states)
         self.ctx.round = round_
         global_metrics = {k: float(v) for k, v in self.learner.evaluate(self.weights, self.ctx).items()}
         self._keep_if_best(round_, global_metrics)
@@ -266,6 +267,17 @@ class RoundEngine:
             failed[site] = "timed out (straggler): no result within the round's time limit"
         running.cancel()
         return aggregation, results, states, failed
+
+    def _keep_site_states(self, round_: int, states: dict[str, dict[str, Arrays]]) -> None:
+        """Keep what each site asked to keep until its next round, within ``resources.site_state_mb``."""
+        self.site_states.update({site: state for site, state in states.items() if state})
+        self._state_bytes.update({site: state_bytes(state) for site, state in states.items() if state})
+        total, budget = sum(self._state_bytes.values()), self.cfg.resources.site_state_mb * 1e6
+        if total > budget:
+            raise RoundError(f"round {round_}: what the sites keep between their rounds (ctx.site_state) takes "
+                             f"{total / 1e6:.1f} MB for {len(self._state_bytes)} sites, over resources.site_state_mb="
+                             f"{self.cfg.resources.site_state_mb:g}; raise it if the driver's node has the memory "
+                             "(the server holds it and checkpoints it every round), or keep less per site")
 
     def cross_site_evaluation(self) -> dict[str, dict[str, Any]]:
         """Every site evaluates the final global model and each site's last local model (of this run of the
@@ -337,6 +349,12 @@ class RoundEngine:
         if best is None or exported is None:
             return None
         return BestModel(best.round, best.key_metric, best.key_mode, best.metrics, exported[0], best.input_example)
+
+
+def state_bytes(state: Mapping[str, Arrays]) -> int:
+    """The bytes of a site's kept arrays."""
+    return sum(sum(np.asarray(a).nbytes for a in v.values()) if isinstance(v, Mapping) else np.asarray(v).nbytes
+               for v in state.values())
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -253,12 +253,14 @@ def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluste
 
 
 def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_available(cluster, tmp_path):
-    """A driver joining with --address and asking 1 GPU per site fails in bounded time, naming asked vs available."""
+    """A driver joining with --address and asking 1 GPU for each of 4 site actors (resources.workers=4: one per
+    site) fails in bounded time, naming asked vs available."""
     workspace = tmp_path / "workspace"
     started = time.monotonic()
     res = subprocess.run(
         [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--workspace", str(workspace),
-         "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=1", "--quiet"],
+         "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=1", "--set", "resources.workers=4",
+         "--quiet"],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
     )
     seconds = time.monotonic() - started

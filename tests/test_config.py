@@ -46,6 +46,12 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     ({"tracking": {"receivers": [{"type": "mlfow"}]}}, "tracking.receivers.0.type", "'mlfow'", "expected one of"),
     ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
     ({"sites": ["a", ".."]}, "sites", "'..'", "not 'server'"),
+    ({"sites": ["a", "worker-2"]}, "sites", "'worker-2'", "'worker-<number>'"),
+    ({"sites": True}, "sites", "True", "a number of sites or a list of site names"),
+    ({"sites": "a"}, "sites", "'a'", "or a list of site names"),
+    ({"sites": 0}, "sites", "0", "need 1 to 100000 sites"),
+    ({"resources": {"workers": 0}}, "resources.workers", "0", "greater than or equal to 1"),
+    ({"resources": {"site_state_mb": 0}}, "resources.site_state_mb", "0", "greater than 0"),
 ])
 def test_bad_config_names_field_value_and_expectation(data, field, value, expected):
     """Each bad input raises ConfigError naming the field, the value and what is expected."""

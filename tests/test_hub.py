@@ -76,6 +76,23 @@ def test_restart_recovers_from_the_spool(tmp_path):
     assert sorted(delivered) == [first_seq + i for i in range(4)]
 
 
+def test_open_sites_gives_each_site_a_fresh_block_and_its_steps_once_for_all(tmp_path):
+    """open_sites opens several sites' streams in one call: each a new incarnation, steps continued, kept
+    for a hub restarted on the same job dir."""
+    hub = TrackingHub(ctx(tmp_path), [("memory", MemoryReceiver())])
+    first = hub.open_site("site-1")["incarnation"] << INCARNATION_BITS
+    hub.submit("site-1", [metric("site-1", first + i, 10 + i) for i in range(2)])
+    opened = hub.open_sites(["site-1", "site-2"])
+    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {"site-1": (1, {"loss": 12}),
+                                                                              "site-2": (0, {})}
+    hub.close("FINISHED", timeout=10)
+    again = TrackingHub(ctx(tmp_path), [("memory", MemoryReceiver())])
+    opened = again.open_sites(["site-2", "site-1"])
+    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {"site-2": (1, {}),
+                                                                              "site-1": (2, {"loss": 12})}
+    again.close("FINISHED", timeout=10)
+
+
 def test_a_failing_receiver_is_retried_without_loss_or_holding_up_others(tmp_path):
     """A back end that fails twice gets every event after its retries; the healthy one is not held up."""
     flaky, healthy = FlakyReceiver(fail_times=2), MemoryReceiver()

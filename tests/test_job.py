@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from rich.console import Console
@@ -96,6 +97,22 @@ def test_same_config_and_seed_give_identical_metrics(digits_job, workspace):
     first, _ = digits_job
     again = run_job(digits_config(), workspace=workspace, show_progress=False)
     assert [r["global"] for r in again.rounds] == [r["global"] for r in first.rounds]
+
+
+def test_a_pool_of_workers_trains_exactly_as_one_actor_per_site(digits_job, workspace):
+    """The digits job on a pool of 2 workers for its 3 sites gives the same metrics, site by site and round
+    by round, and the same final weights as with one actor per site."""
+    from fl_ray.checkpoint import load_checkpoint
+
+    first, _ = digits_job
+    pooled = run_job(digits_config(resources={"client_cpus": 0.5, "server_cpus": 0.5, "workers": 2}),
+                     workspace=workspace, show_progress=False)
+    assert sorted(pooled.workers) == ["worker-1", "worker-2"] and not first.workers
+    assert [r["global"] for r in pooled.rounds] == [r["global"] for r in first.rounds]
+    assert [{s: c["metrics"] for s, c in r["clients"].items()} for r in pooled.rounds] == \
+        [{s: c["metrics"] for s, c in r["clients"].items()} for r in first.rounds]
+    ours, theirs = (load_checkpoint(r.job_dir / "checkpoints").weights for r in (pooled, first))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_user_learner_by_import_path_and_sampling(ray_session, workspace):

@@ -135,6 +135,13 @@ def test_below_min_clients_the_round_is_retried_then_fails(tmp_path):
     assert texts and "site-3 (attempt 3)" in texts[0][2]
 
 
+def test_site_state_over_its_budget_fails_the_round_naming_the_setting(tmp_path):
+    """What the sites keep (8 bytes each here) beyond resources.site_state_mb fails the job with a clear error."""
+    eng, _ = engine(tmp_path, resources={"site_state_mb": 16e-6})  # 16 bytes: two sites' counters
+    with pytest.raises(RoundError, match=r"takes 0.0 MB for 3 sites, over resources.site_state_mb=1.6e-05"):
+        eng.run_round(1)
+
+
 def test_site_state_is_carried_between_a_sites_rounds_and_checkpointed(tmp_path):
     """What a learner keeps in ctx.site_state comes back in the site's next round, also after a resume."""
     eng, _ = engine(tmp_path, sample_fraction=1.0)

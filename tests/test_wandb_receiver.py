@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -216,10 +217,53 @@ def test_bad_settings_and_missing_wandb(monkeypatch):
         WandBReceiver(close_timeout=0)
     with pytest.raises(ValueError, match="buffer_flush_time"):
         WandBReceiver(buffer_flush_time=-0.5)
+    with pytest.raises(ValueError, match="max_processes must be a whole number >= 1, got 0"):
+        WandBReceiver(max_processes=0)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     with pytest.raises(ImportError, match="pip install wandb"):
         WandBReceiver()
+
+
+@pytest.mark.slow
+def test_at_most_max_processes_site_processes_and_every_run_resumed_whole(wandb_env, tmp_path):
+    """Three sites with max_processes=2, each logging in two rounds (round robin; a flush after the first,
+    close after the second): never more than two site processes alive, and each site's one run holds all its
+    metrics once, in order, its _step counting on across the processes that wrote it."""
+    sites = [f"site-{i}" for i in range(1, 4)]
+    live, sampling = [0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            live[0] = max(live[0], sum(p.name.startswith("fl_ray-wandb-") for p in multiprocessing.active_children()))
+            time.sleep(0.005)
+
+    events = [_ev(site, M, "loss", float(r * 10 + i), r) for r in range(2) for i, site in enumerate(sites)]
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rx = WandBReceiver(close_timeout=60, max_processes=2)
+    rx.open(ReceiverContext(job_id="job-7", job_name="fl-wandb-test", job_dir=tmp_path, workspace=tmp_path,
+                            sites=tuple(sites), config={}))
+    try:
+        for r in range(2):
+            for site in sites:
+                rx.write([e for e in events if e.site == site and e.step == r])
+            if r == 0:
+                rx.flush()
+                checkpoint = rx.checkpoint()
+        summary = rx.close(FINISHED)
+    finally:
+        sampling.set()
+        sampler.join()
+    assert live[0] == 2
+    assert summary["errors"] == {} and summary["written"] == dict.fromkeys(sites, 2)
+    runs = read_runs(tmp_path / "wandb")
+    assert sorted(runs) == sites
+    for i, site in enumerate(sites):
+        assert [(row["fl_step"], row["loss"]) for row in runs[site].history] == [(r, r * 10 + i) for r in range(2)]
+        assert [row["_step"] for row in runs[site].history] == [0, 1]
+        assert runs[site].run_id == run_id("job-7", site)
+    assert checkpoint == {"sites": dict.fromkeys(sites, 1)}
 
 
 # ---- crashes: a receiver abandoned without close, then a new one resumed from the last checkpoint ----------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -196,3 +198,28 @@ class SyntaxLearner(UntrainedLearner):
 
     def evaluate(self, weights, ctx):
         return {"loss": 2.0 ** -ctx.round}
+
+
+class CountingLearner(UntrainedLearner):
+    """Counts each site's trainings in ``ctx.site_state`` and logs the count as ``times_trained`` at the round.
+
+    ``die`` ("site:round") makes that task SIGKILL its own process, once: the first time, before it logs
+    anything (a file under ``marker_dir`` remembers it), so a pool worker dies under a running task.
+    """
+
+    def __init__(self, die: str = "", marker_dir: str = "") -> None:
+        self.die, self.marker_dir = die, marker_dir
+
+    def train(self, weights, ctx: LearnerContext) -> TrainResult:
+        if f"{ctx.site}:{ctx.round}" == self.die:
+            marker = Path(self.marker_dir) / "killed"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        count = int(ctx.site_state.get("trained", np.zeros(1, dtype=np.int64))[0]) + 1
+        ctx.site_state["trained"] = np.array([count], dtype=np.int64)
+        ctx.mlflow.log_metric("times_trained", count, step=ctx.round)
+        return TrainResult({"w": np.asarray(weights["w"]) + 1}, num_samples=10, metrics={"times_trained": count})
+
+    def evaluate(self, weights, ctx):
+        return {"loss": 0.0}

@@ -39,6 +39,9 @@ class ReceiverActor:
     def open_site(self, site: str) -> dict[str, Any]:
         return self.hub.open_site(site)
 
+    def open_sites(self, sites: list[str]) -> dict[str, dict[str, Any]]:
+        return self.hub.open_sites(sites)
+
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         return self.hub.submit(site, events)
 

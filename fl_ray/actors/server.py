@@ -1,8 +1,9 @@
 """ServerActor: a thin Ray shell over the :class:`~fl_ray.rounds.RoundEngine`, and the Ray executor.
 
 The actor builds the server's learner (initial weights, evaluation on the held-out test split, model
-export), the configured strategy and a :class:`RayExecutor` over the client actors, and runs rounds
-with the engine; it logs the rounds into the ``server`` run through the same tracking path as the
+export) and the configured strategy, and runs rounds with the engine over the executor the job gives
+it (a :class:`RayExecutor` over one client actor per site, or a :class:`~fl_ray.actors.pool.PoolExecutor`
+over a pool of workers); it logs the rounds into the ``server`` run through the same tracking path as the
 sites. It runs on the driver's node, so its files (checkpoints, the best model, rounds.jsonl) land in the
 job directory, and it holds no tracking credentials (the receiver actor logs the best model).
 """
@@ -94,14 +95,13 @@ class _RayRunning(Running):
 class ServerActor:
     """The server of one job."""
 
-    def __init__(self, config: dict[str, Any], receiver_name: str, clients: dict[str, Any],
-                 checkpoint_dir: str) -> None:
+    def __init__(self, config: dict[str, Any], receiver_name: str, executor: Executor, checkpoint_dir: str) -> None:
         self.ctx, self.tracking = make_context("server", None, config, receiver_name,
                                                config["resources"]["server_cpus"])
         cfg = self.ctx.config
         learner = load_learner(cfg.learner, cfg.learner_args)
         learner.setup(self.ctx)
-        self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), RayExecutor(clients),
+        self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), executor,
                                   Path(checkpoint_dir))
 
     def completed_rounds(self) -> int:

@@ -1,7 +1,8 @@
 """W&B receiver: one W&B run per site, each written by its own OS process, exactly once across crashes.
 
 The facade (:class:`WandBReceiver`, in the receiver actor) starts a "spawn" process per site when the
-site's first record arrives and feeds it through a multiprocessing queue; the process owns the site's
+site's first record arrives (at most ``max_processes`` at once: the one used least recently ends to make
+room, and the run is resumed by id when that site logs again) and feeds it through a multiprocessing queue; the process owns the site's
 ``wandb`` run and replies on a pipe: an ack per flush, its error, or its end. Mapping: metrics are
 history rows against the custom step metric ``fl_step`` (W&B's own ``_step`` only counts rows, so a
 record with a lower step than the last is kept, never dropped); params go to ``run.config``; tags to
@@ -115,10 +116,20 @@ class _Site:
     error: str | None = None
     done: dict[str, Any] | None = None
     gone: bool = False  # its pipe hit EOF: the process ended
+    used: int = 0  # when a record was last queued to it (the receiver's write clock)
 
     @property
     def not_written(self) -> int:
         return self.sent - self.written.value
+
+
+@dataclass
+class _Closed:
+    """What a site's processes that were closed to make room wrote in this receiver life."""
+
+    history: int = 0  # metric and text records
+    written: int = 0  # records of every kind
+    resumed: dict[str, int] | None = None  # what the run held when the site's first process took it over
 
 
 class WandBReceiver(Receiver):
@@ -129,10 +140,14 @@ class WandBReceiver(Receiver):
     ``dir`` defaults to the job directory. ``close_timeout`` bounds, in seconds, both how long
     :meth:`flush` waits for the site processes and how long :meth:`close` lets them finish.
     ``buffer_flush_time`` is the seconds between deliveries: each flush starts a new segment per site.
+    ``max_processes`` caps the site processes alive at once (each with its wandb-core): with that many
+    running, a site's first record ends the process used least recently, after it finished its run on
+    disk with all it was sent; that site's next record starts a process that resumes its run by id.
     """
 
     def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
-                 dir: str | None = None, close_timeout: float = 60.0, buffer_flush_time: float = 30.0) -> None:
+                 dir: str | None = None, close_timeout: float = 60.0, buffer_flush_time: float = 30.0,
+                 max_processes: int = 16) -> None:
         if importlib.util.find_spec("wandb") is None:
             raise ImportError("WandBReceiver needs the wandb package, a dependency of fl_ray: pip install wandb")
         if mode is not None and mode not in MODES:
@@ -142,6 +157,9 @@ class WandBReceiver(Receiver):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                     or (value == 0 and what == "positive"):
                 raise ValueError(f"WandBReceiver: {name} must be a {what} number of seconds, got {value!r}")
+        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 1:
+            raise ValueError(f"WandBReceiver: max_processes must be a whole number >= 1, got {max_processes!r}")
+        self.max_processes = max_processes
         self.project, self.entity, self.mode, self.dir = project, entity, mode, dir
         self.close_timeout = float(close_timeout)
         self.buffer_flush_time = float(buffer_flush_time)
@@ -151,6 +169,8 @@ class WandBReceiver(Receiver):
         self._sites: dict[str, _Site] = {}
         self._base: dict[str, int] = {}  # site -> history entries in its run at the checkpoint resumed from
         self._positions: dict[str, int] = {}  # site -> history entries in its run at the last good flush
+        self._closed: dict[str, _Closed] = {}  # site -> what its processes closed in this life wrote
+        self._used = 0  # a clock of writes: the live process used least recently is closed first
         self._unflushed: list[tuple[str, int]] = []  # (site, seq) written since the last good flush
         self._flushes = 0
         self._dropped: dict[str, dict[str, int]] = {}  # site -> reserved key -> records left out
@@ -201,6 +221,8 @@ class WandBReceiver(Receiver):
                     batches.setdefault(e.site, []).append((kind.value, e.key, e.value, e.step))
             for name, items in batches.items():
                 site = self._sites.get(name) or self._start(name)
+                self._used += 1
+                site.used = self._used
                 site.inbox.put((_BATCH, items))
                 site.sent += len(items)
                 site.history_sent += sum(kind in _HISTORY_KINDS for kind, *_ in items)
@@ -231,8 +253,9 @@ class WandBReceiver(Receiver):
                                    f"{self.close_timeout:g} s: "
                                    + ", ".join(f"{s.name!r} ({s.not_written} pending)" for s in late))
             self._unflushed.clear()
-            for site in sites:
-                self._positions[site.name] = self._base.get(site.name, 0) + site.history_sent
+            for name in {*self._closed, *(site.name for site in sites)}:
+                self._positions[name] = self._history_base(name) + (self._sites[name].history_sent
+                                                                   if name in self._sites else 0)
 
     def close(self, status: str) -> dict[str, Any]:
         """Finish every site's run (exit code 0 for FINISHED, else 1) and report what each wrote.
@@ -262,13 +285,17 @@ class WandBReceiver(Receiver):
                 site.inbox.close()
                 site.inbox.cancel_join_thread()
                 site.replies.close()
-            resumed = {s.name: s.resumed for s in sites if s.resumed}
+            resumed = {**{n: c.resumed for n, c in self._closed.items() if c.resumed},
+                       **{s.name: s.resumed for s in sites if s.resumed and s.name not in self._closed}}
+            written = {n: c.written for n, c in self._closed.items()}
+            for s in sites:
+                written[s.name] = written.get(s.name, 0) + s.written.value
             job_id = self._ctx.job_id if self._ctx else ""
             self._summary = {
                 "mode": self._mode,
                 "dir": str(self._dir) if self._dir else None,
                 "runs": {name: run_id(job_id, name) for name in sorted({*self._positions, *self._sites})},
-                "written": {s.name: s.written.value for s in sites},
+                "written": written,
                 "not_written": {s.name: s.not_written for s in sites if s.not_written},
                 "skipped": {n: r["on_disk"] - r["base"] for n, r in resumed.items() if r["on_disk"] > r["base"]},
                 "lost": {n: r["base"] - r["on_disk"] for n, r in resumed.items() if r["on_disk"] < r["base"]},
@@ -283,14 +310,22 @@ class WandBReceiver(Receiver):
         if self._summary is not None:
             raise RuntimeError("WandBReceiver is closed")
 
+    def _history_base(self, name: str) -> int:
+        """History entries the site's run holds before its live process: at the checkpoint resumed from,
+        plus what its processes closed in this life wrote."""
+        closed = self._closed.get(name)
+        return self._base.get(name, 0) + (closed.history if closed else 0)
+
     def _start(self, name: str) -> _Site:
         assert self._ctx is not None and self._dir is not None
+        if len(self._sites) >= self.max_processes:
+            self._close_process(min(self._sites.values(), key=lambda s: s.used))
         rid = run_id(self._ctx.job_id, name)
         init = {"project": self.project or self._ctx.job_name, "entity": self.entity, "group": self._ctx.job_id,
                 "name": name, "id": rid, "resume": "allow", "dir": str(self._dir), "mode": self._mode,
                 "settings": _SETTINGS}
         inbox, (replies, reply_end), written = self._mp.Queue(), self._mp.Pipe(duplex=False), self._mp.RawValue("q", 0)
-        process = self._mp.Process(target=_site_main, args=(name, init, self._base.get(name, 0), self._generation,
+        process = self._mp.Process(target=_site_main, args=(name, init, self._history_base(name), self._generation,
                                                             inbox, reply_end, written),
                                    name=f"fl_ray-wandb-{name}", daemon=True)
         process.start()
@@ -298,6 +333,31 @@ class WandBReceiver(Receiver):
         site = self._sites[name] = _Site(name, process, inbox, replies, written)
         self._positions.setdefault(name, self._base.get(name, 0))
         return site
+
+    def _close_process(self, site: _Site) -> None:
+        """End ``site``'s process (its run finished, on disk, with all it was sent) to make room for another;
+        the site's next record starts a new process that resumes the run by id.
+
+        Raises RuntimeError naming the site if the process failed or did not end within ``close_timeout``.
+        """
+        site.inbox.put((_END, 0))
+        deadline = time.monotonic() + self.close_timeout
+        while site.done is None and site.error is None and not site.gone and time.monotonic() < deadline:
+            self._receive(deadline - time.monotonic())
+        if site.done is None:
+            self._raise_errors()
+            raise RuntimeError(f"W&B site process failed: site {site.name!r}: did not finish its run within "
+                               f"{self.close_timeout:g} s to make room (max_processes={self.max_processes})")
+        site.process.join(max(0.0, deadline - time.monotonic()))
+        if site.process.is_alive():
+            _stop(site.process)
+        site.inbox.close()
+        site.inbox.cancel_join_thread()
+        site.replies.close()
+        closed = self._closed.setdefault(site.name, _Closed(resumed=site.resumed))
+        closed.history += site.history_sent
+        closed.written += site.written.value
+        del self._sites[site.name]
 
     def _drop(self, e: TrackingEvent) -> None:
         """Count a record W&B cannot hold; name its key in a warning the first time."""

@@ -329,10 +329,17 @@ class TrackingHub:
     def open_site(self, site: str) -> dict[str, Any]:
         """Start (or restart) a site's tracking: the :meth:`SiteState.snapshot` it continues from, with a new
         incarnation (so its seqs start a fresh block), the next step of each metric and the params so far."""
-        incarnation = self._incarnations.get(site, -1) + 1
-        self._incarnations[site] = incarnation
+        return self.open_sites([site])[site]
+
+    def open_sites(self, sites: list[str]) -> dict[str, dict[str, Any]]:
+        """:meth:`open_site` for each of ``sites`` (distinct), with one write of the incarnations."""
+        opened = {}
+        for site in sites:
+            incarnation = self._incarnations.get(site, -1) + 1
+            self._incarnations[site] = incarnation
+            opened[site] = {**self._site(site).snapshot(), "incarnation": incarnation}
         write_json_atomic(self._sites_path, self._incarnations)
-        return {**self._site(site).snapshot(), "incarnation": incarnation}
+        return opened
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         """Accept a batch from ``site``: store what is new durably, then acknowledge with the count accepted.

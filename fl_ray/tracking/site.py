@@ -15,8 +15,10 @@ from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 class SiteTracking:
     """The tracking endpoint of one site: ``mlflow``, ``tensorboard`` and ``wandb`` writers on one sender."""
 
-    def __init__(self, site: str, receiver: Any, cfg: TrackingConfig) -> None:
-        state = SiteState.from_snapshot(site, ray.get(receiver.open_site.remote(site)))
+    def __init__(self, site: str, receiver: Any, cfg: TrackingConfig, opened: dict[str, Any] | None = None) -> None:
+        """``opened``: what the receiver actor's ``open_site`` gave for this site, if it was asked already."""
+        snapshot = opened if opened is not None else ray.get(receiver.open_site.remote(site))
+        state = SiteState.from_snapshot(site, snapshot)
         self.sender = EventSender(state, receiver, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
                                   max_in_flight=cfg.max_in_flight)
         self.mlflow = MLflowWriter(self.sender)

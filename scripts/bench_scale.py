@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Benchmark: many virtual sites on a pool of workers: memory, start-up, round time, tracking.
+
+For each ``--sampled`` count, runs a real job of ``--sites`` sites (synthetic data, ``--per-site`` samples
+each, or digits, whose 1,437 training samples leave about one per site of 1,000; the built-in learner and
+its small CNN; ``--rounds`` rounds; MLflow tracking into a
+sqlite store) on a fresh local Ray, with ``resources.workers`` as ``--workers`` says (default: what the
+machine holds). A thread samples, every ``--interval`` seconds, the memory of all the job's processes
+together (this driver and every process Ray started: GCS, raylet, agents, workers): PSS (proportional
+set size: a page shared by several processes counts once in all) and RSS summed. It reports the peak of
+each, start-up (Ray's start, and from the job's start to its first round), seconds per round, MLflow runs
+created and records lost (recorded by the sites, the workers and the server, less those MLflow got).
+The baseline, measured in the same run: the sites of the job's first round, trained one after another in
+this one process (no Ray, no tracking), round after round. ``--also-10k`` adds a job of 10,000 sites (20
+synthetic samples each) with 100 sampled per round, which has to complete. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import torch
+from rich.console import Console
+
+import fl_ray.job as job_module
+from fl_ray.config import JobConfig
+from fl_ray.data import load_dataset, partition
+from fl_ray.fedavg import StreamingAverage
+from fl_ray.learners import ImageClassificationLearner, LearnerContext
+from fl_ray.progress import RoundProgress
+
+TARGET_PSS_GB, TARGET_STARTUP_S, TARGET_RATIO = 4.0, 30.0, 2.0
+
+
+def bench_config(sites: int, sampled: int, rounds: int, workers: int | None, dataset: str,
+                 per_site: int) -> JobConfig:
+    data = {"name": "digits"} if dataset == "digits" else {"name": "synthetic", "num_samples": per_site * sites}
+    return JobConfig.model_validate({
+        "name": f"bench-scale-{sites}-{sampled}", "num_rounds": rounds, "sites": sites, "min_clients": sampled,
+        "sample_fraction": sampled / sites, "dataset": data, "learner_args": {"model": "digits_cnn"},
+        "resources": {"workers": workers, "client_cpus": 0.5, "server_cpus": 0.5, "schedule_timeout": 600},
+        "tracking": {"log_model": False, "system_metrics_interval": 30.0, "close_timeout": 900},
+    })
+
+
+class MemorySampler:
+    """Peak PSS and summed RSS of this process and all its descendants (Ray's processes), sampled."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval, self.peak_pss, self.peak_rss, self.processes = interval, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        pss = rss = count = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except psutil.Error:  # gone, or not ours to read
+                continue
+            pss, rss, count = pss + info.pss, rss + info.rss, count + 1
+        if pss > self.peak_pss:
+            self.peak_pss, self.processes = pss, count
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+class _TimedProgress(RoundProgress):
+    """The job's progress display, noting when each round ended (the start-up is what precedes round 1)."""
+
+    ends: list[float] = []
+
+    def round_done(self, summary: dict[str, Any]) -> None:
+        _TimedProgress.ends.append(time.monotonic())
+        super().round_done(summary)
+
+
+def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
+    """One job on a fresh local Ray, measured."""
+    from mlflow.tracking import MlflowClient
+
+    _TimedProgress.ends = []
+    job_module.RoundProgress = _TimedProgress
+    with MemorySampler(interval) as memory, tempfile.TemporaryDirectory(prefix="fl_ray_bench_") as tmp:
+        started = time.monotonic()
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray_seconds = time.monotonic() - started
+        job_start = time.monotonic()
+        try:
+            result = job_module.run_job(cfg, workspace=Path(tmp), show_progress=False)
+        finally:
+            memory.sample()
+            ray.shutdown()
+        total = time.monotonic() - job_start
+        client = MlflowClient(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name(cfg.name)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], f"tags.`fl_ray.job_id` = '{result.job_id}'", max_results=50_000)
+    rounds = [r["seconds"] for r in result.rounds]
+    tasks = [c["seconds"] for r in result.rounds[1:] for c in r["clients"].values()]
+    steady = rounds[1:] or rounds
+    senders = result.tracking["senders"].values()
+    recorded = sum(s.get("recorded", 0) + s.get("sites_recorded", 0) for s in senders)
+    delivered = result.tracking["receivers"]["mlflow"]["delivered"]
+    return {
+        "sites": len(cfg.site_names), "sampled": cfg.clients_per_round, "rounds": cfg.num_rounds,
+        "workers": len(result.workers) or len(cfg.site_names), "status": result.status,
+        "peak_pss_gb": round(memory.peak_pss / 2**30, 3), "peak_rss_sum_gb": round(memory.peak_rss / 2**30, 3),
+        "processes_at_peak": memory.processes, "ray_start_seconds": round(ray_seconds, 2),
+        "job_startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - job_start, 2),
+        "startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - started, 2),
+        "first_round_seconds": round(rounds[0], 3), "round_seconds_median": round(statistics.median(steady), 3),
+        "task_seconds_median": round(statistics.median(tasks or [float("nan")]), 4),
+        "job_seconds": round(total, 1), "mlflow_runs_created": len(runs), "records_recorded": recorded,
+        "records_delivered_to_mlflow": delivered, "records_lost": recorded - delivered,
+        "first_round_sites": result.rounds[0]["sampled"], "final_accuracy": round(result.final_metrics["accuracy"], 4),
+    }
+
+
+def sequential_baseline(cfg: JobConfig, sites: list[str], rounds: int) -> list[float]:
+    """``sites`` trained one after another in this process, no Ray and no tracking: seconds per round."""
+    torch.set_num_threads(1)
+    names = cfg.site_names
+    dataset = load_dataset(cfg.dataset, cfg.seed)
+    parts = partition(cfg.dataset, dataset.train.y, len(names), cfg.seed)
+
+    def learner(site: str) -> tuple[ImageClassificationLearner, LearnerContext]:
+        data = dataset.test if site == "server" else dataset.train.subset(parts[names.index(site)])
+        ctx = LearnerContext(site=site, device=torch.device("cpu"), config=cfg, data=data,
+                             num_classes=dataset.num_classes, input_shape=dataset.input_shape)
+        lrn = ImageClassificationLearner(**cfg.learner_args)
+        lrn.setup(ctx)
+        return lrn, ctx
+
+    clients = [learner(s) for s in sites]
+    server, server_ctx = learner("server")
+    weights, times = server.get_weights(), []
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        avg = StreamingAverage()
+        for lrn, ctx in clients:
+            ctx.round = r
+            result = lrn.train(weights, ctx)
+            avg.add(result.weights, result.num_samples)
+        weights = avg.result()
+        server.evaluate(weights, server_ctx)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=1000, help="sites (default %(default)s)")
+    parser.add_argument("--sampled", type=int, nargs="+", default=[10, 100], help="sites per round, one job each")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per job (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="resources.workers (default: what fits)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
+                        help="synthetic (default; --per-site samples a site) or digits (1,437 training samples "
+                             "shared by all the sites)")
+    parser.add_argument("--per-site", type=int, default=100, help="synthetic samples per site (default %(default)s)")
+    parser.add_argument("--also-10k", action="store_true", help="also 10,000 sites with 100 sampled per round")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    jobs = [(args.sites, n, args.per_site) for n in args.sampled] + ([(10_000, 100, 20)] if args.also_10k else [])
+    figures: dict[str, Any] = {"jobs": []}
+    for sites, sampled, per_site in jobs:
+        console.print(f"{sites} sites, {sampled} sampled per round, {args.rounds} rounds...")
+        measured = run_one(bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site),
+                           args.interval)
+        console.print({k: v for k, v in measured.items() if k != "first_round_sites"})
+        figures["jobs"].append(measured)
+    first = figures["jobs"][0]
+    console.print(f"baseline: the {first['sampled']} sites of the first job's first round, sequentially in one "
+                  "process...")
+    cfg = bench_config(first["sites"], first["sampled"], args.rounds, args.workers, args.dataset, args.per_site)
+    base = sequential_baseline(cfg, first.pop("first_round_sites"), min(args.rounds, 5))
+    for measured in figures["jobs"]:
+        measured.pop("first_round_sites", None)
+    base_median = statistics.median(base[1:] or base)
+    ratio = first["round_seconds_median"] / base_median
+    figures.update({
+        "baseline_round_seconds_median": round(base_median, 3), "round_ratio_to_baseline": round(ratio, 2),
+        "targets": {"peak_pss_gb": TARGET_PSS_GB, "startup_seconds": TARGET_STARTUP_S, "round_ratio": TARGET_RATIO},
+        "meets_pss": all(j["peak_pss_gb"] <= TARGET_PSS_GB for j in figures["jobs"] if j["sites"] == args.sites),
+        "meets_startup": all(j["startup_seconds"] <= TARGET_STARTUP_S for j in figures["jobs"]
+                             if j["sites"] == args.sites),
+        "meets_round_ratio": ratio <= TARGET_RATIO,
+        "all_finished": all(j["status"] == "FINISHED" for j in figures["jobs"]),
+        "no_records_lost": all(j["records_lost"] == 0 for j in figures["jobs"]),
+    })
+    console.print(f"round with {first['sampled']} sampled: {first['round_seconds_median']:.3f} s; baseline "
+                  f"{base_median:.3f} s: {ratio:.2f}x (target <= {TARGET_RATIO:g}x)")
+    print(json.dumps(figures))
+    ok = all(figures[k] for k in ("meets_pss", "meets_startup", "meets_round_ratio", "all_finished",
+                                  "no_records_lost"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
