@@ -104,9 +104,17 @@ class Checkpoint:
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` as ``<directory>/last.npz`` + ``last.json``."""
-    return save_tree(directory, LAST, {"round": checkpoint.round, "weights": checkpoint.weights,
-                                       "rng_state": checkpoint.rng_state, "strategy_state": checkpoint.strategy_state,
-                                       "site_states": checkpoint.site_states})
+    return save_tree(
+        directory,
+        LAST,
+        {
+            "round": checkpoint.round,
+            "weights": checkpoint.weights,
+            "rng_state": checkpoint.rng_state,
+            "strategy_state": checkpoint.strategy_state,
+            "site_states": checkpoint.site_states,
+        },
+    )
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
@@ -201,9 +209,18 @@ def improves(value: float, best: float | None, mode: str) -> bool:
 
 def save_best(directory: Path, best: BestRecord) -> Path:
     """Write ``best`` as ``<directory>/best.npz`` + ``best.json``; returns the ``.json`` path."""
-    return save_tree(directory, BEST, {"round": best.round, "key_metric": best.key_metric, "key_mode": best.key_mode,
-                                       "metrics": best.metrics, "weights": best.weights,
-                                       "input_example": best.input_example})
+    return save_tree(
+        directory,
+        BEST,
+        {
+            "round": best.round,
+            "key_metric": best.key_metric,
+            "key_mode": best.key_mode,
+            "metrics": best.metrics,
+            "weights": best.weights,
+            "input_example": best.input_example,
+        },
+    )
 
 
 def load_best(directory: Path) -> BestRecord | None:
@@ -211,5 +228,6 @@ def load_best(directory: Path) -> BestRecord | None:
     tree = load_tree(directory, BEST)
     if tree is None:
         return None
-    return BestRecord(tree["round"], tree["key_metric"], tree["key_mode"], tree["metrics"], tree["weights"],
-                      tree["input_example"])
+    return BestRecord(
+        tree["round"], tree["key_metric"], tree["key_mode"], tree["metrics"], tree["weights"], tree["input_example"]
+    )

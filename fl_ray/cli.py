@@ -53,20 +53,41 @@ def _plain_output() -> None:
 # -- run -----------------------------------------------------------------------------------------------
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fl-ray run`` (and scripts/run_fedavg.py)."""
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}")
-    parser.add_argument("--workspace", metavar="DIR", default="workspace",
-                        help="where jobs write (<DIR>/<job_id>/...) and the default MLflow store lives; "
-                             "default: %(default)s")
-    parser.add_argument("--address", metavar="ADDR", default=None,
-                        help="join an existing Ray cluster (e.g. 'auto' or 'ray://head:10001'); RAY_ADDRESS works "
-                             "too; default: start Ray locally")
-    parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
-                        help="override a config key (dotted, repeatable; VALUE is YAML, typed by the schema), "
-                             "e.g. --set num_rounds=5 --set resources.client_gpus=0.25")
-    parser.add_argument("--resume", metavar="JOB_DIR", default=None,
-                        help="continue a stopped job after its last completed round, in the same job directory "
-                             "and MLflow runs (its config.yaml is the config; --set still applies)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"job config (YAML); default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}",
+    )
+    parser.add_argument(
+        "--workspace",
+        metavar="DIR",
+        default="workspace",
+        help="where jobs write (<DIR>/<job_id>/...) and the default MLflow store lives; default: %(default)s",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="join an existing Ray cluster (e.g. 'auto' or 'ray://head:10001'); RAY_ADDRESS works "
+        "too; default: start Ray locally",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override a config key (dotted, repeatable; VALUE is YAML, typed by the schema), "
+        "e.g. --set num_rounds=5 --set resources.client_gpus=0.25",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="JOB_DIR",
+        default=None,
+        help="continue a stopped job after its last completed round, in the same job directory "
+        "and MLflow runs (its config.yaml is the config; --set still applies)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="also show Ray's own start-up messages")
 
@@ -75,8 +96,12 @@ def run_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``fl-ray run``: run a federated job (default: the default job, fl_ray/configs/default.yaml, on a local Ray)."""
     argv = sys.argv[1:] if argv is None else argv
     secrets = argv_secrets(argv)
-    parser = _Parser(prog=prog, secrets=secrets, description="Run a federated learning job on Ray.",
-                     epilog=f"Example: %(prog)s {RUN_EXAMPLE}")
+    parser = _Parser(
+        prog=prog,
+        secrets=secrets,
+        description="Run a federated learning job on Ray.",
+        epilog=f"Example: %(prog)s {RUN_EXAMPLE}",
+    )
     add_run_arguments(parser)
     return _run(parser.parse_args(argv), secrets)
 
@@ -94,16 +119,27 @@ def _run(args: argparse.Namespace, secrets: list[str]) -> int:
         out.print(f"[red]error:[/] {escape(mask(str(exc), secrets))}")
         return 2
     if not cfg.tracking.receivers:
-        out.print("[yellow]note:[/] tracking.receivers is empty: tracking is off (no MLflow, TensorBoard or W&B "
-                  "records; result.json and summary.png still have every round)")
+        out.print(
+            "[yellow]note:[/] tracking.receivers is empty: tracking is off (no MLflow, TensorBoard or W&B "
+            "records; result.json and summary.png still have every round)"
+        )
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(args.workspace).is_absolute() and not args.resume:
-        out.print(f"[yellow]warning:[/] under `ray job submit` the relative workspace {args.workspace!r} lies in "
-                  "the job's temporary working directory; pass an absolute --workspace to keep the results")
+        out.print(
+            f"[yellow]warning:[/] under `ray job submit` the relative workspace {args.workspace!r} lies in "
+            "the job's temporary working directory; pass an absolute --workspace to keep the results"
+        )
     from fl_ray.job import run_job  # Ray and torch load only once the config is known to be good
 
     try:
-        result = run_job(cfg, workspace=args.workspace, address=args.address, resume=args.resume,
-                         show_progress=not args.quiet, verbose=args.verbose, console=out)
+        result = run_job(
+            cfg,
+            workspace=args.workspace,
+            address=args.address,
+            resume=args.resume,
+            show_progress=not args.quiet,
+            verbose=args.verbose,
+            console=out,
+        )
     except ConfigError as exc:
         out.print(f"[red]error:[/] {escape(mask(str(exc), secrets))}")
         return 2
@@ -149,28 +185,41 @@ def print_summary(data: dict[str, Any], out: Console, secrets: list[str]) -> Non
         out.print(f"{label + ':':<9} {escape(mask(text, secrets))}")
     model = tracking.get("model")
     if model and model.get("model_uri"):
-        registered = (f", registered as {model['registered_model_name']} v{model['registered_model_version']}"
-                      if model.get("registered_model_version") else "")
-        out.print(f"model:    {model['model_uri']} (round {model['round']}, {model['key_metric']} "
-                  f"{model['value']:.4f}){registered}")
+        registered = (
+            f", registered as {model['registered_model_name']} v{model['registered_model_version']}"
+            if model.get("registered_model_version")
+            else ""
+        )
+        out.print(
+            f"model:    {model['model_uri']} (round {model['round']}, {model['key_metric']} "
+            f"{model['value']:.4f}){registered}"
+        )
     spool = tracking.get("spool", {})
     replay = f"{fl_ray_command()} replay {data['job_dir']}"
     for name, r in tracking.get("receivers", {}).items():
         if r.get("undelivered"):
-            out.print(f"[yellow]warning:[/] {r['undelivered']} tracking record(s) not delivered to {name} "
-                      f"({mask(str(r.get('error')), secrets)}); they are kept in {spool.get('path')}; "
-                      f"deliver them later with: {replay} --to {name}")
+            out.print(
+                f"[yellow]warning:[/] {r['undelivered']} tracking record(s) not delivered to {name} "
+                f"({mask(str(r.get('error')), secrets)}); they are kept in {spool.get('path')}; "
+                f"deliver them later with: {replay} --to {name}"
+            )
         if r.get("dead_letters"):
-            out.print(f"[yellow]warning:[/] {name} refused {r['dead_letters']} record(s) for good; they are set "
-                      f"aside with the reasons in {r['dead_letter_file']}; try them again with: "
-                      f"{replay} --to {name} --dead-letters")
+            out.print(
+                f"[yellow]warning:[/] {name} refused {r['dead_letters']} record(s) for good; they are set "
+                f"aside with the reasons in {r['dead_letter_file']}; try them again with: "
+                f"{replay} --to {name} --dead-letters"
+            )
     if spool.get("error"):
         failed = spool["error"]
-        out.print(f"[yellow]warning:[/] the tracking spool {failed['path']} could not store records "
-                  f"({failed['error']}); {failed['waiting']} record(s) were still waiting on the sites")
+        out.print(
+            f"[yellow]warning:[/] the tracking spool {failed['path']} could not store records "
+            f"({failed['error']}); {failed['waiting']} record(s) were still waiting on the sites"
+        )
     for damage in spool.get("damaged", []):
-        out.print(f"[yellow]warning:[/] a damaged tracking record in {spool['path']} at offset {damage['offset']} "
-                  f"({damage['bytes']} bytes) was skipped")
+        out.print(
+            f"[yellow]warning:[/] a damaged tracking record in {spool['path']} at offset {damage['offset']} "
+            f"({damage['bytes']} bytes) was skipped"
+        )
 
 
 # -- replay --------------------------------------------------------------------------------------------
@@ -179,23 +228,47 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     from fl_ray.replay import STATUSES
 
     parser.add_argument("job_dir", type=Path, help="the job's directory (<workspace>/<job_id>)")
-    parser.add_argument("--to", metavar="NAME", default=None,
-                        help="only this receiver: a type (mlflow, tensorboard, wandb, memory or module:Class) or the "
-                             "name of one of the job's receivers as result.json reports it; default: every receiver "
-                             "of the job's config")
-    parser.add_argument("--destination", "--tracking-uri", metavar="URI", dest="destination", default=None,
-                        help="send the records here instead of where the job sent them (for a receiver that "
-                             "declares a destination: MLflow's tracking URI)")
-    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
-                        help="give up on a receiver that still fails after this long; default: %(default)s")
-    parser.add_argument("--dead-letters", action="store_true",
-                        help="also try again the records each receiver set aside as refused (dead_letters.jsonl)")
-    parser.add_argument("--status", choices=STATUSES, default=None,
-                        help="status the runs end with; default: the job's, from result.json (KILLED without one)")
+    parser.add_argument(
+        "--to",
+        metavar="NAME",
+        default=None,
+        help="only this receiver: a type (mlflow, tensorboard, wandb, memory or module:Class) or the "
+        "name of one of the job's receivers as result.json reports it; default: every receiver "
+        "of the job's config",
+    )
+    parser.add_argument(
+        "--destination",
+        "--tracking-uri",
+        metavar="URI",
+        dest="destination",
+        default=None,
+        help="send the records here instead of where the job sent them (for a receiver that "
+        "declares a destination: MLflow's tracking URI)",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=120.0,
+        help="give up on a receiver that still fails after this long; default: %(default)s",
+    )
+    parser.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="also try again the records each receiver set aside as refused (dead_letters.jsonl)",
+    )
+    parser.add_argument(
+        "--status",
+        choices=STATUSES,
+        default=None,
+        help="status the runs end with; default: the job's, from result.json (KILLED without one)",
+    )
 
 
-REPLAY_DESCRIPTION = ("Deliver the tracking records a job spooled but its receivers did not get (e.g. the server "
-                      "was down). Marks move as records are delivered, so running it again sends nothing twice.")
+REPLAY_DESCRIPTION = (
+    "Deliver the tracking records a job spooled but its receivers did not get (e.g. the server "
+    "was down). Marks move as records are delivered, so running it again sends nothing twice."
+)
 REPLAY_EXAMPLE = "workspace/fedavg-20250101-120000-000 --to mlflow --tracking-uri http://127.0.0.1:5000"
 
 
@@ -222,12 +295,15 @@ def _replay(args: argparse.Namespace) -> int:
     spool = report["spool"]
     out.print(f"spool: {spool['path']} ({report['accepted']} record(s))")
     for damage in spool.get("damaged", []):
-        out.print(f"  [yellow]warning:[/] a damaged record at offset {damage['offset']} ({damage['bytes']} bytes) "
-                  "was skipped")
+        out.print(
+            f"  [yellow]warning:[/] a damaged record at offset {damage['offset']} ({damage['bytes']} bytes) was skipped"
+        )
     failed = False
     for name, entry in report["receivers"].items():
-        line = (f"{name}: {entry['replayed']} record(s) delivered now, {entry['delivered']} in all, "
-                f"{entry['undelivered']} undelivered")
+        line = (
+            f"{name}: {entry['replayed']} record(s) delivered now, {entry['delivered']} in all, "
+            f"{entry['undelivered']} undelivered"
+        )
         if entry.get("view"):  # where to look, as the receiver's close report says
             line += f" -> {entry['view']}"
         out.print(line)
@@ -238,24 +314,37 @@ def _replay(args: argparse.Namespace) -> int:
             out.print(f"  [yellow]warning:[/] {entry['close_error']}")
         retried = entry.get("dead_letters_retried")
         if retried:
-            out.print(f"  dead letters: {retried['retried']} tried again, {retried['delivered']} delivered"
-                      + (f" ({retried['error']})" if retried.get("error") else ""))
+            out.print(
+                f"  dead letters: {retried['retried']} tried again, {retried['delivered']} delivered"
+                + (f" ({retried['error']})" if retried.get("error") else "")
+            )
         if entry.get("dead_letters"):
-            out.print(f"  [yellow]set aside:[/] {entry['dead_letters']} record(s) refused for good, in "
-                      f"{entry['dead_letter_file']} (try again with --dead-letters)")
+            out.print(
+                f"  [yellow]set aside:[/] {entry['dead_letters']} record(s) refused for good, in "
+                f"{entry['dead_letter_file']} (try again with --dead-letters)"
+            )
     return 1 if failed else 0
 
 
 # -- ui ------------------------------------------------------------------------------------------------
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fl-ray ui``."""
-    parser.add_argument("--workspace", metavar="DIR", default="workspace",
-                        help="the workspace whose runs to show; default: %(default)s")
-    parser.add_argument("--job", metavar="JOB_DIR", default=None,
-                        help="show where this job's records went (default: the workspace's latest job)")
+    parser.add_argument(
+        "--workspace", metavar="DIR", default="workspace", help="the workspace whose runs to show; default: %(default)s"
+    )
+    parser.add_argument(
+        "--job",
+        metavar="JOB_DIR",
+        default=None,
+        help="show where this job's records went (default: the workspace's latest job)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address the viewer listens on; default: %(default)s")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port the viewer listens on; default: 5000 for MLflow, 6006 for TensorBoard")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port the viewer listens on; default: 5000 for MLflow, 6006 for TensorBoard",
+    )
 
 
 def ui_plan(workspace: Path, job_dir: Path | None = None) -> tuple[str, str]:
@@ -263,8 +352,11 @@ def ui_plan(workspace: Path, job_dir: Path | None = None) -> tuple[str, str]:
     ``http`` URI is a server with its own UI), else ``("tensorboard", log dir)``; ValueError when neither."""
     from fl_ray.receivers.mlflow import default_tracking_uri
 
-    results = [job_dir / "result.json"] if job_dir else sorted(workspace.glob("*/result.json"),
-                                                                  key=lambda p: p.stat().st_mtime)
+    results = (
+        [job_dir / "result.json"]
+        if job_dir
+        else sorted(workspace.glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    )
     for path in reversed(results):
         try:
             receivers = json.loads(path.read_text()).get("tracking", {}).get("receivers", {})
@@ -278,14 +370,18 @@ def ui_plan(workspace: Path, job_dir: Path | None = None) -> tuple[str, str]:
                 return "tensorboard", str(workspace if job_dir is None else entry["log_dir"])
     if (workspace / "mlflow.db").is_file():
         return "mlflow", default_tracking_uri(workspace)
-    raise ValueError(f"{workspace}: no job there tracked to MLflow or TensorBoard (no result.json says so and "
-                     "there is no mlflow.db)")
+    raise ValueError(
+        f"{workspace}: no job there tracked to MLflow or TensorBoard (no result.json says so and there is no mlflow.db)"
+    )
 
 
 def ui_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``fl-ray ui``: open the viewer for the workspace's tracking store and print its URL."""
-    parser = _Parser(prog=prog, description="Open the workspace's runs: `mlflow ui` on its MLflow store (or "
-                                            "TensorBoard over its event files), printing the URL to open.")
+    parser = _Parser(
+        prog=prog,
+        description="Open the workspace's runs: `mlflow ui` on its MLflow store (or "
+        "TensorBoard over its event files), printing the URL to open.",
+    )
     add_ui_arguments(parser)
     return _ui(parser.parse_args(argv))
 
@@ -321,12 +417,21 @@ def _ui(args: argparse.Namespace) -> int:
 
 # -- fl-ray --------------------------------------------------------------------------------------------
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    "run": ("run a federated job (default: the default job, fl_ray/configs/default.yaml, on a local Ray)", add_run_arguments,
-            f"Example: fl-ray run {RUN_EXAMPLE}"),
-    "replay": ("deliver a job's spooled tracking records to its receivers", add_replay_arguments,
-               f"Example: fl-ray replay {REPLAY_EXAMPLE}"),
-    "ui": ("open the workspace's runs in MLflow's UI (or TensorBoard) and print the URL", add_ui_arguments,
-           "Example: fl-ray ui --workspace workspace --port 5001"),
+    "run": (
+        "run a federated job (default: the default job, fl_ray/configs/default.yaml, on a local Ray)",
+        add_run_arguments,
+        f"Example: fl-ray run {RUN_EXAMPLE}",
+    ),
+    "replay": (
+        "deliver a job's spooled tracking records to its receivers",
+        add_replay_arguments,
+        f"Example: fl-ray replay {REPLAY_EXAMPLE}",
+    ),
+    "ui": (
+        "open the workspace's runs in MLflow's UI (or TensorBoard) and print the URL",
+        add_ui_arguments,
+        "Example: fl-ray ui --workspace workspace --port 5001",
+    ),
 }
 
 
@@ -334,13 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     """``fl-ray <command> ...``."""
     argv = sys.argv[1:] if argv is None else argv
     secrets = argv_secrets(argv)
-    parser = _Parser(prog="fl-ray", secrets=secrets, description="Federated learning on Ray, with every site's "
-                     "training tracked in one place.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,replay,ui}",
-                                     parser_class=_Parser)
+    parser = _Parser(
+        prog="fl-ray",
+        secrets=secrets,
+        description="Federated learning on Ray, with every site's training tracked in one place.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,replay,ui}", parser_class=_Parser)
     for name, (summary, add_arguments, epilog) in COMMANDS.items():
-        add_arguments(commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                                          epilog=epilog, secrets=secrets))
+        add_arguments(
+            commands.add_parser(
+                name, help=summary, description=summary[0].upper() + summary[1:] + ".", epilog=epilog, secrets=secrets
+            )
+        )
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args, secrets)

@@ -52,8 +52,10 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """Which data, where it lives, and how it is split across sites."""
 
-    name: str = Field(default="digits", description="digits, cifar10, synthetic, or package.module:Class "
-                                                     "(a fl_ray.data.DatasetSource)")
+    name: str = Field(
+        default="digits",
+        description="digits, cifar10, synthetic, or package.module:Class (a fl_ray.data.DatasetSource)",
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="the dataset class's constructor arguments")
     root: str | None = Field(default=None, description="local folder of the data (cifar10)")
     partition: Literal["iid", "dirichlet"] = "iid"
@@ -61,8 +63,10 @@ class DatasetConfig(_Strict):
     test_fraction: Float = Field(default=0.2, gt=0, lt=1, description="held-out share for the global test")
     val_fraction: Float = Field(default=0.1, ge=0, lt=1, description="share of each site's data for local validation")
     num_samples: Int = Field(default=2000, ge=10, description="size of the synthetic dataset")
-    shape: tuple[Int, Int, Int] = Field(default=(1, 8, 8), description="shape (C, H, W) of a synthetic sample, "
-                                                                       "e.g. [3, 32, 32] for the hello_pt_cnn model")
+    shape: tuple[Int, Int, Int] = Field(
+        default=(1, 8, 8),
+        description="shape (C, H, W) of a synthetic sample, e.g. [3, 32, 32] for the hello_pt_cnn model",
+    )
 
     @field_validator("shape")
     @classmethod
@@ -83,21 +87,27 @@ class ResourcesConfig(_Strict):
     client_cpus: Float = Field(default=0.5, gt=0)
     client_gpus: Float = Field(default=0.0, ge=0)
     placement: Literal["spread", "pack"] = "spread"
-    autoscale: Bool = Field(default=False, description="ask Ray's autoscaler for nodes instead of failing when "
-                                                        "the cluster is too small now")
+    autoscale: Bool = Field(
+        default=False, description="ask Ray's autoscaler for nodes instead of failing when the cluster is too small now"
+    )
     server_cpus: Float = Field(default=0.5, ge=0)
     max_client_restarts: Int = Field(default=2, ge=0, description="Ray restarts of a failed client or worker actor")
     workers: Int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="actors that run the sites: at least the number of sites gives each site its own long-lived "
-                    "actor; fewer run the sites as work items on a pool of that many workers; unset: one per site "
-                    "when the cluster holds them at client_cpus/client_gpus, else as many workers as it holds")
+        "actor; fewer run the sites as work items on a pool of that many workers; unset: one per site "
+        "when the cluster holds them at client_cpus/client_gpus, else as many workers as it holds",
+    )
     site_state_mb: Float = Field(
-        default=1024.0, gt=0,
+        default=1024.0,
+        gt=0,
         description="budget in MB for what all sites keep between their rounds (ctx.site_state), held by the "
-                    "server on the driver's node and checkpointed; a round that passes it fails the job")
-    schedule_timeout: Float = Field(default=60.0, gt=0,
-                                    description="seconds to wait for Ray to place all actors before failing")
+        "server on the driver's node and checkpointed; a round that passes it fails the job",
+    )
+    schedule_timeout: Float = Field(
+        default=60.0, gt=0, description="seconds to wait for Ray to place all actors before failing"
+    )
 
     @field_validator("client_gpus")
     @classmethod
@@ -136,21 +146,25 @@ class TrackingConfig(_Strict):
     credentials: dict[str, str] = Field(
         default_factory=dict,
         description="tracking credentials for the receiver actor only (e.g. MLFLOW_TRACKING_PASSWORD); "
-                    "never written to config.yaml, MLflow params or the sites",
+        "never written to config.yaml, MLflow params or the sites",
     )
     credentials_file: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="a file of NAME=value lines (e.g. MLFLOW_TRACKING_PASSWORD=...) on the driver's node that "
-                    "only the receiver actor reads; an absolute path or one starting with ~",
+        "only the receiver actor reads; an absolute path or one starting with ~",
     )
     close_timeout: Float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
     system_metrics: Bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
     system_metrics_interval: Float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
-    log_model: Bool = Field(default=True, description="log the best global model to the server run at the end "
-                                                      "(receivers that can: MLflow)")
+    log_model: Bool = Field(
+        default=True, description="log the best global model to the server run at the end (receivers that can: MLflow)"
+    )
     register_model_name: str | None = Field(
-        default=None, min_length=1,
-        description="also register the logged model under this name in the MLflow model registry")
+        default=None,
+        min_length=1,
+        description="also register the logged model under this name in the MLflow model registry",
+    )
 
     @field_validator("credentials")
     @classmethod
@@ -164,18 +178,22 @@ class TrackingConfig(_Strict):
     @classmethod
     def _absolute_file(cls, v: str | None) -> str | None:
         if v is not None and not (v.startswith("~") or Path(v).is_absolute()):
-            raise ValueError("expected an absolute path (or one starting with ~): the receiver actor does not "
-                             "run in the driver's working directory")
+            raise ValueError(
+                "expected an absolute path (or one starting with ~): the receiver actor does not "
+                "run in the driver's working directory"
+            )
         return v
 
 
 class ServerConfig(_Strict):
     """How the server ranks rounds to keep the best global model (``<job>/checkpoints/best.npz`` + ``best.json``)."""
 
-    key_metric: str = Field(default="accuracy", min_length=1,
-                            description="a global metric (a key of what the learner's evaluate returns)")
-    key_mode: Literal["max", "min"] = Field(default="max", description="max: higher key_metric is better; "
-                                                                       "min: lower is better")
+    key_metric: str = Field(
+        default="accuracy", min_length=1, description="a global metric (a key of what the learner's evaluate returns)"
+    )
+    key_mode: Literal["max", "min"] = Field(
+        default="max", description="max: higher key_metric is better; min: lower is better"
+    )
 
 
 class JobConfig(_Strict):
@@ -193,22 +211,32 @@ class JobConfig(_Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     round_timeout: Float | None = Field(default=None, gt=0, description="seconds a round waits for clients")
     wait_after_min_results: Float | None = Field(
-        default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest")
+        default=None, ge=0, description="once min_clients results are in, seconds to wait for the rest"
+    )
     round_retries: Int = Field(default=1, ge=0, description="retries of a round that got < min_clients results")
-    learner: str = Field(default="fl_ray.learners:ImageClassificationLearner",
-                         description="image_classification, lightning, or package.module:Class (a fl_ray.Learner)")
+    learner: str = Field(
+        default="fl_ray.learners:ImageClassificationLearner",
+        description="image_classification, lightning, or package.module:Class (a fl_ray.Learner)",
+    )
     learner_args: dict[str, Any] = Field(default_factory=dict)
-    strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"},
-                                     description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}")
-    evaluate_every: Int = Field(default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)")
+    strategy: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "fedavg"},
+        description="{name: fedavg | fedprox | ..., args} or {class: module:Class, args}",
+    )
+    evaluate_every: Int = Field(
+        default=0, ge=0, description="every N rounds, sites evaluate the global model (0: never)"
+    )
     evaluate_fraction: Float = Field(default=1.0, gt=0, le=1, description="share of sites that evaluate")
-    cross_site_evaluation: Bool = Field(default=False, description="at the end, every site evaluates the final "
-                                        "global model and each site's last local model")
+    cross_site_evaluation: Bool = Field(
+        default=False,
+        description="at the end, every site evaluates the final global model and each site's last local model",
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
-    description: str = Field(default="", max_length=5000,
-                             description="a note on the job: the parent run's MLflow description")
+    description: str = Field(
+        default="", max_length=5000, description="a note on the job: the parent run's MLflow description"
+    )
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -230,11 +258,19 @@ class JobConfig(_Strict):
         dup = sorted(name for name, n in Counter(v).items() if n > 1)
         if dup:
             raise ValueError(f"site names must be unique; repeated: {dup}")
-        bad = [s for s in v if s in ("server", ".", "..") or not s or not all(c.isalnum() or c in "-_." for c in s)
-               or WORKER_NAME.fullmatch(s)]
+        bad = [
+            s
+            for s in v
+            if s in ("server", ".", "..")
+            or not s
+            or not all(c.isalnum() or c in "-_." for c in s)
+            or WORKER_NAME.fullmatch(s)
+        ]
         if bad:
-            raise ValueError(f"invalid site name(s) {bad[:10]}: use letters, digits, '-', '_' or '.' "
-                             "(not 'server', '.', '..' or 'worker-<number>', the names of pool workers' runs)")
+            raise ValueError(
+                f"invalid site name(s) {bad[:10]}: use letters, digits, '-', '_' or '.' "
+                "(not 'server', '.', '..' or 'worker-<number>', the names of pool workers' runs)"
+            )
         return v
 
     @field_validator("learner")
@@ -245,8 +281,10 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         if self.tracking.register_model_name and not self.tracking.log_model:
-            raise ValueError(f"tracking.register_model_name: {self.tracking.register_model_name!r} needs "
-                             "tracking.log_model: true (a model is registered when it is logged)")
+            raise ValueError(
+                f"tracking.register_model_name: {self.tracking.register_model_name!r} needs "
+                "tracking.log_model: true (a model is registered when it is logged)"
+            )
         n = len(self.site_names)
         if self.min_clients > n:
             raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")
@@ -272,9 +310,17 @@ class JobConfig(_Strict):
 
 
 # What each type error expects, in words (pydantic's own messages name its internal types).
-_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
-             "bool_type": "true or false", "string_type": "text", "dict_type": "a mapping of keys to values",
-             "list_type": "a list", "model_type": "a section of keys", "model_attributes_type": "a section of keys"}
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping of keys to values",
+    "list_type": "a list",
+    "model_type": "a section of keys",
+    "model_attributes_type": "a section of keys",
+}
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -317,8 +363,9 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return "check the spelling against the documented keys"
         model = annotation
-    keys = [k for k in model.model_fields if k != "credentials"] + (["credentials"] if "credentials" in
-                                                                     model.model_fields else [])
+    keys = [k for k in model.model_fields if k != "credentials"] + (
+        ["credentials"] if "credentials" in model.model_fields else []
+    )
     close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
@@ -371,4 +418,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return parse_config(apply_overrides(data, overrides or []))
-

@@ -142,8 +142,9 @@ class Cifar10(DatasetSource):
             ) from None
 
         def arrays(ds: CIFAR10) -> ArrayData:
-            return ArrayData(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
-                             np.asarray(ds.targets, dtype=np.int64))
+            return ArrayData(
+                np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
+            )
 
         train_data = arrays(train)
         return Dataset(train_data, arrays(test), 10, tuple(train_data.x.shape[1:]))
@@ -156,8 +157,9 @@ def partition_iid(num_samples: int, num_sites: int, rng: np.random.Generator) ->
     return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_sites)]
 
 
-def partition_dirichlet(labels: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator,
-                        min_size: int = 2, max_tries: int = 100) -> list[np.ndarray]:
+def partition_dirichlet(
+    labels: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator, min_size: int = 2, max_tries: int = 100
+) -> list[np.ndarray]:
     """Split by label skew: each class is shared out by proportions drawn from Dirichlet(alpha).
 
     Draws again (up to ``max_tries``) until every site has at least ``min_size`` samples.
@@ -172,8 +174,10 @@ def partition_dirichlet(labels: np.ndarray, num_sites: int, alpha: float, rng: n
                 parts[site].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise DatasetError(f"dataset.alpha: {alpha} is so skewed that some of the {num_sites} sites got fewer than "
-                      f"{min_size} samples in {max_tries} draws; raise alpha or use fewer sites")
+    raise DatasetError(
+        f"dataset.alpha: {alpha} is so skewed that some of the {num_sites} sites got fewer than "
+        f"{min_size} samples in {max_tries} draws; raise alpha or use fewer sites"
+    )
 
 
 def partition(cfg: DatasetConfig, labels: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:

@@ -43,8 +43,9 @@ class StreamingAverage:
                 self._dtypes[key] = arr.dtype
                 continue
             if arr.shape != self._sums[key].shape:
-                raise AggregationError(f"{key!r}: shape {arr.shape} differs from earlier results' "
-                                       f"{self._sums[key].shape}")
+                raise AggregationError(
+                    f"{key!r}: shape {arr.shape} differs from earlier results' {self._sums[key].shape}"
+                )
             self._sums[key] += arr.astype(np.float64) * weight
         self.total_weight += float(weight)
         self.count += 1

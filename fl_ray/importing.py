@@ -16,8 +16,10 @@ def import_object(path: str, what: str) -> Any:
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if module_name == missing or module_name.startswith(missing + "."):  # the module itself is not there
-            raise ValueError(f"{what}: cannot import module {module_name!r}: "
-                             f"{'it' if missing == module_name else repr(missing)} is not on the Python path") from exc
+            raise ValueError(
+                f"{what}: cannot import module {module_name!r}: "
+                f"{'it' if missing == module_name else repr(missing)} is not on the Python path"
+            ) from exc
         raise ValueError(f"{what}: cannot import module {module_name!r}: {exc}") from exc
     except ImportError as exc:
         raise ValueError(f"{what}: cannot import module {module_name!r}: {exc}") from exc

@@ -71,11 +71,21 @@ class JobResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The content of result.json."""
-        return {"job_id": self.job_id, "job_dir": str(self.job_dir), "status": self.status, "error": self.error,
-                "final_metrics": self.final_metrics, "rounds": self.rounds, "sites": self.sites,
-                "participation": self.participation, "picture": self.picture,
-                "tracking": self.tracking, "cross_site_evaluation": self.cross_site_evaluation,
-                "timings": self.timings, "workers": self.workers}
+        return {
+            "job_id": self.job_id,
+            "job_dir": str(self.job_dir),
+            "status": self.status,
+            "error": self.error,
+            "final_metrics": self.final_metrics,
+            "rounds": self.rounds,
+            "sites": self.sites,
+            "participation": self.participation,
+            "picture": self.picture,
+            "tracking": self.tracking,
+            "cross_site_evaluation": self.cross_site_evaluation,
+            "timings": self.timings,
+            "workers": self.workers,
+        }
 
 
 def new_job_id(name: str) -> str:
@@ -126,8 +136,11 @@ def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> 
     dashboard = getattr(context, "dashboard_url", None)
     have = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    phases.mark("ray_ready", f"Ray ready: {have.get('CPU', 0):g} CPU(s), {have.get('GPU', 0):g} GPU(s) on {nodes} "
-                             f"node(s){f'; dashboard http://{dashboard}' if dashboard else ''}")
+    phases.mark(
+        "ray_ready",
+        f"Ray ready: {have.get('CPU', 0):g} CPU(s), {have.get('GPU', 0):g} GPU(s) on {nodes} "
+        f"node(s){f'; dashboard http://{dashboard}' if dashboard else ''}",
+    )
     return True
 
 
@@ -145,16 +158,25 @@ def _check_resources(cfg: JobConfig, n: int) -> None:
         request_resources(bundles=[{"CPU": res.client_cpus, "GPU": res.client_gpus}] * n)
         return
     actors = "sites" if n == len(cfg.site_names) else "workers"
-    asked = {"CPU": (n * res.client_cpus + res.server_cpus, f"{n} {actors} x {res.client_cpus:g} + server "
-                                                             f"{res.server_cpus:g}"),
-             "GPU": (n * res.client_gpus, f"{n} {actors} x {res.client_gpus:g}")}
+    asked = {
+        "CPU": (
+            n * res.client_cpus + res.server_cpus,
+            f"{n} {actors} x {res.client_cpus:g} + server {res.server_cpus:g}",
+        ),
+        "GPU": (n * res.client_gpus, f"{n} {actors} x {res.client_gpus:g}"),
+    }
     have = ray.cluster_resources()
-    short = [f"{total:g} {kind} ({how}) but the cluster has {have.get(kind, 0.0):g}"
-             for kind, (total, how) in asked.items() if total > have.get(kind, 0.0) + 1e-9]
+    short = [
+        f"{total:g} {kind} ({how}) but the cluster has {have.get(kind, 0.0):g}"
+        for kind, (total, how) in asked.items()
+        if total > have.get(kind, 0.0) + 1e-9
+    ]
     if short:
-        raise ResourceError(f"the cluster cannot place this job: it asks for {'; '.join(short)}. "
-                            "Lower resources.client_cpus / client_gpus, use fewer sites or resources.workers, "
-                            "or add nodes.")
+        raise ResourceError(
+            f"the cluster cannot place this job: it asks for {'; '.join(short)}. "
+            "Lower resources.client_cpus / client_gpus, use fewer sites or resources.workers, "
+            "or add nodes."
+        )
 
 
 def _start_clients(cfg: JobConfig, job_id: str, config: dict[str, Any], receiver_name: str) -> dict[str, Any]:
@@ -162,18 +184,23 @@ def _start_clients(cfg: JobConfig, job_id: str, config: dict[str, Any], receiver
     from fl_ray.actors.client import ClientActor
 
     strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
-    return {site: ClientActor.options(num_cpus=cfg.resources.client_cpus, num_gpus=cfg.resources.client_gpus,
-                                      max_restarts=cfg.resources.max_client_restarts, scheduling_strategy=strategy,
-                                      name=f"fl_ray-{job_id}-{site}").remote(site, index, config, receiver_name)
-            for index, site in enumerate(cfg.site_names)}
+    return {
+        site: ClientActor.options(  # type: ignore[attr-defined]
+            num_cpus=cfg.resources.client_cpus,
+            num_gpus=cfg.resources.client_gpus,
+            max_restarts=cfg.resources.max_client_restarts,
+            scheduling_strategy=strategy,
+            name=f"fl_ray-{job_id}-{site}",
+        ).remote(site, index, config, receiver_name)
+        for index, site in enumerate(cfg.site_names)
+    }
 
 
 class _StartUp:
     """Follows the actors as they start, all at once: each site's info, the server's completed rounds and
     the receiver actor's first open of each receiver, showing each as it comes (see :meth:`wait`)."""
 
-    def __init__(self, cfg: JobConfig, clients: dict[str, Any], server: Any, receiver: Any,
-                 phases: JobPhases) -> None:
+    def __init__(self, cfg: JobConfig, clients: dict[str, Any], server: Any, receiver: Any, phases: JobPhases) -> None:
         self.cfg, self.phases = cfg, phases
         self.sites = {client.info.remote(): name for name, client in clients.items()}
         self.server = server.completed_rounds.remote()
@@ -216,13 +243,16 @@ class _StartUp:
                 if r["opened"]:
                     self.phases.mark("receiver_ready", f"tracking: {name} ready{where}", at=r["at"])
                 else:
-                    self.phases.mark("receiver_ready", f"tracking: {name} not ready ({r['error'] or 'not yet'}); "
-                                                       "its records wait in the spool")
+                    self.phases.mark(
+                        "receiver_ready",
+                        f"tracking: {name} not ready ({r['error'] or 'not yet'}); its records wait in the spool",
+                    )
         else:
             self.info[ref] = ray.get(ref)
             if len(self.info) == 1:
-                self.phases.mark("first_site_ready", f"first site ready: {self.sites[ref]} (data loaded, learner set "
-                                                     "up)")
+                self.phases.mark(
+                    "first_site_ready", f"first site ready: {self.sites[ref]} (data loaded, learner set up)"
+                )
             if len(self.info) == len(self.sites):
                 where = _node_counts([i["node_id"] for i in self.info.values()])
                 self.phases.mark("sites_ready", f"all {len(self.sites)} sites ready, on {where}")
@@ -231,9 +261,11 @@ class _StartUp:
         res = self.cfg.resources
         missing = [name for ref, name in self.sites.items() if ref not in self.info]
         if not missing:
-            raise ResourceError(f"the server actor did not start within resources.schedule_timeout="
-                                f"{res.schedule_timeout:g} s; it asks for {res.server_cpus:g} CPU on the driver's "
-                                f"node; free now: {ray.available_resources()}")
+            raise ResourceError(
+                f"the server actor did not start within resources.schedule_timeout="
+                f"{res.schedule_timeout:g} s; it asks for {res.server_cpus:g} CPU on the driver's "
+                f"node; free now: {ray.available_resources()}"
+            )
         raise ResourceError(
             f"{len(missing)} site(s) could not be placed within resources.schedule_timeout="
             f"{res.schedule_timeout:g} s: {missing}. Each asks for {res.client_cpus:g} CPU and "
@@ -275,9 +307,16 @@ def _prepare_job_dir(cfg: JobConfig, workspace: Path, resume: Path | None) -> tu
     return job_id, job_dir
 
 
-def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, workspace: str | Path = "workspace",
-            address: str | None = None, *, resume: str | Path | None = None,
-            show_progress: bool = True, verbose: bool = False, console: Console | None = None) -> JobResult:
+def run_job(
+    config: JobConfig | dict[str, Any] | str | Path | None = None,
+    workspace: str | Path = "workspace",
+    address: str | None = None,
+    *,
+    resume: str | Path | None = None,
+    show_progress: bool = True,
+    verbose: bool = False,
+    console: Console | None = None,
+) -> JobResult:
     """Run a FedAvg job and return its result (also written to ``<workspace>/<job_id>/result.json``).
 
     ``config`` is a JobConfig, a dict, or a YAML path (default: the default job, fl_ray/configs/default.yaml).
@@ -325,28 +364,42 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
         pooled = workers < len(sites)  # virtual sites on a pool of workers, else one actor per site
         _check_resources(cfg, min(workers, len(sites)))
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        ctx = ReceiverContext(job_id=job_id, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
-                              sites=tuple(sites), config=cfg.to_dict(),
-                              tags=run_tags(job_id, cfg.description, ray.cluster_resources()),
-                              life="first" if resume is None else f"resume-{new_job_id('at')}")
-        receiver = start_receiver(ctx, [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
-                                  receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file), here)
+        ctx = ReceiverContext(
+            job_id=job_id,
+            job_name=cfg.name,
+            job_dir=job_dir,
+            workspace=job_dir.parent,
+            sites=tuple(sites),
+            config=cfg.to_dict(),
+            tags=run_tags(job_id, cfg.description, ray.cluster_resources()),
+            life="first" if resume is None else f"resume-{new_job_id('at')}",
+        )
+        receiver = start_receiver(
+            ctx,
+            [{"type": r.type, **r.params} for r in cfg.tracking.receivers],
+            receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file),
+            here,
+        )
         config_dict = cfg.to_dict()
         actors = f"{workers} worker(s) for {len(sites)} sites" if pooled else f"{len(sites)} site(s)"
-        phases.mark("actors", f"starting {actors} ({cfg.resources.client_cpus:g} CPU, {cfg.resources.client_gpus:g} "
-                              "GPU each), the server and the tracking receiver")
+        phases.mark(
+            "actors",
+            f"starting {actors} ({cfg.resources.client_cpus:g} CPU, {cfg.resources.client_gpus:g} "
+            "GPU each), the server and the tracking receiver",
+        )
         if pooled:
             parts_ref = ray.put(parts)  # held here for the whole job: restarted workers take it again
             clients = start_workers(cfg, job_id, workers, parts_ref, receiver_actor_name(job_id))
-            executor: Executor = PoolExecutor(list(clients.values()), sites, cfg.resources.max_client_restarts,
-                                              receiver_actor_name(job_id))
+            executor: Executor = PoolExecutor(
+                list(clients.values()), sites, cfg.resources.max_client_restarts, receiver_actor_name(job_id)
+            )
         else:
             clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id))
             executor = RayExecutor(clients)
         # the server starts up while the clients do
         server = ServerActor.options(  # type: ignore[attr-defined]
-            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here).remote(
-            config_dict, receiver_actor_name(job_id), executor, str(job_dir / "checkpoints"))
+            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here
+        ).remote(config_dict, receiver_actor_name(job_id), executor, str(job_dir / "checkpoints"))
         start_up = _StartUp(cfg, clients, server, receiver, phases)
         placed, done = start_up.wait()
         _note_no_gpu_metrics(placed)
@@ -355,11 +408,13 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             site_info = {s: {"num_samples": int(len(idx))} for s, idx in zip(sites, parts)}
             worker_info = {w: {k: placed[w][k] for k in where} for w in clients}
         else:
-            site_info = {s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in where}}
-                         for s, idx in zip(sites, parts)}
+            site_info = {
+                s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in where}} for s, idx in zip(sites, parts)
+            }
         phases.mark("rounds")  # the round bar's first line
-        with RoundProgress(job_id, cfg.num_rounds, done=done, enabled=show_progress,
-                           console=phases.console) as progress:
+        with RoundProgress(
+            job_id, cfg.num_rounds, done=done, enabled=show_progress, console=phases.console
+        ) as progress:
             for r in range(done + 1, cfg.num_rounds + 1):
                 progress.round_done(ray.get(server.run_round.remote(r)))
                 phases.mark("first_round_done")
@@ -382,13 +437,26 @@ def run_job(config: JobConfig | dict[str, Any] | str | Path | None = None, works
             phases.mark("picture", "drawing the job's picture")
             rounds = _completed_rounds(job_dir)
             table = participation(sites, rounds)
-            picture = _draw_picture(job_dir, f"{job_id} ({status})", rounds,
-                                    {site: len(idx) for site, idx in zip(sites, parts)}, table)
+            picture = _draw_picture(
+                job_dir, f"{job_id} ({status})", rounds, {site: len(idx) for site, idx in zip(sites, parts)}, table
+            )
             tracking = _close(cfg, receiver, server, clients, status, job_dir, table, picture, phases)
             phases.mark("results", "writing results")
-            result = JobResult(job_id, job_dir, status, rounds, dict(rounds[-1]["global"]) if rounds else {},
-                               tracking, site_info, error, cross_site, table, str(picture) if picture else None,
-                               timings=phases.timings, workers=worker_info)
+            result = JobResult(
+                job_id,
+                job_dir,
+                status,
+                rounds,
+                dict(rounds[-1]["global"]) if rounds else {},
+                tracking,
+                site_info,
+                error,
+                cross_site,
+                table,
+                str(picture) if picture else None,
+                timings=phases.timings,
+                workers=worker_info,
+            )
             result_data = result.to_dict()
             result_data["seconds"] = round(phases.seconds(), 3)
             result_data["started_at"] = phases.started_at
@@ -418,8 +486,9 @@ def _exit_now(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
-def _draw_picture(job_dir: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int],
-                  table: dict[str, Any]) -> Path | None:
+def _draw_picture(
+    job_dir: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int], table: dict[str, Any]
+) -> Path | None:
     """``<job_dir>/summary.png``; None (with a warning) if it cannot be drawn: the results matter more."""
     try:
         return plot_job(job_dir / PICTURE, title, rounds, samples, table)
@@ -443,8 +512,17 @@ def _log_summary(cfg: JobConfig, receiver: Any, table: dict[str, Any], picture: 
     return logged
 
 
-def _close(cfg: JobConfig, receiver: Any, server: Any, clients: dict[str, Any], status: str,
-           job_dir: Path, table: dict[str, Any], picture: Path | None, phases: JobPhases) -> dict[str, Any]:
+def _close(
+    cfg: JobConfig,
+    receiver: Any,
+    server: Any,
+    clients: dict[str, Any],
+    status: str,
+    job_dir: Path,
+    table: dict[str, Any],
+    picture: Path | None,
+    phases: JobPhases,
+) -> dict[str, Any]:
     """Flush every site's tracking, have the receiver actor log the best model, the participation table and
     the picture, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
@@ -503,15 +581,24 @@ def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path, p
             break
         except ray.exceptions.RayError as exc:
             error = f"{type(exc).__name__}: the receiver actor died while closing"
-            log.warning("%s (attempt %d of %d)%s", error, attempt, CLOSE_ATTEMPTS,
-                        "; asking its restarted actor" if attempt < CLOSE_ATTEMPTS else "")
+            log.warning(
+                "%s (attempt %d of %d)%s",
+                error,
+                attempt,
+                CLOSE_ATTEMPTS,
+                "; asking its restarted actor" if attempt < CLOSE_ATTEMPTS else "",
+            )
     specs = [{"type": r.type, **r.params} for r in cfg.tracking.receivers]
     report = spool_report(job_dir / "spool", receiver_names(specs))
     for name, entry in report["receivers"].items():
         entry["replay"] = f"python scripts/replay_spool.py {job_dir} --to {name}"
     report["error"] = error
-    log.warning("tracking was not closed (%s); what each receiver still has to get is in result.json, and "
-                "`python scripts/replay_spool.py %s` sends it", error, job_dir)
+    log.warning(
+        "tracking was not closed (%s); what each receiver still has to get is in result.json, and "
+        "`python scripts/replay_spool.py %s` sends it",
+        error,
+        job_dir,
+    )
     return report
 
 
@@ -542,11 +629,17 @@ def _cross_site_evaluation(cfg: JobConfig, server: Any, receiver: Any) -> dict[s
     """Every site evaluates the final global model and each site's last local model: the matrix
     ``{model: {site: metrics}}``, also logged as a table to the parent run (``cross_site_evaluation.json``)."""
     matrix = ray.get(server.cross_site_evaluation.remote())
-    rows = [{"model": model, "site": site, **metrics} for model, by_site in matrix.items()
-            for site, metrics in by_site.items()]
+    rows = [
+        {"model": model, "site": site, **metrics}
+        for model, by_site in matrix.items()
+        for site, metrics in by_site.items()
+    ]
     columns = sorted({k for row in rows for k in row} - {"model", "site"})
-    table = {"model": [r["model"] for r in rows], "site": [r["site"] for r in rows],
-             **{c: [r.get(c) for r in rows] for c in columns}}
+    table = {
+        "model": [r["model"] for r in rows],
+        "site": [r["site"] for r in rows],
+        **{c: [r.get(c) for r in rows] for c in columns},
+    }
     logged = ray.get(receiver.log_table.remote("cross_site_evaluation.json", table, cfg.tracking.close_timeout))
     return {"matrix": matrix, "logged": logged}
 
@@ -562,8 +655,9 @@ def _best_model(cfg: JobConfig, server: Any, status: str) -> BestModel | Excepti
         return exc
 
 
-def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str,
-                    best_model: BestModel | Exception | None) -> dict[str, Any] | None:
+def _log_best_model(
+    cfg: JobConfig, receiver: Any, job_dir: Path, status: str, best_model: BestModel | Exception | None
+) -> dict[str, Any] | None:
     """The best global model the server kept (``checkpoints/best.npz``: round, key metric) and, for a
     finished job with ``tracking.log_model``, where the receiver actor logged it (the model URI, and the
     registered version with ``tracking.register_model_name``); None when the learner exports no model."""
@@ -575,29 +669,45 @@ def _log_best_model(cfg: JobConfig, receiver: Any, job_dir: Path, status: str,
         return {"checkpoint": str(path), "error": f"{type(exc).__name__}: {exc}"}
     if best is None:
         if status == FINISHED:
-            log.info("the learner %s exports no model (Learner.export_model gives None): no model is logged",
-                     cfg.learner)
+            log.info(
+                "the learner %s exports no model (Learner.export_model gives None): no model is logged", cfg.learner
+            )
         return None
-    report: dict[str, Any] = {"checkpoint": str(path), "round": best.round, "key_metric": best.key_metric,
-                              "key_mode": best.key_mode, "value": best.score}
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "round": best.round,
+        "key_metric": best.key_metric,
+        "key_mode": best.key_mode,
+        "value": best.score,
+    }
     if status != FINISHED or not cfg.tracking.log_model:
         return report
     timeout = cfg.tracking.close_timeout
     if isinstance(best_model, Exception) or best_model is None:
-        why = f"{type(best_model).__name__}: the server could not rebuild it" if best_model is not None else \
-            "the learner exported no model from the saved weights"
+        why = (
+            f"{type(best_model).__name__}: the server could not rebuild it"
+            if best_model is not None
+            else "the learner exported no model from the saved weights"
+        )
         logged = {"server_actor": {"error": why}}
     else:
         try:
-            logged = ray.get(receiver.log_model.remote("server", best_model, cfg.tracking.register_model_name,
-                                                       timeout), timeout=timeout + 120)
+            logged = ray.get(
+                receiver.log_model.remote("server", best_model, cfg.tracking.register_model_name, timeout),
+                timeout=timeout + 120,
+            )
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             logged = {"receiver_actor": {"error": f"{type(exc).__name__}: the receiver actor did not log the model"}}
     report["logged"] = logged
     for name, entry in logged.items():
         if "error" in entry:
-            log.warning("the best model (round %d) was not logged to %s: %s; its weights stay in %s",
-                        best.round, name, entry["error"], path)
+            log.warning(
+                "the best model (round %d) was not logged to %s: %s; its weights stay in %s",
+                best.round,
+                name,
+                entry["error"],
+                path,
+            )
         elif "model_uri" in entry and "model_uri" not in report:
             report.update({k: v for k, v in entry.items() if k != "run_id"})
     return report

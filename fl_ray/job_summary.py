@@ -62,8 +62,9 @@ def _site_curves(rounds: list[dict[str, Any]], word: str) -> dict[str, dict[str,
     return curves
 
 
-def plot_job(path: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int],
-             table: dict[str, Any]) -> Path:
+def plot_job(
+    path: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int], table: dict[str, Any]
+) -> Path:
     """Draw the job's picture into ``path`` (a PNG) and return it.
 
     ``samples``: each site's training sample count; ``table``: :func:`participation`'s result.

@@ -122,7 +122,9 @@ def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
-def split_validation(ctx: LearnerContext) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def split_validation(
+    ctx: LearnerContext,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``ctx.data`` as (train, validation) tensor pairs: a seeded ``dataset.val_fraction`` share is held out
     on a site; the server keeps all of its data (the test split) on the training side."""
     x = torch.from_numpy(np.array(ctx.data.x))
@@ -168,8 +170,9 @@ class ImageClassificationLearner(Learner):
     receiver gets the records whatever the syntax.
     """
 
-    def __init__(self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10,
-                 log_syntax: str = "mlflow") -> None:
+    def __init__(
+        self, model: str = "digits_cnn", momentum: float = 0.9, log_every: int = 10, log_syntax: str = "mlflow"
+    ) -> None:
         if log_syntax not in LOG_SYNTAXES:
             raise ValueError(f"learner_args.log_syntax: expected one of {', '.join(LOG_SYNTAXES)}, got {log_syntax!r}")
         self.model_name = check_model_name(model)
@@ -185,10 +188,19 @@ class ImageClassificationLearner(Learner):
         n_val = len(self.val[1])
         if ctx.mlflow is not None and ctx.site != "server":
             cfg = ctx.config
-            self._log_params(ctx, {"model": self.model_name, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                                   "local_epochs": cfg.local_epochs, "momentum": self.momentum,
-                                   "train_samples": len(self.train_data[1]), "val_samples": n_val,
-                                   "device": str(self.device)})
+            self._log_params(
+                ctx,
+                {
+                    "model": self.model_name,
+                    "lr": cfg.lr,
+                    "batch_size": cfg.batch_size,
+                    "local_epochs": cfg.local_epochs,
+                    "momentum": self.momentum,
+                    "train_samples": len(self.train_data[1]),
+                    "val_samples": n_val,
+                    "device": str(self.device),
+                },
+            )
 
     def _log_params(self, ctx: LearnerContext, params: dict[str, Any]) -> None:
         """The hyper-parameters, once per site, in the chosen syntax."""
@@ -236,8 +248,11 @@ class ImageClassificationLearner(Learner):
                 xb, yb = _as_input(x[idx]).to(self.device), y[idx].to(self.device)
                 optimizer.zero_grad()
                 loss = loss_fn(self.model(xb), yb)
-                objective = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor)) \
-                    if mu else loss
+                objective = (
+                    loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor))
+                    if mu
+                    else loss
+                )
                 objective.backward()
                 if scaffold:
                     scaffold.correct()
@@ -278,16 +293,17 @@ class ImageClassificationLearner(Learner):
 
 
 @torch.no_grad()
-def score(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-          scale_uint8: bool = True) -> dict[str, float]:
+def score(
+    model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, scale_uint8: bool = True
+) -> dict[str, float]:
     """Cross-entropy ``loss`` and ``accuracy`` of ``model``'s class logits on ``data`` (in eval mode, in batches
     of 1024); with ``scale_uint8``, uint8 images are scaled to [-1, 1] first, as the built-in learner trains."""
     model.eval()
     x, y = data
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), 1024):
-        xb = x[start:start + 1024]
-        xb, yb = (_as_input(xb) if scale_uint8 else xb).to(device), y[start:start + 1024].to(device)
+        xb = x[start : start + 1024]
+        xb, yb = (_as_input(xb) if scale_uint8 else xb).to(device), y[start : start + 1024].to(device)
         out = model(xb)
         loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
@@ -305,8 +321,11 @@ class _Scaffold:
         self.model, self.weights, self.ctx, self.lr = model, weights, ctx, lr
         self.control, self.site_control = control, site_control
         names = dict(model.named_parameters())
-        self.corrections = [(names[k], torch.as_tensor(v, dtype=names[k].dtype, device=names[k].device))
-                            for k, v in gradient_correction(control, site_control).items() if k in names]
+        self.corrections = [
+            (names[k], torch.as_tensor(v, dtype=names[k].dtype, device=names[k].device))
+            for k, v in gradient_correction(control, site_control).items()
+            if k in names
+        ]
 
     def correct(self) -> None:
         for param, correction in self.corrections:
@@ -314,8 +333,9 @@ class _Scaffold:
                 param.grad.add_(correction)
 
     def finish(self, new_weights: Mapping[str, np.ndarray], steps: int) -> dict[str, Any]:
-        site_control, delta = site_control_update(self.site_control, self.control, self.weights, new_weights,
-                                                  max(steps, 1), self.lr)
+        site_control, delta = site_control_update(
+            self.site_control, self.control, self.weights, new_weights, max(steps, 1), self.lr
+        )
         self.ctx.site_state["control"] = site_control
         return {"control_delta": delta}
 
@@ -352,8 +372,11 @@ def load_learner(path: str, args: dict[str, Any]) -> Learner:
         for arg in args:
             if arg not in names:
                 close = difflib.get_close_matches(arg, names, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else (
-                    f"it takes {', '.join(names)}" if names else "it takes no arguments")
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else (f"it takes {', '.join(names)}" if names else "it takes no arguments")
+                )
                 raise TypeError(f"learner_args.{arg}: {cls.__name__} takes no argument {arg!r}; {hint}")
     try:
         return cls(**args)

@@ -29,8 +29,9 @@ try:
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as exc:
-    raise ImportError(f"fl_ray.lightning needs PyTorch Lightning ({exc}); install the extra: "
-                      "pip install 'fl_ray[lightning]'") from exc
+    raise ImportError(
+        f"fl_ray.lightning needs PyTorch Lightning ({exc}); install the extra: pip install 'fl_ray[lightning]'"
+    ) from exc
 
 from fl_ray.importing import import_object
 from fl_ray.learners import (
@@ -51,8 +52,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # what MLflow (and so every writer) refuses in a name
-_TRAINER_DEFAULTS = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                     "log_every_n_steps": 10, "num_sanity_val_steps": 0}
+_TRAINER_DEFAULTS = {
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "log_every_n_steps": 10,
+    "num_sanity_val_steps": 0,
+}
 _LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
 
 
@@ -104,8 +110,9 @@ class FLRayLogger(Logger):
         for key, value in flat.items():
             text = str(value)
             if len(text) > MAX_PARAM_VALUE_LENGTH:
-                log.warning("hyper-parameter %r is %d characters; logging its first %d", key, len(text),
-                            MAX_PARAM_VALUE_LENGTH)
+                log.warning(
+                    "hyper-parameter %r is %d characters; logging its first %d", key, len(text), MAX_PARAM_VALUE_LENGTH
+                )
                 text = text[:MAX_PARAM_VALUE_LENGTH]
             texts[key] = text
         self._writer.log_params(texts)
@@ -147,15 +154,22 @@ class LightningLearner(Learner):
     FedProx's ``mu`` (from the strategy) adds the proximal term's gradient before each optimizer step.
     """
 
-    def __init__(self, module: str, module_args: dict[str, Any] | None = None, max_epochs: int | None = None,
-                 trainer_args: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        module_args: dict[str, Any] | None = None,
+        max_epochs: int | None = None,
+        trainer_args: dict[str, Any] | None = None,
+    ) -> None:
         if not isinstance(module, str) or ":" not in module:
             raise ValueError(f"learner_args.module: expected an import path 'package.module:Class', got {module!r}")
         if module_args is not None and not isinstance(module_args, Mapping):
-            raise TypeError(f"learner_args.module_args: expected a mapping of argument names to values, "
-                            f"got {module_args!r}")
-        if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int)
-                                       or max_epochs < 1):
+            raise TypeError(
+                f"learner_args.module_args: expected a mapping of argument names to values, got {module_args!r}"
+            )
+        if max_epochs is not None and (
+            isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1
+        ):
             raise ValueError(f"learner_args.max_epochs: expected a whole number >= 1, got {max_epochs!r}")
         if trainer_args is not None and not isinstance(trainer_args, Mapping):
             raise TypeError(f"learner_args.trainer_args: expected a mapping of Trainer arguments, got {trainer_args!r}")
@@ -173,10 +187,16 @@ class LightningLearner(Learner):
         self.logger = None
         if ctx.mlflow is not None and ctx.site != "server":
             self.logger = FLRayLogger(ctx.mlflow, name=ctx.config.name)
-            ctx.mlflow.log_params({"module": self.module_path, "batch_size": ctx.config.batch_size,
-                                   "max_epochs": self.max_epochs or ctx.config.local_epochs,
-                                   "train_samples": len(self.train_data[1]), "val_samples": len(self.val[1]),
-                                   "device": str(ctx.device)})
+            ctx.mlflow.log_params(
+                {
+                    "module": self.module_path,
+                    "batch_size": ctx.config.batch_size,
+                    "max_epochs": self.max_epochs or ctx.config.local_epochs,
+                    "train_samples": len(self.train_data[1]),
+                    "val_samples": len(self.val[1]),
+                    "device": str(ctx.device),
+                }
+            )
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return model_weights(self.module)
@@ -185,15 +205,21 @@ class LightningLearner(Learner):
         load_weights(self.module, weights)
         self.module.train()  # Lightning keeps the mode it finds; evaluate() left the module in eval mode
         x, y = self.train_data
-        train_loader = DataLoader(TensorDataset(x, y), batch_size=ctx.config.batch_size, shuffle=True,
-                                  generator=torch.Generator().manual_seed(ctx.seed))
+        train_loader = DataLoader(
+            TensorDataset(x, y),
+            batch_size=ctx.config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(ctx.seed),
+        )
         val_loader = None
         if len(self.val[1]) and is_overridden("validation_step", self.module):
             val_loader = DataLoader(TensorDataset(*self.val), batch_size=ctx.config.batch_size)
         if "control" in ctx.payload:
-            raise ValueError("LightningLearner does not apply SCAFFOLD's control variates (they need plain SGD "
-                             "steps it does not control); use another strategy, or a learner that reads "
-                             "ctx.payload['control'] (see docs/strategies.md)")
+            raise ValueError(
+                "LightningLearner does not apply SCAFFOLD's control variates (they need plain SGD "
+                "steps it does not control); use another strategy, or a learner that reads "
+                "ctx.payload['control'] (see docs/strategies.md)"
+            )
         kwargs = self._trainer_kwargs(ctx)
         mu = float(ctx.round_config.get("mu", 0.0))
         if mu:
@@ -211,9 +237,14 @@ class LightningLearner(Learner):
 
     def _trainer_kwargs(self, ctx: LearnerContext) -> dict[str, Any]:
         cuda = ctx.device.type == "cuda"
-        return {**_TRAINER_DEFAULTS, "max_epochs": self.max_epochs or ctx.config.local_epochs,
-                "accelerator": "gpu" if cuda else "cpu", "devices": [ctx.device.index or 0] if cuda else 1,
-                **self.trainer_args, "logger": self.logger or False}
+        return {
+            **_TRAINER_DEFAULTS,
+            "max_epochs": self.max_epochs or ctx.config.local_epochs,
+            "accelerator": "gpu" if cuda else "cpu",
+            "devices": [ctx.device.index or 0] if cuda else 1,
+            **self.trainer_args,
+            "logger": self.logger or False,
+        }
 
 
 class _Proximal(pl.Callback):
@@ -223,8 +254,9 @@ class _Proximal(pl.Callback):
         self.mu = mu
         self.anchor = [p.detach().clone() for p in module.parameters()]
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for param, anchor in zip(module.parameters(), self.anchor):
             if param.grad is not None:
                 param.grad.add_(param.detach() - anchor.to(param.device), alpha=self.mu)

@@ -16,9 +16,12 @@ from fl_ray.tracking.credentials import masked_argv
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
     """``{"commit": sha, "dirty": "true"/"false"}`` when ``cwd`` is inside a git work tree, else ``{}``."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -46,8 +49,11 @@ def run_tags(job_id: str, description: str = "", cluster_resources: dict[str, fl
     as MLflow's run description."""
     from fl_ray import __version__
 
-    tags = {"fl_ray.job_id": job_id, "fl_ray.version": __version__,
-            "fl_ray.command": shlex.join(masked_argv([Path(sys.argv[0]).name, *sys.argv[1:]]))[:5000]}
+    tags = {
+        "fl_ray.job_id": job_id,
+        "fl_ray.version": __version__,
+        "fl_ray.command": shlex.join(masked_argv([Path(sys.argv[0]).name, *sys.argv[1:]]))[:5000],
+    }
     git = git_state()
     if git:
         tags["mlflow.source.git.commit"] = git["commit"]

@@ -40,9 +40,20 @@ class LocalMlflowServer:
 
     def start(self, timeout: float = 120.0) -> LocalMlflowServer:
         """Start the server and wait until it answers /health."""
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         if self.workers is not None:
             cmd += ["--workers", str(self.workers)]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -76,8 +87,9 @@ class LocalMlflowServer:
         """HTTP requests logged so far (health checks included)."""
         if not self.log_path.exists():
             return 0
-        return sum(1 for line in self.log_path.read_text(errors="replace").splitlines() if '" 2' in line
-                   and "HTTP/1.1" in line)
+        return sum(
+            1 for line in self.log_path.read_text(errors="replace").splitlines() if '" 2' in line and "HTTP/1.1" in line
+        )
 
     def __enter__(self) -> LocalMlflowServer:
         return self.start()

@@ -93,8 +93,11 @@ def prepare_sqlite_store(path: Path, artifact_root: Path) -> bool:
         shutil.copyfile(template, tmp)
         now = int(time.time() * 1000)
         with sqlite3.connect(tmp) as db:
-            db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                       "WHERE experiment_id = 0", (Path(artifact_root).resolve().as_uri(), now, now))
+            db.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                "WHERE experiment_id = 0",
+                (Path(artifact_root).resolve().as_uri(), now, now),
+            )
         db.close()
         try:
             os.link(tmp, path)  # never replaces a store another process made meanwhile
@@ -105,7 +108,11 @@ def prepare_sqlite_store(path: Path, artifact_root: Path) -> bool:
         finally:
             tmp.unlink(missing_ok=True)
     except Exception as exc:  # noqa: BLE001 - the template is a shortcut; MLflow can always make the store
-        log.warning("could not make the MLflow store %s from a template (%s: %s); MLflow creates it instead",
-                    path, type(exc).__name__, exc)
+        log.warning(
+            "could not make the MLflow store %s from a template (%s: %s); MLflow creates it instead",
+            path,
+            type(exc).__name__,
+            exc,
+        )
         return False
     return True

@@ -78,8 +78,10 @@ def check_plugin_name(kind: Kind, name: Any, field: str) -> str:
     if not isinstance(name, str) or (name not in BUILTINS[kind] and not _is_path(name)):
         if not field:  # a config validator's message: the config names the field and the value
             raise PluginError(f"expected {_expected(kind)}")
-        raise PluginError(f"{field}: {name!r} is not an import path 'package.module:Class' nor a built-in {kind}; "
-                          f"expected {_expected(kind)}")
+        raise PluginError(
+            f"{field}: {name!r} is not an import path 'package.module:Class' nor a built-in {kind}; "
+            f"expected {_expected(kind)}"
+        )
     return name
 
 
@@ -98,8 +100,10 @@ def plugin_class(kind: Kind, name: str, field: str) -> type:
         raise PluginError(str(exc)) from None
     contract = import_object(CONTRACTS[kind], "contract")
     if not (isinstance(cls, type) and issubclass(cls, contract)):
-        raise PluginError(f"{field}: expected a subclass of {CONTRACTS[kind].replace(':', '.')} (the {kind} "
-                          f"contract), got {name!r} ({cls!r})")
+        raise PluginError(
+            f"{field}: expected a subclass of {CONTRACTS[kind].replace(':', '.')} (the {kind} "
+            f"contract), got {name!r} ({cls!r})"
+        )
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise PluginError(f"{field}: {name!r} does not implement {missing} of the {kind} contract")

@@ -46,11 +46,18 @@ class DeliveryProgress:
 
     def __init__(self, pending: dict[str, int], console: Console, enabled: bool = True) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("{task.fields[left]:,} left"), console=console, disable=not enabled, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[left]:,} left"),
+            console=console,
+            disable=not enabled,
+            transient=False,
         )
-        self._tasks = {name: self._progress.add_task(f"  {name}", total=max(left, 1), completed=0, left=left)
-                       for name, left in pending.items()}
+        self._tasks = {
+            name: self._progress.add_task(f"  {name}", total=max(left, 1), completed=0, left=left)
+            for name, left in pending.items()
+        }
         self._total = dict(pending)
 
     def __enter__(self) -> DeliveryProgress:
@@ -72,12 +79,18 @@ class DeliveryProgress:
 class RoundProgress:
     """A live progress bar whose line shows the last round's sites, global loss and accuracy."""
 
-    def __init__(self, job_id: str, num_rounds: int, done: int = 0, enabled: bool = True,
-                 console: Console | None = None) -> None:
+    def __init__(
+        self, job_id: str, num_rounds: int, done: int = 0, enabled: bool = True, console: Console | None = None
+    ) -> None:
         self.console = console or Console(stderr=True)
         self._progress = Progress(
-            BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
-            console=self.console, disable=not enabled, transient=False,
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=self.console,
+            disable=not enabled,
+            transient=False,
         )
         if enabled:
             resumed = f", resuming after round {done}" if done else ""
@@ -95,8 +108,10 @@ class RoundProgress:
         """Advance by one round and show its figures."""
         g = summary["global"]
         failed = f" [red]{len(summary['failures'])} failed[/]" if summary["failures"] else ""
-        text = (f"round {summary['round']}: sites {len(summary['completed'])}/{len(summary['sampled'])}{failed}  "
-                f"loss {g.get('loss', float('nan')):.4f}  acc {g.get('accuracy', float('nan')):.4f}")
+        text = (
+            f"round {summary['round']}: sites {len(summary['completed'])}/{len(summary['sampled'])}{failed}  "
+            f"loss {g.get('loss', float('nan')):.4f}  acc {g.get('accuracy', float('nan')):.4f}"
+        )
         self._progress.update(self._task, advance=1, last=text)
 
 
@@ -106,13 +121,17 @@ def summary_table(result: dict[str, Any], max_rows: int = 12) -> Table:
     for col in ("round", "sites", "global loss", "global accuracy", "seconds"):
         table.add_column(col, justify="right")
     rounds = result["rounds"]
-    shown = rounds if len(rounds) <= max_rows else rounds[: max_rows // 2] + [None] + rounds[-max_rows // 2:]
+    shown = rounds if len(rounds) <= max_rows else rounds[: max_rows // 2] + [None] + rounds[-max_rows // 2 :]
     for r in shown:
         if r is None:
             table.add_row("…", "", "", "", "")
             continue
         g = r["global"]
-        table.add_row(str(r["round"]), f"{len(r['completed'])}/{len(r['sampled'])}",
-                      f"{g.get('loss', float('nan')):.4f}", f"{g.get('accuracy', float('nan')):.4f}",
-                      f"{r['seconds']:.2f}")
+        table.add_row(
+            str(r["round"]),
+            f"{len(r['completed'])}/{len(r['sampled'])}",
+            f"{g.get('loss', float('nan')):.4f}",
+            f"{g.get('accuracy', float('nan')):.4f}",
+            f"{r['seconds']:.2f}",
+        )
     return table

@@ -79,8 +79,15 @@ def plan(job_dir: Path, cfg: Any, to: str | None, destination: str | None) -> li
     return planned
 
 
-def replay(job_dir: Path, to: str | None = None, destination: str | None = None, timeout: float = 120.0,
-           status: str | None = None, console: Console | None = None, dead_letters: bool = False) -> dict[str, Any]:
+def replay(
+    job_dir: Path,
+    to: str | None = None,
+    destination: str | None = None,
+    timeout: float = 120.0,
+    status: str | None = None,
+    console: Console | None = None,
+    dead_letters: bool = False,
+) -> dict[str, Any]:
     """Deliver ``job_dir``'s spool past each receiver's mark (and, with ``dead_letters``, try its set-aside
     records again); returns the hub's close report plus counts."""
     console = console or Console(stderr=True)
@@ -89,8 +96,10 @@ def replay(job_dir: Path, to: str | None = None, destination: str | None = None,
     if status is None:
         status = job_status or KILLED
         if job_status is None:
-            console.print(f"[yellow]note:[/] {job_dir / 'result.json'} is missing (a job that was killed, or one "
-                          "still running: do not replay a running job); runs end as KILLED")
+            console.print(
+                f"[yellow]note:[/] {job_dir / 'result.json'} is missing (a job that was killed, or one "
+                "still running: do not replay a running job); runs end as KILLED"
+            )
     planned = plan(job_dir, cfg, to, destination)
     try:
         built = build_receivers([spec for _, spec in planned])
@@ -99,8 +108,15 @@ def replay(job_dir: Path, to: str | None = None, destination: str | None = None,
     receivers = [(name, receiver) for (name, _), (_, receiver) in zip(planned, built)]
     from fl_ray.metadata import run_tags
 
-    ctx = ReceiverContext(job_id=job_dir.name, job_name=cfg.name, job_dir=job_dir, workspace=job_dir.parent,
-                          sites=tuple(cfg.site_names), config=raw, tags=run_tags(job_dir.name))
+    ctx = ReceiverContext(
+        job_id=job_dir.name,
+        job_name=cfg.name,
+        job_dir=job_dir,
+        workspace=job_dir.parent,
+        sites=tuple(cfg.site_names),
+        config=raw,
+        tags=run_tags(job_dir.name),
+    )
     hub = TrackingHub(ctx, receivers)
     retried = hub.retry_dead_letters(timeout) if dead_letters else {}
     report = hub.close(status, timeout)

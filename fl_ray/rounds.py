@@ -96,23 +96,36 @@ class Executor(ABC):
     """
 
     @abstractmethod
-    def run(self, tasks: list[Task], weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays],
-            failed: dict[str, str]) -> Running:
+    def run(
+        self,
+        tasks: list[Task],
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        failed: dict[str, str],
+    ) -> Running:
         """Start ``tasks``; a site that cannot be reached at all goes to ``failed`` with the reason instead."""
 
 
 class ThreadExecutor(Executor):
     """Runs each site's learner in a thread of this process: for tests and for sites without Ray."""
 
-    def __init__(self, learners: Mapping[str, Learner], contexts: Mapping[str, LearnerContext],
-                 max_workers: int = 4) -> None:
+    def __init__(
+        self, learners: Mapping[str, Learner], contexts: Mapping[str, LearnerContext], max_workers: int = 4
+    ) -> None:
         self.learners, self.contexts = learners, contexts
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fl_ray-site")
 
-    def run(self, tasks: list[Task], weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays],
-            failed: dict[str, str]) -> Running:
-        futures = {self._pool.submit(run_task, self.learners[t.site], self.contexts[t.site], t, weights, payload): t.site
-                   for t in tasks}
+    def run(
+        self,
+        tasks: list[Task],
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        failed: dict[str, str],
+    ) -> Running:
+        futures = {
+            self._pool.submit(run_task, self.learners[t.site], self.contexts[t.site], t, weights, payload): t.site
+            for t in tasks
+        }
         return _FutureRunning(futures)
 
     def shutdown(self) -> None:
@@ -145,8 +158,9 @@ class _FutureRunning(Running):
         self._futures.clear()
 
 
-def run_task(learner: Learner, ctx: LearnerContext, task: Task, weights: Mapping[str, np.ndarray],
-             payload: Mapping[str, Arrays]) -> dict[str, Any]:
+def run_task(
+    learner: Learner, ctx: LearnerContext, task: Task, weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays]
+) -> dict[str, Any]:
     """Run one task with a site's learner and context (what a client actor does with a task)."""
     ctx.round, ctx.round_config, ctx.payload = task.round, dict(task.config), dict(payload)
     ctx.site_state = copy.deepcopy(dict(task.site_state))
@@ -156,17 +170,28 @@ def run_task(learner: Learner, ctx: LearnerContext, task: Task, weights: Mapping
             ctx.mlflow.log_metrics({f"federated_{k}": v for k, v in metrics.items()}, step=task.round)
         return {"metrics": metrics, "num_samples": len(ctx.data)}
     result = learner.train(weights, ctx)
-    return {"weights": result.weights, "num_samples": int(result.num_samples),
-            "metrics": {k: float(v) for k, v in result.metrics.items()}, "extras": dict(result.extras),
-            "site_state": ctx.site_state}
+    return {
+        "weights": result.weights,
+        "num_samples": int(result.num_samples),
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+        "extras": dict(result.extras),
+        "site_state": ctx.site_state,
+    }
 
 
 class RoundEngine:
     """Runs the job's rounds with ``strategy`` over ``executor``; ``learner``/``ctx`` are the server's own
     (initial weights, evaluation on the test split, model export) and ``ctx.mlflow`` its ``server`` run."""
 
-    def __init__(self, cfg: JobConfig, learner: Learner, ctx: LearnerContext, strategy: Strategy,
-                 executor: Executor, checkpoint_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        learner: Learner,
+        ctx: LearnerContext,
+        strategy: Strategy,
+        executor: Executor,
+        checkpoint_dir: Path,
+    ) -> None:
         self.cfg, self.learner, self.ctx, self.strategy, self.executor = cfg, learner, ctx, strategy, executor
         if ctx.mlflow is None:
             raise ValueError("the server's learner context needs its writer (ctx.mlflow: the server run)")
@@ -204,9 +229,11 @@ class RoundEngine:
                 break
         else:
             self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
-            raise RoundError(f"round {round_}: fewer than min_clients={self.cfg.min_clients} of the sampled sites "
-                             f"{plan.sites} returned a result in {self.cfg.round_retries + 1} attempt(s); "
-                             f"failures: {failures}")
+            raise RoundError(
+                f"round {round_}: fewer than min_clients={self.cfg.min_clients} of the sampled sites "
+                f"{plan.sites} returned a result in {self.cfg.round_retries + 1} attempt(s); "
+                f"failures: {failures}"
+            )
         self.weights, reported = aggregation.result()  # moves the strategy's state: only for the round kept
         self._keep_site_states(round_, states)
         self.ctx.round = round_
@@ -222,19 +249,32 @@ class RoundEngine:
         self.log.log_metrics(logged, step=round_)
         if failures:
             self.log.log_text(failure_text(round_, failures), f"failures/round_{round_}.txt")
-        summary = {"round": round_, "sampled": plan.sites, "completed": sorted(results), "failures": failures,
-                   "global": global_metrics, "client_mean": client_mean, "strategy": reported, "clients": results,
-                   "seconds": time.perf_counter() - start}
+        summary = {
+            "round": round_,
+            "sampled": plan.sites,
+            "completed": sorted(results),
+            "failures": failures,
+            "global": global_metrics,
+            "client_mean": client_mean,
+            "strategy": reported,
+            "clients": results,
+            "seconds": time.perf_counter() - start,
+        }
         if federated:
             summary["federated_evaluation"] = federated
         self.rounds.append(summary)
         append_round(self.job_dir, summary)  # before the checkpoint: a resume never lacks a round's summary
-        save_checkpoint(self.checkpoint_dir, Checkpoint(round_, self.weights, dict(self.rng.bit_generator.state),
-                                                        self.strategy.state(), self.site_states))
+        save_checkpoint(
+            self.checkpoint_dir,
+            Checkpoint(
+                round_, self.weights, dict(self.rng.bit_generator.state), self.strategy.state(), self.site_states
+            ),
+        )
         return summary
 
-    def _train(self, round_: int, plan: RoundPlan) -> tuple[Aggregation, dict[str, dict[str, Any]],
-                                                             dict[str, dict[str, Arrays]], dict[str, str]]:
+    def _train(
+        self, round_: int, plan: RoundPlan
+    ) -> tuple[Aggregation, dict[str, dict[str, Any]], dict[str, dict[str, Arrays]], dict[str, str]]:
         """One attempt at a round's training: the aggregation fed with every result in time, the results by
         site (without their weights), what each site keeps until its next round, and the failures."""
         aggregation = self.strategy.aggregation(round_, self.weights)
@@ -253,8 +293,9 @@ class RoundEngine:
             if self.cfg.cross_site_evaluation:
                 self.local_weights[site] = weights
             try:
-                aggregation.add(FitResult(site, weights, outcome["num_samples"], outcome["metrics"],
-                                          outcome.pop("extras", {})))
+                aggregation.add(
+                    FitResult(site, weights, outcome["num_samples"], outcome["metrics"], outcome.pop("extras", {}))
+                )
             except StrategyError as exc:  # a result the strategy cannot use fails this site, not the round
                 failed[site] = f"result refused: {exc}"
                 continue
@@ -274,27 +315,33 @@ class RoundEngine:
         self._state_bytes.update({site: state_bytes(state) for site, state in states.items() if state})
         total, budget = sum(self._state_bytes.values()), self.cfg.resources.site_state_mb * 1e6
         if total > budget:
-            raise RoundError(f"round {round_}: what the sites keep between their rounds (ctx.site_state) takes "
-                             f"{total / 1e6:.1f} MB for {len(self._state_bytes)} sites, over resources.site_state_mb="
-                             f"{self.cfg.resources.site_state_mb:g}; raise it if the driver's node has the memory "
-                             "(the server holds it and checkpoints it every round), or keep less per site")
+            raise RoundError(
+                f"round {round_}: what the sites keep between their rounds (ctx.site_state) takes "
+                f"{total / 1e6:.1f} MB for {len(self._state_bytes)} sites, over resources.site_state_mb="
+                f"{self.cfg.resources.site_state_mb:g}; raise it if the driver's node has the memory "
+                "(the server holds it and checkpoints it every round), or keep less per site"
+            )
 
     def cross_site_evaluation(self) -> dict[str, dict[str, Any]]:
         """Every site evaluates the final global model and each site's last local model (of this run of the
         job) on its own data: ``{model: {site: metrics, or {"error": why}}}``, models ``global`` then sites."""
-        models = {"global": self.weights, **{site: self.local_weights[site] for site in self.sites
-                                             if site in self.local_weights}}
+        models = {
+            "global": self.weights,
+            **{site: self.local_weights[site] for site in self.sites if site in self.local_weights},
+        }
         round_ = len(self.rounds)
         matrix: dict[str, dict[str, Any]] = {}
         for name, weights in models.items():
             failed: dict[str, str] = {}
             results = self._run_all([Task(s, EVALUATE, round_, log=False) for s in self.sites], weights, failed)
-            matrix[name] = {s: results[s]["metrics"] if s in results else {"error": failed.get(s, "no result")}
-                            for s in self.sites}
+            matrix[name] = {
+                s: results[s]["metrics"] if s in results else {"error": failed.get(s, "no result")} for s in self.sites
+            }
         return matrix
 
-    def _run_all(self, tasks: list[Task], weights: Mapping[str, np.ndarray],
-                 failed: dict[str, str]) -> dict[str, dict[str, Any]]:
+    def _run_all(
+        self, tasks: list[Task], weights: Mapping[str, np.ndarray], failed: dict[str, str]
+    ) -> dict[str, dict[str, Any]]:
         """Run evaluation ``tasks`` within ``round_timeout``; results by site, failures into ``failed``."""
         running = self.executor.run(tasks, weights, {}, failed)
         results: dict[str, dict[str, Any]] = {}
@@ -329,8 +376,10 @@ class RoundEngine:
             return
         key, mode = self.cfg.server.key_metric, self.cfg.server.key_mode
         if key not in metrics:
-            raise ConfigError(f"server.key_metric: {key!r} is not one of the global metrics the learner's evaluate "
-                              f"returns ({', '.join(sorted(metrics)) or 'none'}); set server.key_metric to one of them")
+            raise ConfigError(
+                f"server.key_metric: {key!r} is not one of the global metrics the learner's evaluate "
+                f"returns ({', '.join(sorted(metrics)) or 'none'}); set server.key_metric to one of them"
+            )
         value = float(metrics[key])
         if not improves(value, self.best_score, mode):
             return
@@ -338,8 +387,9 @@ class RoundEngine:
         if exported is None:  # this learner exports no model after all; the job says so at the end
             self.exports = False
             return
-        save_best(self.checkpoint_dir, BestRecord(round_, key, mode, metrics, dict(self.weights),
-                                                  np.asarray(exported[1])))
+        save_best(
+            self.checkpoint_dir, BestRecord(round_, key, mode, metrics, dict(self.weights), np.asarray(exported[1]))
+        )
         self.best_score = value
 
     def best_model(self) -> BestModel | None:
@@ -353,8 +403,10 @@ class RoundEngine:
 
 def state_bytes(state: Mapping[str, Arrays]) -> int:
     """The bytes of a site's kept arrays."""
-    return sum(sum(np.asarray(a).nbytes for a in v.values()) if isinstance(v, Mapping) else np.asarray(v).nbytes
-               for v in state.values())
+    return sum(
+        sum(np.asarray(a).nbytes for a in v.values()) if isinstance(v, Mapping) else np.asarray(v).nbytes
+        for v in state.values()
+    )
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -365,5 +417,10 @@ def describe_failure(exc: BaseException) -> str:
 
 def failure_text(round_: int, failures: dict[str, str]) -> str:
     """The text logged to the server run for a round with failures."""
-    return "\n".join([f"round {round_}: {len(failures)} client failure(s)"] +
-                     [f"{site}: {why}" for site, why in sorted(failures.items())]) + "\n"
+    return (
+        "\n".join(
+            [f"round {round_}: {len(failures)} client failure(s)"]
+            + [f"{site}: {why}" for site, why in sorted(failures.items())]
+        )
+        + "\n"
+    )

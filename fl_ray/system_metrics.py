@@ -120,8 +120,10 @@ class _Nvml:
 
     def power(self, handle: Any) -> tuple[float, float]:
         """Power draw and enforced power limit, in watts."""
-        return (self._m.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-                self._m.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0)
+        return (
+            self._m.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            self._m.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+        )
 
 
 def _text(value: str | bytes) -> str:
@@ -135,16 +137,21 @@ def gpu_description(nvml: Any = None) -> str:
     ``nvml``: a pynvml-compatible module (default: ``pynvml``); tests pass a fake.
     """
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    lines = [f"host: {socket.gethostname()}",
-             f"CUDA_VISIBLE_DEVICES: {env if env is not None else '(unset: all GPUs visible)'}"]
+    lines = [
+        f"host: {socket.gethostname()}",
+        f"CUDA_VISIBLE_DEVICES: {env if env is not None else '(unset: all GPUs visible)'}",
+    ]
     opened, why = _Nvml.open(nvml)
     if opened is None:
         return "\n".join(lines + [f"no GPU: {why}"]) + "\n"
     try:
         gpus = opened.visible(env)
         lines.append(f"NVIDIA {opened.driver()}")
-        lines += [f"cuda:{g.ordinal}  GPU {g.index}  {opened.name(g.handle)}  "
-                  f"{opened.memory(g.handle)[1] // 2**20} MiB  {opened.uuid(g.handle)}" for g in gpus]
+        lines += [
+            f"cuda:{g.ordinal}  GPU {g.index}  {opened.name(g.handle)}  "
+            f"{opened.memory(g.handle)[1] // 2**20} MiB  {opened.uuid(g.handle)}"
+            for g in gpus
+        ]
         if not gpus:
             lines.append("no GPU: none of the node's GPUs is visible to this process")
     except opened.error as exc:
@@ -169,13 +176,24 @@ class SystemMetricsSampler:
     Use ``start()`` / ``stop()`` or ``with``; ``stop()`` takes one last sample and is safe to repeat.
     """
 
-    def __init__(self, writer: MLflowWriter, interval: float = 10.0, gpu_indices: list[int] | None = None,
-                 *, nvml: Any = None, warn_no_gpu: bool = True) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
-                math.isfinite(interval) and interval > 0):
+    def __init__(
+        self,
+        writer: MLflowWriter,
+        interval: float = 10.0,
+        gpu_indices: list[int] | None = None,
+        *,
+        nvml: Any = None,
+        warn_no_gpu: bool = True,
+    ) -> None:
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not (math.isfinite(interval) and interval > 0)
+        ):
             raise ValueError(f"interval: expected a positive number of seconds, got {interval!r}")
         if gpu_indices is not None and not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices):
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices
+        ):
             raise ValueError(f"gpu_indices: expected a list of cuda:N ordinals (integers >= 0), got {gpu_indices!r}")
         self.writer = writer
         self.interval = float(interval)
@@ -203,8 +221,10 @@ class SystemMetricsSampler:
         """Find the GPUs to sample and start the thread; warns once if it samples no GPU."""
         with self._lock:
             if self._state is not _State.NEW:
-                raise RuntimeError(f"system metrics sampler for site {self.writer.site!r} is {self._state.value}; "
-                                   "a sampler starts once (create a new one)")
+                raise RuntimeError(
+                    f"system metrics sampler for site {self.writer.site!r} is {self._state.value}; "
+                    "a sampler starts once (create a new one)"
+                )
             self._state = _State.RUNNING
         try:
             why = self._open_gpus()
@@ -228,8 +248,11 @@ class SystemMetricsSampler:
         self._stop.set()
         self._thread.join(JOIN_TIMEOUT)
         if self._thread.is_alive():
-            log.warning("site %s: system metrics thread still busy after %.0f s; no final sample",
-                        self.writer.site, JOIN_TIMEOUT)
+            log.warning(
+                "site %s: system metrics thread still busy after %.0f s; no final sample",
+                self.writer.site,
+                JOIN_TIMEOUT,
+            )
         elif not self._failed:
             self._log_sample()
         if self._nvml is not None:
@@ -255,8 +278,10 @@ class SystemMetricsSampler:
             missing = sorted(set(self._gpu_indices) - {g.ordinal for g in visible})
             if missing:
                 self._nvml.close()
-                raise ValueError(f"gpu_indices: {missing} not among the visible GPUs "
-                                 f"{[g.ordinal for g in visible]} (CUDA_VISIBLE_DEVICES={env!r})")
+                raise ValueError(
+                    f"gpu_indices: {missing} not among the visible GPUs "
+                    f"{[g.ordinal for g in visible]} (CUDA_VISIBLE_DEVICES={env!r})"
+                )
             visible = [g for g in visible if g.ordinal in self._gpu_indices]
         self._gpus = visible
         if not visible:
@@ -323,5 +348,6 @@ class SystemMetricsSampler:
         key = f"{gpu.ordinal}/{what}"
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("site %s: NVML gives no %s for gpu_%d (%s); skipping it", self.writer.site, what,
-                        gpu.ordinal, exc)
+            log.warning(
+                "site %s: NVML gives no %s for gpu_%d (%s); skipping it", self.writer.site, what, gpu.ordinal, exc
+            )

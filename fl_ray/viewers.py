@@ -61,8 +61,9 @@ def view_hints(result: dict[str, Any]) -> list[tuple[str, str]]:
         if "parent_run_id" in entry and entry.get("tracking_uri"):
             where = f"experiment {entry['experiment_id']}, run {entry['parent_run_id']}"
             ui = mlflow_ui_command(entry["tracking_uri"])
-            hints.append(("MLflow", f"{where}; view with: {shell_line(ui)}" if ui
-                          else f"{where}; open {entry['tracking_uri']}"))
+            hints.append(
+                ("MLflow", f"{where}; view with: {shell_line(ui)}" if ui else f"{where}; open {entry['tracking_uri']}")
+            )
         elif "log_dir" in entry and entry.get("log_dir"):
             hints.append(("TensorBoard", f"view with: {shell_line(tensorboard_command(entry['log_dir']))}"))
         elif "mode" in entry and entry.get("dir"):

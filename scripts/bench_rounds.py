@@ -29,12 +29,20 @@ from fl_ray.learners import ImageClassificationLearner, LearnerContext
 
 
 def bench_config(sites: int, rounds: int) -> JobConfig:
-    return JobConfig.model_validate({
-        "name": "bench-rounds", "num_rounds": rounds, "sites": sites, "min_clients": sites, "local_epochs": 1,
-        "batch_size": 32, "dataset": {"name": "synthetic", "num_samples": 100 * sites},
-        "learner_args": {"model": "mlp"}, "resources": {"client_cpus": 0.1, "server_cpus": 0.1},
-        "tracking": {"system_metrics": False},
-    })
+    return JobConfig.model_validate(
+        {
+            "name": "bench-rounds",
+            "num_rounds": rounds,
+            "sites": sites,
+            "min_clients": sites,
+            "local_epochs": 1,
+            "batch_size": 32,
+            "dataset": {"name": "synthetic", "num_samples": 100 * sites},
+            "learner_args": {"model": "mlp"},
+            "resources": {"client_cpus": 0.1, "server_cpus": 0.1},
+            "tracking": {"system_metrics": False},
+        }
+    )
 
 
 def sequential_baseline(cfg: JobConfig) -> list[float]:
@@ -44,8 +52,14 @@ def sequential_baseline(cfg: JobConfig) -> list[float]:
 
     def learner(site: str, index: int | None) -> tuple[ImageClassificationLearner, LearnerContext]:
         data, ds = site_data(cfg.dataset, cfg.seed, len(sites), index)
-        ctx = LearnerContext(site=site, device=torch.device("cpu"), config=cfg, data=data,
-                             num_classes=ds.num_classes, input_shape=ds.input_shape)
+        ctx = LearnerContext(
+            site=site,
+            device=torch.device("cpu"),
+            config=cfg,
+            data=data,
+            num_classes=ds.num_classes,
+            input_shape=ds.input_shape,
+        )
         lrn = ImageClassificationLearner(**cfg.learner_args)
         lrn.setup(ctx)
         return lrn, ctx
@@ -88,23 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     base = sequential_baseline(cfg)[1:] or [float("nan")]
 
     figures = {
-        "sites": args.sites, "rounds": args.rounds, "job_seconds_total": round(total, 2),
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "job_seconds_total": round(total, 2),
         "first_round_seconds": round(rounds[0], 3),
         "round_seconds_median": round(statistics.median(steady), 4),
         "round_seconds_mean": round(statistics.mean(steady), 4),
         "round_seconds_max": round(max(steady), 4),
         "baseline_round_seconds_median": round(statistics.median(base), 4),
         "overhead_ratio": round(statistics.median(steady) / statistics.median(base), 2),
-        "tracking_records_delivered": tracked["delivered"], "tracking_records_undelivered": tracked["undelivered"],
+        "tracking_records_delivered": tracked["delivered"],
+        "tracking_records_undelivered": tracked["undelivered"],
         "final_accuracy": round(result.final_metrics["accuracy"], 4),
         "target_round_seconds": args.target,
         "meets_target": statistics.median(steady) <= args.target,
     }
-    console.print(f"round time after warm-up: median {figures['round_seconds_median']:.3f} s, "
-                  f"mean {figures['round_seconds_mean']:.3f} s, max {figures['round_seconds_max']:.3f} s "
-                  f"(first round {figures['first_round_seconds']:.2f} s; whole job incl. Ray start {total:.1f} s)")
-    console.print(f"baseline (sequential, no Ray): median {figures['baseline_round_seconds_median']:.3f} s per round; "
-                  f"ratio {figures['overhead_ratio']}x")
+    console.print(
+        f"round time after warm-up: median {figures['round_seconds_median']:.3f} s, "
+        f"mean {figures['round_seconds_mean']:.3f} s, max {figures['round_seconds_max']:.3f} s "
+        f"(first round {figures['first_round_seconds']:.2f} s; whole job incl. Ray start {total:.1f} s)"
+    )
+    console.print(
+        f"baseline (sequential, no Ray): median {figures['baseline_round_seconds_median']:.3f} s per round; "
+        f"ratio {figures['overhead_ratio']}x"
+    )
     console.print(f"target <= {args.target} s per round: {'met' if figures['meets_target'] else 'NOT met'}")
     print(json.dumps(figures))
     return 0 if figures["meets_target"] and not figures["tracking_records_undelivered"] else 1

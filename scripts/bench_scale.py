@@ -43,15 +43,21 @@ from fl_ray.progress import RoundProgress
 TARGET_PSS_GB, TARGET_STARTUP_S, TARGET_RATIO = 4.0, 30.0, 2.0
 
 
-def bench_config(sites: int, sampled: int, rounds: int, workers: int | None, dataset: str,
-                 per_site: int) -> JobConfig:
+def bench_config(sites: int, sampled: int, rounds: int, workers: int | None, dataset: str, per_site: int) -> JobConfig:
     data = {"name": "digits"} if dataset == "digits" else {"name": "synthetic", "num_samples": per_site * sites}
-    return JobConfig.model_validate({
-        "name": f"bench-scale-{sites}-{sampled}", "num_rounds": rounds, "sites": sites, "min_clients": sampled,
-        "sample_fraction": sampled / sites, "dataset": data, "learner_args": {"model": "digits_cnn"},
-        "resources": {"workers": workers, "client_cpus": 0.5, "server_cpus": 0.5, "schedule_timeout": 600},
-        "tracking": {"log_model": False, "system_metrics_interval": 30.0, "close_timeout": 900},
-    })
+    return JobConfig.model_validate(
+        {
+            "name": f"bench-scale-{sites}-{sampled}",
+            "num_rounds": rounds,
+            "sites": sites,
+            "min_clients": sampled,
+            "sample_fraction": sampled / sites,
+            "dataset": data,
+            "learner_args": {"model": "digits_cnn"},
+            "resources": {"workers": workers, "client_cpus": 0.5, "server_cpus": 0.5, "schedule_timeout": 600},
+            "tracking": {"log_model": False, "system_metrics_interval": 30.0, "close_timeout": 900},
+        }
+    )
 
 
 class MemorySampler:
@@ -117,8 +123,13 @@ def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
         total = time.monotonic() - job_start
         client = MlflowClient(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         experiment = client.get_experiment_by_name(cfg.name)
-        runs = [] if experiment is None else client.search_runs(
-            [experiment.experiment_id], f"tags.`fl_ray.job_id` = '{result.job_id}'", max_results=50_000)
+        runs = (
+            []
+            if experiment is None
+            else client.search_runs(
+                [experiment.experiment_id], f"tags.`fl_ray.job_id` = '{result.job_id}'", max_results=50_000
+            )
+        )
     rounds = [r["seconds"] for r in result.rounds]
     tasks = [c["seconds"] for r in result.rounds[1:] for c in r["clients"].values()]
     steady = rounds[1:] or rounds
@@ -126,17 +137,27 @@ def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
     recorded = sum(s.get("recorded", 0) + s.get("sites_recorded", 0) for s in senders)
     delivered = result.tracking["receivers"]["mlflow"]["delivered"]
     return {
-        "sites": len(cfg.site_names), "sampled": cfg.clients_per_round, "rounds": cfg.num_rounds,
-        "workers": len(result.workers) or len(cfg.site_names), "status": result.status,
-        "peak_pss_gb": round(memory.peak_pss / 2**30, 3), "peak_rss_sum_gb": round(memory.peak_rss / 2**30, 3),
-        "processes_at_peak": memory.processes, "ray_start_seconds": round(ray_seconds, 2),
+        "sites": len(cfg.site_names),
+        "sampled": cfg.clients_per_round,
+        "rounds": cfg.num_rounds,
+        "workers": len(result.workers) or len(cfg.site_names),
+        "status": result.status,
+        "peak_pss_gb": round(memory.peak_pss / 2**30, 3),
+        "peak_rss_sum_gb": round(memory.peak_rss / 2**30, 3),
+        "processes_at_peak": memory.processes,
+        "ray_start_seconds": round(ray_seconds, 2),
         "job_startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - job_start, 2),
         "startup_seconds": round(_TimedProgress.ends[0] - rounds[0] - started, 2),
-        "first_round_seconds": round(rounds[0], 3), "round_seconds_median": round(statistics.median(steady), 3),
+        "first_round_seconds": round(rounds[0], 3),
+        "round_seconds_median": round(statistics.median(steady), 3),
         "task_seconds_median": round(statistics.median(tasks or [float("nan")]), 4),
-        "job_seconds": round(total, 1), "mlflow_runs_created": len(runs), "records_recorded": recorded,
-        "records_delivered_to_mlflow": delivered, "records_lost": recorded - delivered,
-        "first_round_sites": result.rounds[0]["sampled"], "final_accuracy": round(result.final_metrics["accuracy"], 4),
+        "job_seconds": round(total, 1),
+        "mlflow_runs_created": len(runs),
+        "records_recorded": recorded,
+        "records_delivered_to_mlflow": delivered,
+        "records_lost": recorded - delivered,
+        "first_round_sites": result.rounds[0]["sampled"],
+        "final_accuracy": round(result.final_metrics["accuracy"], 4),
     }
 
 
@@ -149,8 +170,14 @@ def sequential_baseline(cfg: JobConfig, sites: list[str], rounds: int) -> list[f
 
     def learner(site: str) -> tuple[ImageClassificationLearner, LearnerContext]:
         data = dataset.test if site == "server" else dataset.train.subset(parts[names.index(site)])
-        ctx = LearnerContext(site=site, device=torch.device("cpu"), config=cfg, data=data,
-                             num_classes=dataset.num_classes, input_shape=dataset.input_shape)
+        ctx = LearnerContext(
+            site=site,
+            device=torch.device("cpu"),
+            config=cfg,
+            data=data,
+            num_classes=dataset.num_classes,
+            input_shape=dataset.input_shape,
+        )
         lrn = ImageClassificationLearner(**cfg.learner_args)
         lrn.setup(ctx)
         return lrn, ctx
@@ -178,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per job (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="resources.workers (default: what fits)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
-    parser.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
-                        help="synthetic (default; --per-site samples a site) or digits (1,437 training samples "
-                             "shared by all the sites)")
+    parser.add_argument(
+        "--dataset",
+        choices=("synthetic", "digits"),
+        default="synthetic",
+        help="synthetic (default; --per-site samples a site) or digits (1,437 training samples "
+        "shared by all the sites)",
+    )
     parser.add_argument("--per-site", type=int, default=100, help="synthetic samples per site (default %(default)s)")
     parser.add_argument("--also-10k", action="store_true", help="also 10,000 sites with 100 sampled per round")
     args = parser.parse_args(argv)
@@ -189,34 +220,41 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"jobs": []}
     for sites, sampled, per_site in jobs:
         console.print(f"{sites} sites, {sampled} sampled per round, {args.rounds} rounds...")
-        measured = run_one(bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site),
-                           args.interval)
+        measured = run_one(
+            bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site), args.interval
+        )
         console.print({k: v for k, v in measured.items() if k != "first_round_sites"})
         figures["jobs"].append(measured)
     first = figures["jobs"][0]
-    console.print(f"baseline: the {first['sampled']} sites of the first job's first round, sequentially in one "
-                  "process...")
+    console.print(
+        f"baseline: the {first['sampled']} sites of the first job's first round, sequentially in one process..."
+    )
     cfg = bench_config(first["sites"], first["sampled"], args.rounds, args.workers, args.dataset, args.per_site)
     base = sequential_baseline(cfg, first.pop("first_round_sites"), min(args.rounds, 5))
     for measured in figures["jobs"]:
         measured.pop("first_round_sites", None)
     base_median = statistics.median(base[1:] or base)
     ratio = first["round_seconds_median"] / base_median
-    figures.update({
-        "baseline_round_seconds_median": round(base_median, 3), "round_ratio_to_baseline": round(ratio, 2),
-        "targets": {"peak_pss_gb": TARGET_PSS_GB, "startup_seconds": TARGET_STARTUP_S, "round_ratio": TARGET_RATIO},
-        "meets_pss": all(j["peak_pss_gb"] <= TARGET_PSS_GB for j in figures["jobs"] if j["sites"] == args.sites),
-        "meets_startup": all(j["startup_seconds"] <= TARGET_STARTUP_S for j in figures["jobs"]
-                             if j["sites"] == args.sites),
-        "meets_round_ratio": ratio <= TARGET_RATIO,
-        "all_finished": all(j["status"] == "FINISHED" for j in figures["jobs"]),
-        "no_records_lost": all(j["records_lost"] == 0 for j in figures["jobs"]),
-    })
-    console.print(f"round with {first['sampled']} sampled: {first['round_seconds_median']:.3f} s; baseline "
-                  f"{base_median:.3f} s: {ratio:.2f}x (target <= {TARGET_RATIO:g}x)")
+    figures.update(
+        {
+            "baseline_round_seconds_median": round(base_median, 3),
+            "round_ratio_to_baseline": round(ratio, 2),
+            "targets": {"peak_pss_gb": TARGET_PSS_GB, "startup_seconds": TARGET_STARTUP_S, "round_ratio": TARGET_RATIO},
+            "meets_pss": all(j["peak_pss_gb"] <= TARGET_PSS_GB for j in figures["jobs"] if j["sites"] == args.sites),
+            "meets_startup": all(
+                j["startup_seconds"] <= TARGET_STARTUP_S for j in figures["jobs"] if j["sites"] == args.sites
+            ),
+            "meets_round_ratio": ratio <= TARGET_RATIO,
+            "all_finished": all(j["status"] == "FINISHED" for j in figures["jobs"]),
+            "no_records_lost": all(j["records_lost"] == 0 for j in figures["jobs"]),
+        }
+    )
+    console.print(
+        f"round with {first['sampled']} sampled: {first['round_seconds_median']:.3f} s; baseline "
+        f"{base_median:.3f} s: {ratio:.2f}x (target <= {TARGET_RATIO:g}x)"
+    )
     print(json.dumps(figures))
-    ok = all(figures[k] for k in ("meets_pss", "meets_startup", "meets_round_ratio", "all_finished",
-                                  "no_records_lost"))
+    ok = all(figures[k] for k in ("meets_pss", "meets_startup", "meets_round_ratio", "all_finished", "no_records_lost"))
     return 0 if ok else 1
 
 

@@ -23,8 +23,15 @@ from fl_ray.tracking.spool import Spool
 
 
 def batches(count: int, size: int) -> list[list[TrackingEvent]]:
-    return [[TrackingEvent(f"site-{b % 8}", b * size + i, EventKind.METRIC, "train/loss", 0.5 + i * 1e-3, i,
-                           1_700_000_000_000 + i) for i in range(size)] for b in range(count)]
+    return [
+        [
+            TrackingEvent(
+                f"site-{b % 8}", b * size + i, EventKind.METRIC, "train/loss", 0.5 + i * 1e-3, i, 1_700_000_000_000 + i
+            )
+            for i in range(size)
+        ]
+        for b in range(count)
+    ]
 
 
 def spool_run(root: Path, data: list[list[TrackingEvent]]) -> tuple[float, float]:
@@ -44,13 +51,17 @@ def sqlite_run(root: Path, data: list[list[TrackingEvent]]) -> tuple[float, floa
     db = sqlite3.connect(root / "spool.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, site TEXT, seq INTEGER, kind TEXT, key TEXT, "
-               "value, step INTEGER, timestamp INTEGER, grp TEXT)")
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, site TEXT, seq INTEGER, kind TEXT, key TEXT, "
+        "value, step INTEGER, timestamp INTEGER, grp TEXT)"
+    )
     start = time.perf_counter()
     for batch in data:
         db.execute("BEGIN")
-        db.executemany("INSERT INTO events (site, seq, kind, key, value, step, timestamp, grp) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*e[:2], e.kind.value, *e[3:]) for e in batch])
+        db.executemany(
+            "INSERT INTO events (site, seq, kind, key, value, step, timestamp, grp) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*e[:2], e.kind.value, *e[3:]) for e in batch],
+        )
         db.execute("COMMIT")
     wrote = time.perf_counter() - start
     start = time.perf_counter()
@@ -75,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="fl_ray_bench_spool_") as tmp:
                 runs.append(run(Path(tmp), data))
         write, read = sorted(w for w, _ in runs)[len(runs) // 2], sorted(r for _, r in runs)[len(runs) // 2]
-        figures[name] = {"append_records_per_s": round(total / write), "read_records_per_s": round(total / read),
-                         "ms_per_durable_batch": round(write / args.batches * 1000, 3)}
-        print(f"{name}: append {total / write:,.0f} records/s ({figures[name]['ms_per_durable_batch']} ms per "
-              f"synced batch of {args.batch_size}), read {total / read:,.0f} records/s")
+        figures[name] = {
+            "append_records_per_s": round(total / write),
+            "read_records_per_s": round(total / read),
+            "ms_per_durable_batch": round(write / args.batches * 1000, 3),
+        }
+        print(
+            f"{name}: append {total / write:,.0f} records/s ({figures[name]['ms_per_durable_batch']} ms per "
+            f"synced batch of {args.batch_size}), read {total / read:,.0f} records/s"
+        )
     ratio = figures["spool"]["append_records_per_s"] / figures["sqlite_wal"]["append_records_per_s"]
     print(f"spool / SQLite WAL append throughput: {ratio:.2f}x")
     print(json.dumps({"records": total, "batch_size": args.batch_size, **figures, "append_ratio": round(ratio, 3)}))

@@ -40,8 +40,20 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ["ray", "ray_ready", "actors", "receiver_ready", "first_site_ready", "sites_ready", "rounds",
-          "first_round_done", "last_round_done", "tracking", "tracking_drained", "ray_shutdown"]
+PHASES = [
+    "ray",
+    "ray_ready",
+    "actors",
+    "receiver_ready",
+    "first_site_ready",
+    "sites_ready",
+    "rounds",
+    "first_round_done",
+    "last_round_done",
+    "tracking",
+    "tracking_drained",
+    "ray_shutdown",
+]
 TARGETS = {"w1": 12.0, "w3": 30.0}  # whole job, seconds, on the project's 2-core machine (issue 17)
 FIRST_ROUND_TARGET = 8.0  # seconds from the start to the first line of round 1 (2 sites)
 
@@ -49,19 +61,37 @@ FIRST_ROUND_TARGET = 8.0  # seconds from the start to the first line of round 1 
 def workload(name: str) -> dict[str, Any]:
     """The job config of a workload."""
     if name == "w1":
-        return {"name": "bench-w1", "num_rounds": 5, "sites": 2, "min_clients": 2, "local_epochs": 1,
-                "batch_size": 32, "lr": 0.01,
-                "dataset": {"name": "synthetic", "num_samples": 4000, "shape": [3, 32, 32]},
-                "learner_args": {"model": "hello_pt_cnn", "log_every": 1}, "resources": {"schedule_timeout": 600},
-                "tracking": {"receivers": [{"type": "mlflow"}], "log_model": False}}
+        return {
+            "name": "bench-w1",
+            "num_rounds": 5,
+            "sites": 2,
+            "min_clients": 2,
+            "local_epochs": 1,
+            "batch_size": 32,
+            "lr": 0.01,
+            "dataset": {"name": "synthetic", "num_samples": 4000, "shape": [3, 32, 32]},
+            "learner_args": {"model": "hello_pt_cnn", "log_every": 1},
+            "resources": {"schedule_timeout": 600},
+            "tracking": {"receivers": [{"type": "mlflow"}], "log_model": False},
+        }
     if name == "w3":
-        return {"name": "bench-w3", "num_rounds": 20, "sites": 10, "min_clients": 10, "local_epochs": 1,
-                "batch_size": 32, "dataset": {"name": "synthetic", "num_samples": 1000},
-                "learner_args": {"model": "mlp"}, "resources": {"client_cpus": 0.1, "server_cpus": 0.1, "schedule_timeout": 600},
-                "tracking": {"receivers": [], "system_metrics": False, "log_model": False}}
+        return {
+            "name": "bench-w3",
+            "num_rounds": 20,
+            "sites": 10,
+            "min_clients": 10,
+            "local_epochs": 1,
+            "batch_size": 32,
+            "dataset": {"name": "synthetic", "num_samples": 1000},
+            "learner_args": {"model": "mlp"},
+            "resources": {"client_cpus": 0.1, "server_cpus": 0.1, "schedule_timeout": 600},
+            "tracking": {"receivers": [], "system_metrics": False, "log_model": False},
+        }
     if name == "digits":  # the default job, as the quick start runs it
-        return {**yaml.safe_load((REPO / "configs" / "fedavg_digits.yaml").read_text()),
-                "resources": {"schedule_timeout": 600}}
+        return {
+            **yaml.safe_load((REPO / "configs" / "fedavg_digits.yaml").read_text()),
+            "resources": {"schedule_timeout": 600},
+        }
     raise ValueError(f"unknown workload {name!r}; expected w1, w3 or digits")
 
 
@@ -100,8 +130,16 @@ def _kind(cmdline: list[str]) -> str:
     text = " ".join(cmdline)
     if text.startswith("ray::"):
         return text.split()[0].split(".")[0]  # ray::ClientActor, ray::IDLE, ...
-    for daemon in ("gcs_server", "raylet", "dashboard_agent", "agent_manager", "runtime_env", "log_monitor",
-                   "monitor.py", "dashboard.py"):
+    for daemon in (
+        "gcs_server",
+        "raylet",
+        "dashboard_agent",
+        "agent_manager",
+        "runtime_env",
+        "log_monitor",
+        "monitor.py",
+        "dashboard.py",
+    ):
         if daemon in text:
             return daemon
     return "driver" if "run_fedavg.py" in text else Path(cmdline[0]).name if cmdline else "?"
@@ -121,7 +159,9 @@ def _reap(timeout: float) -> None:
             time.sleep(0.05)
 
 
-def run_process(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float], float, subprocess.CompletedProcess]:
+def run_process(
+    cmd: list[str], env: dict[str, str]
+) -> tuple[float, dict[str, float], float, subprocess.CompletedProcess]:
     """Run ``cmd``; its wall seconds to exit, the CPU seconds of it and everything it started (by kind of
     process), and the wall-clock time it started at."""
     meter = CpuMeter()
@@ -129,8 +169,10 @@ def run_process(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, f
     start = time.perf_counter()
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) as popen:
         out: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda name, f: out.__setitem__(name, f.read()), args=(n, f), daemon=True)
-                   for n, f in (("stdout", popen.stdout), ("stderr", popen.stderr))]
+        readers = [
+            threading.Thread(target=lambda name, f: out.__setitem__(name, f.read()), args=(n, f), daemon=True)
+            for n, f in (("stdout", popen.stdout), ("stderr", popen.stderr))
+        ]
         for reader in readers:
             reader.start()
         while popen.poll() is None:
@@ -153,8 +195,17 @@ def run_job(name: str, root: Path, env: dict[str, str], repo: Path) -> dict[str,
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(workload(name)))
     wall, cpu, started, proc = run_process(
-        [sys.executable, str(repo / "scripts" / "run_fedavg.py"), "--config", str(config),
-         "--workspace", str(work / "ws"), "--quiet"], {**env, "PYTHONPATH": str(repo)})
+        [
+            sys.executable,
+            str(repo / "scripts" / "run_fedavg.py"),
+            "--config",
+            str(config),
+            "--workspace",
+            str(work / "ws"),
+            "--quiet",
+        ],
+        {**env, "PYTHONPATH": str(repo)},
+    )
     cpu_total = round(sum(cpu.values()), 2)
     results = list((work / "ws").glob("*/result.json"))
     if proc.returncode != 0 or not results:
@@ -168,10 +219,16 @@ def run_job(name: str, root: Path, env: dict[str, str], repo: Path) -> dict[str,
     phases["exit"] = round(wall, 3)
     rounds = [r["seconds"] for r in result["rounds"]]
     delivered = {n: r.get("delivered") for n, r in result["tracking"].get("receivers", {}).items()}
-    return {"wall": round(wall, 3), "cpu": cpu_total, "cpu_by_process": cpu, "phases": phases,
-            "round_median": round(statistics.median(rounds[1:] or rounds), 4), "status": result["status"],
-            "delivered": delivered, "undelivered": sum(r.get("undelivered", 0)
-                                                       for r in result["tracking"].get("receivers", {}).values())}
+    return {
+        "wall": round(wall, 3),
+        "cpu": cpu_total,
+        "cpu_by_process": cpu,
+        "phases": phases,
+        "round_median": round(statistics.median(rounds[1:] or rounds), 4),
+        "status": result["status"],
+        "delivered": delivered,
+        "undelivered": sum(r.get("undelivered", 0) for r in result["tracking"].get("receivers", {}).values()),
+    }
 
 
 def run_baseline(name: str, env: dict[str, str]) -> dict[str, Any]:
@@ -198,8 +255,14 @@ def baseline_rounds(name: str) -> dict[str, Any]:
 
     def learner(site: str, index: int | None) -> tuple[Any, Any]:
         data, ds = site_data(cfg.dataset, cfg.seed, len(sites), index)
-        ctx = LearnerContext(site=site, device=torch.device("cpu"), config=cfg, data=data,
-                             num_classes=ds.num_classes, input_shape=ds.input_shape)
+        ctx = LearnerContext(
+            site=site,
+            device=torch.device("cpu"),
+            config=cfg,
+            data=data,
+            num_classes=ds.num_classes,
+            input_shape=ds.input_shape,
+        )
         lrn = load_learner(cfg.learner, cfg.learner_args)
         lrn.setup(ctx)
         return lrn, ctx
@@ -219,26 +282,35 @@ def baseline_rounds(name: str) -> dict[str, Any]:
         weights = avg.result()
         server.evaluate(weights, server_ctx)
         times.append(time.perf_counter() - round_start)
-    return {"rounds_seconds": round(time.perf_counter() - start, 3),
-            "round_median": round(statistics.median(times[1:] or times), 4)}
+    return {
+        "rounds_seconds": round(time.perf_counter() - start, 3),
+        "round_median": round(statistics.median(times[1:] or times), 4),
+    }
 
 
 def store_figures(root: Path, repeat: int) -> dict[str, Any]:
     """Seconds to a ready sqlite MLflow store: MLflow's own creation (its migrations) against a copy of
     fl_ray's template (made first, once, if the cache has none); each in a fresh process, with the
     seconds its MLflow import took left out."""
-    code = ("import sys, time; from pathlib import Path; from mlflow.tracking import MlflowClient; "
-            "from fl_ray.mlflow_store import prepare_sqlite_store; p = Path(sys.argv[2]); t = time.perf_counter(); "
-            "made = sys.argv[1] == 'template' and prepare_sqlite_store(p, p.parent / 'mlartifacts'); "
-            "MlflowClient(f'sqlite:///{p}').search_experiments(); print(time.perf_counter() - t, made)")
+    code = (
+        "import sys, time; from pathlib import Path; from mlflow.tracking import MlflowClient; "
+        "from fl_ray.mlflow_store import prepare_sqlite_store; p = Path(sys.argv[2]); t = time.perf_counter(); "
+        "made = sys.argv[1] == 'template' and prepare_sqlite_store(p, p.parent / 'mlartifacts'); "
+        "MlflowClient(f'sqlite:///{p}').search_experiments(); print(time.perf_counter() - t, made)"
+    )
     figures: dict[str, list[float]] = {"mlflow": [], "template": []}
     template_made = 0.0
     for i in range(repeat + 1):
         for how in ("mlflow", "template"):
             db = root / f"store-{how}-{i}" / "mlflow.db"
             db.parent.mkdir()
-            out = subprocess.run([sys.executable, "-c", code, how, str(db)], capture_output=True, text=True,
-                                 cwd=REPO, env=os.environ.copy())
+            out = subprocess.run(
+                [sys.executable, "-c", code, how, str(db)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=os.environ.copy(),
+            )
             if out.returncode != 0:
                 raise RuntimeError(f"store ({how}): {out.stderr[-2000:]}")
             seconds = float(out.stdout.split()[0])
@@ -247,20 +319,32 @@ def store_figures(root: Path, repeat: int) -> dict[str, Any]:
             elif i > 0:
                 figures[how].append(seconds)
     mlflow_s, template_s = statistics.median(figures["mlflow"]), statistics.median(figures["template"])
-    return {"mlflow_create_seconds": round(mlflow_s, 3), "template_copy_seconds": round(template_s, 3),
-            "first_use_seconds": round(template_made, 3), "speedup": round(mlflow_s / template_s, 1),
-            "target_seconds": 1.0, "meets_target": template_s <= 1.0}
+    return {
+        "mlflow_create_seconds": round(mlflow_s, 3),
+        "template_copy_seconds": round(template_s, 3),
+        "first_use_seconds": round(template_made, 3),
+        "speedup": round(mlflow_s / template_s, 1),
+        "target_seconds": 1.0,
+        "meets_target": template_s <= 1.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="w1,w3",
-                        help="comma-separated: w1, w3, digits (the default job) (default %(default)s)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians are reported (default %(default)s)")
+    parser.add_argument(
+        "--workloads", default="w1,w3", help="comma-separated: w1, w3, digits (the default job) (default %(default)s)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each; medians are reported (default %(default)s)"
+    )
     parser.add_argument("--no-store", action="store_true", help="leave out the MLflow store figures")
-    parser.add_argument("--repo", type=Path, default=REPO,
-                        help="run the jobs of another checkout (e.g. main's, for a before/after comparison; "
-                             "w1 needs dataset.shape); default: this one")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=REPO,
+        help="run the jobs of another checkout (e.g. main's, for a before/after comparison; "
+        "w1 needs dataset.shape); default: this one",
+    )
     parser.add_argument("--baseline-of", help=argparse.SUPPRESS)  # internal: run one baseline in this process
     args = parser.parse_args(argv)
     if args.baseline_of:
@@ -272,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(var, None)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
-                               "repo": str(args.repo.resolve())}
+    figures: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "repo": str(args.repo.resolve()),
+    }
     with tempfile.TemporaryDirectory(prefix="fl_ray_bench_startup_") as tmp:
         root = Path(tmp)
         for name in names:
@@ -297,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(name: str, runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs of a workload, with its baseline and target."""
+
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
@@ -304,14 +392,21 @@ def summarize(name: str, runs: list[dict[str, Any]], bases: list[dict[str, Any]]
     phases = {k: med([r["phases"][k] for r in runs if k in r["phases"]]) for k in keys}
     wall = med([r["wall"] for r in runs])
     base_wall = med([b["wall"] for b in bases])
-    out = {"wall": wall, "cpu": med([r["cpu"] for r in runs]), "phases": phases,
-           "round_median": med([r["round_median"] for r in runs]), "status": [r["status"] for r in runs],
-           "undelivered": sum(r["undelivered"] for r in runs),
-           "baseline_wall": base_wall, "baseline_cpu": med([b["cpu"] for b in bases]),
-           "baseline_rounds_seconds": med([b["rounds_seconds"] for b in bases]),
-           "baseline_round_median": med([b["round_median"] for b in bases]),
-           "ratio_to_baseline": round(wall / base_wall, 2), "target_wall": TARGETS.get(name),
-           "runs": runs}
+    out = {
+        "wall": wall,
+        "cpu": med([r["cpu"] for r in runs]),
+        "phases": phases,
+        "round_median": med([r["round_median"] for r in runs]),
+        "status": [r["status"] for r in runs],
+        "undelivered": sum(r["undelivered"] for r in runs),
+        "baseline_wall": base_wall,
+        "baseline_cpu": med([b["cpu"] for b in bases]),
+        "baseline_rounds_seconds": med([b["rounds_seconds"] for b in bases]),
+        "baseline_round_median": med([b["round_median"] for b in bases]),
+        "ratio_to_baseline": round(wall / base_wall, 2),
+        "target_wall": TARGETS.get(name),
+        "runs": runs,
+    }
     out["meets_target"] = name not in TARGETS or wall <= TARGETS[name]
     if name == "w1":
         first = phases.get("rounds")
@@ -323,8 +418,11 @@ def summarize(name: str, runs: list[dict[str, Any]], bases: list[dict[str, Any]]
 
 def table(figures: dict[str, Any], names: list[str]) -> Table:
     """The figures as a table: phases as rows, a column per workload (seconds since the process started)."""
-    t = Table(title=f"start-up phases, seconds since `python scripts/run_fedavg.py` started "
-                    f"({figures['cpus']} CPUs, load {figures['load_average_1m']})", title_justify="left")
+    t = Table(
+        title=f"start-up phases, seconds since `python scripts/run_fedavg.py` started "
+        f"({figures['cpus']} CPUs, load {figures['load_average_1m']})",
+        title_justify="left",
+    )
     t.add_column("phase")
     for name in names:
         t.add_column(name, justify="right")
@@ -335,14 +433,22 @@ def table(figures: dict[str, Any], names: list[str]) -> Table:
     t.add_row("baseline: one process, no Ray (wall to exit)", *[_s(figures[n]["baseline_wall"]) for n in names])
     t.add_row("baseline: its rounds alone", *[_s(figures[n]["baseline_rounds_seconds"]) for n in names])
     t.add_row("whole job / baseline", *[f"{figures[n]['ratio_to_baseline']}x" for n in names])
-    t.add_row("target (whole job)", *[f"<= {figures[n]['target_wall']:g}: "
-                                      f"{'met' if figures[n]['meets_target'] else 'NOT met'}"
-                                      if figures[n]["target_wall"] else "" for n in names])
+    t.add_row(
+        "target (whole job)",
+        *[
+            f"<= {figures[n]['target_wall']:g}: {'met' if figures[n]['meets_target'] else 'NOT met'}"
+            if figures[n]["target_wall"]
+            else ""
+            for n in names
+        ],
+    )
     if "store" in figures:
         s = figures["store"]
-        t.add_row("MLflow store: created by MLflow / template copy",
-                  f"{s['mlflow_create_seconds']:.2f} / {s['template_copy_seconds']:.2f} ({s['speedup']}x)",
-                  *[""] * (len(names) - 1))
+        t.add_row(
+            "MLflow store: created by MLflow / template copy",
+            f"{s['mlflow_create_seconds']:.2f} / {s['template_copy_seconds']:.2f} ({s['speedup']}x)",
+            *[""] * (len(names) - 1),
+        )
     return t
 
 

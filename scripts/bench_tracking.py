@@ -86,21 +86,35 @@ def batch_baseline(uri: str, runs: int, points: int) -> float:
     start = time.perf_counter()
     for run_id in run_ids:
         for first in range(0, points, 1000):
-            client.log_batch(run_id, metrics=[Metric("bench_metric", i * 0.5, now + i, i)
-                                              for i in range(first, min(first + 1000, points))])
+            client.log_batch(
+                run_id,
+                metrics=[Metric("bench_metric", i * 0.5, now + i, i) for i in range(first, min(first + 1000, points))],
+            )
     return runs * points / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--store", choices=("server", "sqlite"), default="server",
-                        help="where the points go: a local `mlflow server`, or a sqlite store (default %(default)s)")
+    parser.add_argument(
+        "--store",
+        choices=("server", "sqlite"),
+        default="server",
+        help="where the points go: a local `mlflow server`, or a sqlite store (default %(default)s)",
+    )
     parser.add_argument("--sites", type=int, default=8, help="client actors (default %(default)s)")
     parser.add_argument("--points", type=int, default=5000, help="metric points per site (default %(default)s)")
-    parser.add_argument("--baseline-sample", type=int, default=300,
-                        help="server: points the baseline logs one by one, then extrapolates (default %(default)s)")
-    parser.add_argument("--server-workers", type=int, default=None,
-                        help="server: worker processes of the mlflow server (default: mlflow server's own default)")
+    parser.add_argument(
+        "--baseline-sample",
+        type=int,
+        default=300,
+        help="server: points the baseline logs one by one, then extrapolates (default %(default)s)",
+    )
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=None,
+        help="server: worker processes of the mlflow server (default: mlflow server's own default)",
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     total = args.sites * args.points
@@ -121,48 +135,75 @@ def main(argv: list[str] | None = None) -> int:
             base = statistics.mean(rates)
         else:
             workers = "default" if args.server_workers is None else str(args.server_workers)
-            console.print(f"starting mlflow server ({workers} workers) and Ray; "
-                          f"{args.sites} sites x {args.points} points = {total:,}")
+            console.print(
+                f"starting mlflow server ({workers} workers) and Ray; "
+                f"{args.sites} sites x {args.points} points = {total:,}"
+            )
             with LocalMlflowServer(root / "server", workers=args.server_workers) as server:
                 figures = pipeline(args, console, root, server.uri, server)
                 console.print("measuring the baseline (MlflowClient.log_metric per point)...")
                 base = baseline(server.uri, args.baseline_sample)
 
     points_per_s = figures["points_per_s"]
-    figures.update({"store": args.store, "server_workers": args.server_workers,
-                    "baseline_points_per_s": round(base, 1), "baseline_seconds_extrapolated": round(total / base, 1),
-                    "speedup": round(points_per_s / base, 2)})
+    figures.update(
+        {
+            "store": args.store,
+            "server_workers": args.server_workers,
+            "baseline_points_per_s": round(base, 1),
+            "baseline_seconds_extrapolated": round(total / base, 1),
+            "speedup": round(points_per_s / base, 2),
+        }
+    )
     if args.store == "sqlite":
-        figures.update(baseline="MlflowClient.log_batch, 1000 metrics a call",
-                       baseline_runs_points_per_s=[round(r, 1) for r in rates], target_ratio=0.8,
-                       meets_target=points_per_s >= 0.8 * base)
-    console.print(f"end to end: {total:,} points in {figures['seconds']:.2f} s = {points_per_s:,.0f} points/s; "
-                  f"lost {figures['lost']}, duplicated {figures['duplicated']}")
+        figures.update(
+            baseline="MlflowClient.log_batch, 1000 metrics a call",
+            baseline_runs_points_per_s=[round(r, 1) for r in rates],
+            target_ratio=0.8,
+            meets_target=points_per_s >= 0.8 * base,
+        )
+    console.print(
+        f"end to end: {total:,} points in {figures['seconds']:.2f} s = {points_per_s:,.0f} points/s; "
+        f"lost {figures['lost']}, duplicated {figures['duplicated']}"
+    )
     console.print(f"writer call: median {figures['writer_call_us_median']} µs, p99 {figures['writer_call_us_p99']} µs")
     if args.store == "server":
-        console.print(f"HTTP requests: {figures['http_requests']} ({figures['http_requests_per_1000_points']} "
-                      "per 1,000 points)")
-    console.print(f"spool: {figures['spool_syncs']} synced appends (one per acknowledged batch) took "
-                  f"{figures['spool_sync_seconds']:.3f} s in all, {figures['spool_sync_share']:.1%} of the run")
+        console.print(
+            f"HTTP requests: {figures['http_requests']} ({figures['http_requests_per_1000_points']} per 1,000 points)"
+        )
+    console.print(
+        f"spool: {figures['spool_syncs']} synced appends (one per acknowledged batch) took "
+        f"{figures['spool_sync_seconds']:.3f} s in all, {figures['spool_sync_share']:.1%} of the run"
+    )
     if args.store == "sqlite":
-        console.print(f"baseline (log_batch, 1,000 metrics a call): {base:,.0f} points/s; fl_ray reaches "
-                      f"{figures['speedup']:.2f} of it (target 0.8: {'met' if figures['meets_target'] else 'NOT met'})")
+        console.print(
+            f"baseline (log_batch, 1,000 metrics a call): {base:,.0f} points/s; fl_ray reaches "
+            f"{figures['speedup']:.2f} of it (target 0.8: {'met' if figures['meets_target'] else 'NOT met'})"
+        )
     else:
-        console.print(f"baseline: {base:,.0f} points/s, {1000 / base:.0f} ms a call (would take {total / base:,.0f} s); "
-                      f"speedup {figures['speedup']}x")
+        console.print(
+            f"baseline: {base:,.0f} points/s, {1000 / base:.0f} ms a call (would take {total / base:,.0f} s); "
+            f"speedup {figures['speedup']}x"
+        )
     print(json.dumps(figures))
     return 0 if figures["lost"] == 0 and figures["duplicated"] == 0 else 1
 
 
-def pipeline(args: argparse.Namespace, console: Console, root: Path, uri: str,
-             server: LocalMlflowServer | None) -> dict[str, Any]:
+def pipeline(
+    args: argparse.Namespace, console: Console, root: Path, uri: str, server: LocalMlflowServer | None
+) -> dict[str, Any]:
     """fl_ray's path, from the sites' writer calls to points stored in MLflow at ``uri``: the figures."""
     total = args.sites * args.points
     sites = [f"site-{i}" for i in range(1, args.sites + 1)]
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ctx = ReceiverContext(job_id="bench", job_name="bench-tracking", job_dir=root / "job",
-                          workspace=root, sites=tuple(sites), config={"sites": args.sites})
+    ctx = ReceiverContext(
+        job_id="bench",
+        job_name="bench-tracking",
+        job_dir=root / "job",
+        workspace=root,
+        sites=tuple(sites),
+        config={"sites": args.sites},
+    )
     ctx.job_dir.mkdir()
     receiver = start_receiver(ctx, [{"type": "mlflow", "tracking_uri": uri}], {}, here)
     actors = [BenchSite.remote(s, receiver_actor_name("bench")) for s in sites]
@@ -192,13 +233,19 @@ def pipeline(args: argparse.Namespace, console: Console, root: Path, uri: str,
         dupes += len(history) - len(points)
     ray.shutdown()
     return {
-        "sites": args.sites, "points_per_site": args.points, "points": total,
-        "seconds": round(elapsed, 3), "points_per_s": round(total / elapsed, 1), "lost": total - found,
-        "duplicated": dupes, "http_requests": requests,
+        "sites": args.sites,
+        "points_per_site": args.points,
+        "points": total,
+        "seconds": round(elapsed, 3),
+        "points_per_s": round(total / elapsed, 1),
+        "lost": total - found,
+        "duplicated": dupes,
+        "http_requests": requests,
         "http_requests_per_1000_points": round(requests * 1000 / total, 3) if requests is not None else None,
         "writer_call_us_median": round(statistics.median(costs) / 1000, 3),
         "writer_call_us_p99": round(sorted(costs)[int(len(costs) * 0.99)] / 1000, 3),
-        "spool_syncs": spool["syncs"], "spool_sync_seconds": spool["sync_seconds"],
+        "spool_syncs": spool["syncs"],
+        "spool_sync_seconds": spool["sync_seconds"],
         "spool_sync_share": round(spool["sync_seconds"] / elapsed, 4),
     }
 

@@ -13,8 +13,13 @@ from fl_ray.mlflow_server import LocalMlflowServer
 REPO = Path(__file__).resolve().parent.parent
 
 # Tests must not inherit a developer's tracking setup or W&B credentials.
-for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-             "WANDB_API_KEY"):
+for _var in (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
+):
     os.environ.pop(_var, None)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -38,8 +43,12 @@ def ray_session():
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     # Every worker starts with tracking credentials in its environment, as on a cluster whose nodes
     # have them: clients must drop them, the receiver actor must keep them.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": SESSION_CREDENTIALS})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": SESSION_CREDENTIALS},
+    )
     yield ray
     ray.shutdown()
 

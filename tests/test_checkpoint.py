@@ -34,8 +34,11 @@ def test_checkpoint_is_arrays_and_json_of_constant_size(tmp_path):
     np.testing.assert_array_equal(arrays[meta["weights"]["w"]["$array"]], eng.weights["w"])
     assert set(meta["strategy_state"]) == {"m", "v"}
     np.testing.assert_array_equal(arrays[meta["strategy_state"]["m"]["w"]["$array"]], eng.strategy.m["w"])
-    assert {s: int(arrays[meta["site_states"][s]["rounds"]["$array"]][0]) for s in meta["site_states"]} == \
-        {"site-1": 3, "site-2": 3, "site-3": 3}
+    assert {s: int(arrays[meta["site_states"][s]["rounds"]["$array"]][0]) for s in meta["site_states"]} == {
+        "site-1": 3,
+        "site-2": 3,
+        "site-3": 3,
+    }
     assert len({npz for npz, _ in sizes}) == 1 and max(j for _, j in sizes) - min(j for _, j in sizes) < 64
 
     lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
@@ -46,8 +49,9 @@ def test_checkpoint_is_arrays_and_json_of_constant_size(tmp_path):
 def test_a_round_written_twice_counts_once_and_a_torn_line_is_skipped(tmp_path):
     """After a crash a round runs again (its line is appended again) and a cut-off last line may remain:
     load_rounds keeps the last line per round, up to the checkpoint's round."""
-    (tmp_path / "rounds.jsonl").write_text('{"round": 1, "v": 1}\n{"round": 2, "v": 1}\n{"round": 2, "v": 2}\n'
-                                           '{"round": 3, "v": 1}\n{"round": 4, "v"')
+    (tmp_path / "rounds.jsonl").write_text(
+        '{"round": 1, "v": 1}\n{"round": 2, "v": 1}\n{"round": 2, "v": 2}\n{"round": 3, "v": 1}\n{"round": 4, "v"'
+    )
     assert load_rounds(tmp_path, upto=2) == [{"round": 1, "v": 1}, {"round": 2, "v": 2}]
     assert [r["round"] for r in load_rounds(tmp_path)] == [1, 2, 3]
 
@@ -57,8 +61,12 @@ def test_best_model_is_weights_and_json(tmp_path):
     from fl_ray.checkpoint import BestRecord, load_best, save_best
 
     weights = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    save_best(tmp_path, BestRecord(2, "accuracy", "max", {"accuracy": 0.5, "loss": float("nan")}, weights,
-                                   np.zeros((2, 1, 8, 8), np.float32)))
+    save_best(
+        tmp_path,
+        BestRecord(
+            2, "accuracy", "max", {"accuracy": 0.5, "loss": float("nan")}, weights, np.zeros((2, 1, 8, 8), np.float32)
+        ),
+    )
     meta, arrays = read_without_fl_ray(tmp_path, "best")
     assert (meta["round"], meta["metrics"]) == (2, {"accuracy": 0.5, "loss": None})
     np.testing.assert_array_equal(arrays[meta["weights"]["conv.weight"]["$array"]], weights["conv.weight"])
@@ -71,10 +79,22 @@ def test_torch_loads_only_weights():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    calls = [(path.name, node) for path in [*repo.joinpath("fl_ray").rglob("*.py"), *repo.joinpath("scripts").glob("*.py")]
-             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-             and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
-    unsafe = [name for name, call in calls if not any(
-        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)]
+    calls = [
+        (path.name, node)
+        for path in [*repo.joinpath("fl_ray").rglob("*.py"), *repo.joinpath("scripts").glob("*.py")]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "load"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "torch"
+    ]
+    unsafe = [
+        name
+        for name, call in calls
+        if not any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in call.keywords
+        )
+    ]
     assert unsafe == []

@@ -51,14 +51,25 @@ from conftest import new_workspace
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
 # Not uploaded with --working-dir: the virtualenv (GBs), job outputs, data, VCS and caches.
-UPLOAD_EXCLUDES = [".venv", ".git", "workspace", "data", "mlruns", "**/__pycache__", "*.egg-info",
-                   ".pytest_cache", ".hypothesis"]
+UPLOAD_EXCLUDES = [
+    ".venv",
+    ".git",
+    "workspace",
+    "data",
+    "mlruns",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".hypothesis",
+]
 START_TIMEOUT = 120
 JOB_TIMEOUT = 300
 TERM_GRACE = 5
 
-pytestmark = [pytest.mark.slow,  # starts a two-node Ray cluster of its own
-              pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}")]
+pytestmark = [
+    pytest.mark.slow,  # starts a two-node Ray cluster of its own
+    pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}"),
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -89,30 +100,74 @@ class LocalCluster:
     def start(self) -> None:
         # Short temp dir (/tmp/flrc-XXXX): Ray's unix sockets live under it, and paths are limited to 107 bytes.
         gcs, dashboard, client, head_agent, worker_agent = _free_ports(5)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
         self.env = env
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        common = ["--num-cpus", "2", "--temp-dir", self.temp_dir, "--min-worker-port", "0", "--max-worker-port", "0",
-                  "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats"]
-        self._ray_start(["--head", "--port", str(gcs), "--resources", '{"head": 1}', "--include-dashboard", "true",
-                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(head_agent),
-                         *common])
+        common = [
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            self.temp_dir,
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+            "--object-store-memory",
+            str(300 * 1024**2),
+            "--disable-usage-stats",
+        ]
+        self._ray_start(
+            [
+                "--head",
+                "--port",
+                str(gcs),
+                "--resources",
+                '{"head": 1}',
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard),
+                "--ray-client-server-port",
+                str(client),
+                "--dashboard-agent-listen-port",
+                str(head_agent),
+                *common,
+            ]
+        )
         # One log monitor per host is enough (Ray's own multi-node test clusters do the same).
         # The worker node declares one (logical) GPU, so fractional-GPU placement can be checked here.
-        self._ray_start(["--address", self.gcs_address, "--resources", '{"worker": 1}', "--num-gpus", "1",
-                         "--dashboard-agent-listen-port", str(worker_agent), "--include-log-monitor", "false",
-                         *common])
+        self._ray_start(
+            [
+                "--address",
+                self.gcs_address,
+                "--resources",
+                '{"worker": 1}',
+                "--num-gpus",
+                "1",
+                "--dashboard-agent-listen-port",
+                str(worker_agent),
+                "--include-log-monitor",
+                "false",
+                *common,
+            ]
+        )
         nodes = self._wait_for_nodes(2)
         self.head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
         self.worker_id = next(n["node_id"] for n in nodes if "worker" in n["resources_total"])
 
     def _ray_start(self, args: list[str]) -> None:
-        proc = subprocess.Popen([str(RAY), "start", *args], env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(RAY), "start", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.pgids.append(proc.pid)  # before waiting: a start that hangs or fails is still cleaned up
         try:
             out, _ = proc.communicate(timeout=START_TIMEOUT)
@@ -209,12 +264,34 @@ def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluste
     submission_id = f"fl-ray-test-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     res = cluster.ray(
-        "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
-        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
-        "--", sys.executable, "scripts/run_fedavg.py", "--workspace", str(workspace),
-        "--set", "sites=4", "--set", "num_rounds=2", "--set", "resources.client_cpus=0.5",
-        "--set", "resources.placement=spread", "--set", "local_epochs=1",
-        "--set", "tracking.log_model=false", "--quiet",  # the best model is tested in test_model_logging.py
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": UPLOAD_EXCLUDES}),
+        "--",
+        sys.executable,
+        "scripts/run_fedavg.py",
+        "--workspace",
+        str(workspace),
+        "--set",
+        "sites=4",
+        "--set",
+        "num_rounds=2",
+        "--set",
+        "resources.client_cpus=0.5",
+        "--set",
+        "resources.placement=spread",
+        "--set",
+        "local_epochs=1",
+        "--set",
+        "tracking.log_model=false",
+        "--quiet",  # the best model is tested in test_model_logging.py
         timeout=JOB_TIMEOUT,
     )
     seconds = time.monotonic() - started
@@ -239,8 +316,9 @@ def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluste
     parent = client.get_run(mlflow["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["fl_ray.job_id"] == result["job_id"]
-    children = client.search_runs([mlflow["experiment_id"]],
-                                  filter_string=f"tags.mlflow.parentRunId = '{mlflow['parent_run_id']}'")
+    children = client.search_runs(
+        [mlflow["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{mlflow['parent_run_id']}'"
+    )
     by_name = {r.info.run_name: r for r in children}
     assert set(by_name) == {"site-1", "site-2", "site-3", "site-4", "server"}
     assert {n: r.info.run_id for n, r in by_name.items()} == mlflow["run_ids"]
@@ -258,10 +336,28 @@ def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_availab
     workspace = tmp_path / "workspace"
     started = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--workspace", str(workspace),
-         "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=1", "--set", "resources.workers=4",
-         "--quiet"],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+        [
+            sys.executable,
+            "scripts/run_fedavg.py",
+            "--address",
+            cluster.gcs_address,
+            "--workspace",
+            str(workspace),
+            "--set",
+            "sites=4",
+            "--set",
+            "num_rounds=1",
+            "--set",
+            "resources.client_gpus=1",
+            "--set",
+            "resources.workers=4",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
     )
     seconds = time.monotonic() - started
 
@@ -281,10 +377,30 @@ def test_fractional_gpus_put_four_sites_on_one_gpu(cluster, tmp_path, mlflow_sto
     (Ray sets CUDA_VISIBLE_DEVICES; the learner uses cuda:0 where CUDA exists, the CPU here)."""
     workspace = new_workspace(tmp_path / "workspace", mlflow_store)
     res = subprocess.run(
-        [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--workspace", str(workspace),
-         "--set", "sites=4", "--set", "num_rounds=1", "--set", "resources.client_gpus=0.25",
-         "--set", "resources.client_cpus=0.25", "--set", "tracking.log_model=false", "--quiet"],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+        [
+            sys.executable,
+            "scripts/run_fedavg.py",
+            "--address",
+            cluster.gcs_address,
+            "--workspace",
+            str(workspace),
+            "--set",
+            "sites=4",
+            "--set",
+            "num_rounds=1",
+            "--set",
+            "resources.client_gpus=0.25",
+            "--set",
+            "resources.client_cpus=0.25",
+            "--set",
+            "tracking.log_model=false",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
     )
     assert res.returncode == 0, _tail(res.stdout + res.stderr)
     result = json.loads(next(workspace.glob("*/result.json")).read_text())

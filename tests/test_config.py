@@ -20,8 +20,16 @@ def test_default_config_is_the_digits_job():
 
 def test_overrides_are_typed_by_the_schema():
     """--set values are parsed as YAML and checked against the schema; dotted keys reach sections."""
-    cfg = load_config(DEFAULT_CONFIG, ["num_rounds=7", "dataset.partition=dirichlet", "dataset.alpha=0.3",
-                                       "sites=[a, b, c]", "resources.client_gpus=0.25"])
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [
+            "num_rounds=7",
+            "dataset.partition=dirichlet",
+            "dataset.alpha=0.3",
+            "sites=[a, b, c]",
+            "resources.client_gpus=0.25",
+        ],
+    )
     assert cfg.num_rounds == 7 and cfg.dataset.alpha == 0.3 and cfg.dataset.partition == "dirichlet"
     assert cfg.site_names == ["a", "b", "c"] and cfg.resources.client_gpus == 0.25
 
@@ -32,27 +40,30 @@ def test_clients_per_round_follows_min_clients_and_fraction():
     assert JobConfig(sites=10, sample_fraction=0.1, min_clients=4).clients_per_round == 4
 
 
-@pytest.mark.parametrize("data, field, value, expected", [
-    ({"num_rouns": 3}, "num_rouns", "3", "unknown key"),
-    ({"num_rounds": "many"}, "num_rounds", "'many'", "integer"),
-    ({"num_rounds": 0}, "num_rounds", "0", "greater than or equal to 1"),
-    ({"sites": 2, "min_clients": 3}, "min_clients", "3", "more than the 2 site"),
-    ({"sample_fraction": 0}, "sample_fraction", "0", "greater than 0"),
-    ({"sample_fraction": 1.5}, "sample_fraction", "1.5", "less than or equal to 1"),
-    ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "digits, cifar10, synthetic or an import path"),
-    ({"dataset": {"partition": "by-label"}}, "dataset.partition", "'by-label'", "'iid' or 'dirichlet'"),
-    ({"resources": {"client_cpus": -1}}, "resources.client_cpus", "-1", "greater than 0"),
-    ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),
-    ({"tracking": {"receivers": [{"type": "mlfow"}]}}, "tracking.receivers.0.type", "'mlfow'", "expected one of"),
-    ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
-    ({"sites": ["a", ".."]}, "sites", "'..'", "not 'server'"),
-    ({"sites": ["a", "worker-2"]}, "sites", "'worker-2'", "'worker-<number>'"),
-    ({"sites": True}, "sites", "True", "a number of sites or a list of site names"),
-    ({"sites": "a"}, "sites", "'a'", "or a list of site names"),
-    ({"sites": 0}, "sites", "0", "need 1 to 100000 sites"),
-    ({"resources": {"workers": 0}}, "resources.workers", "0", "greater than or equal to 1"),
-    ({"resources": {"site_state_mb": 0}}, "resources.site_state_mb", "0", "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "data, field, value, expected",
+    [
+        ({"num_rouns": 3}, "num_rouns", "3", "unknown key"),
+        ({"num_rounds": "many"}, "num_rounds", "'many'", "integer"),
+        ({"num_rounds": 0}, "num_rounds", "0", "greater than or equal to 1"),
+        ({"sites": 2, "min_clients": 3}, "min_clients", "3", "more than the 2 site"),
+        ({"sample_fraction": 0}, "sample_fraction", "0", "greater than 0"),
+        ({"sample_fraction": 1.5}, "sample_fraction", "1.5", "less than or equal to 1"),
+        ({"dataset": {"name": "mnist"}}, "dataset.name", "'mnist'", "digits, cifar10, synthetic or an import path"),
+        ({"dataset": {"partition": "by-label"}}, "dataset.partition", "'by-label'", "'iid' or 'dirichlet'"),
+        ({"resources": {"client_cpus": -1}}, "resources.client_cpus", "-1", "greater than 0"),
+        ({"learner": "not_a_path"}, "learner", "'not_a_path'", "package.module:Class"),
+        ({"tracking": {"receivers": [{"type": "mlfow"}]}}, "tracking.receivers.0.type", "'mlfow'", "expected one of"),
+        ({"sites": ["a", "a"]}, "sites", "'a'", "unique"),
+        ({"sites": ["a", ".."]}, "sites", "'..'", "not 'server'"),
+        ({"sites": ["a", "worker-2"]}, "sites", "'worker-2'", "'worker-<number>'"),
+        ({"sites": True}, "sites", "True", "a number of sites or a list of site names"),
+        ({"sites": "a"}, "sites", "'a'", "or a list of site names"),
+        ({"sites": 0}, "sites", "0", "need 1 to 100000 sites"),
+        ({"resources": {"workers": 0}}, "resources.workers", "0", "greater than or equal to 1"),
+        ({"resources": {"site_state_mb": 0}}, "resources.site_state_mb", "0", "greater than 0"),
+    ],
+)
 def test_bad_config_names_field_value_and_expectation(data, field, value, expected):
     """Each bad input raises ConfigError naming the field, the value and what is expected."""
     with pytest.raises(ConfigError) as err:
@@ -61,10 +72,13 @@ def test_bad_config_names_field_value_and_expectation(data, field, value, expect
     assert field in message and value in message and expected in message, message
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("num_rounds", "expected KEY=VALUE"),
-    ("num_rounds.x=1", "not a section"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("num_rounds", "expected KEY=VALUE"),
+        ("num_rounds.x=1", "not a section"),
+    ],
+)
 def test_malformed_overrides_are_config_errors(override, expected):
     """A --set without '=' or into a scalar is refused with the override quoted."""
     with pytest.raises(ConfigError, match=expected):
@@ -72,21 +86,29 @@ def test_malformed_overrides_are_config_errors(override, expected):
 
 
 def _cli(*args, timeout=60):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_fedavg.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run_fedavg.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--set", "num_rounds=0"], "num_rounds"),
-    (["--set", "min_clients=5"], "min_clients"),
-    (["--set", "sample_fraction=2"], "sample_fraction"),
-    (["--set", "dataset.name=imagenet"], "dataset.name"),
-    (["--set", "nonsense=1"], "nonsense"),
-    (["--set", "strategy.name=fedprox", "--set", "strategy.bogus=1"], "strategy.bogus"),
-    (["--config", "configs/does_not_exist.yaml"], "does_not_exist.yaml"),
-    (["--set", "learner_args={model: nosuch}"], "learner_args.model"),
-    (["--set", "learner_args={bogus: 1}"], "learner_args.bogus"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--set", "num_rounds=0"], "num_rounds"),
+        (["--set", "min_clients=5"], "min_clients"),
+        (["--set", "sample_fraction=2"], "sample_fraction"),
+        (["--set", "dataset.name=imagenet"], "dataset.name"),
+        (["--set", "nonsense=1"], "nonsense"),
+        (["--set", "strategy.name=fedprox", "--set", "strategy.bogus=1"], "strategy.bogus"),
+        (["--config", "configs/does_not_exist.yaml"], "does_not_exist.yaml"),
+        (["--set", "learner_args={model: nosuch}"], "learner_args.model"),
+        (["--set", "learner_args={bogus: 1}"], "learner_args.bogus"),
+    ],
+)
 def test_cli_bad_input_exits_2_before_ray_starts(tmp_path, args, field):
     """The script prints the problem and exits with status 2, creating no job and starting no Ray."""
     proc = _cli("--workspace", str(tmp_path / "ws"), *args)
@@ -118,12 +140,21 @@ def test_unknown_credential_names_are_refused():
         parse_config({"tracking": {"credentials": {"AWS_SECRET": "x"}}})
 
 
-@pytest.mark.parametrize("override, field", [
-    ("lr=true", "lr"), ("num_rounds=true", "num_rounds"), ("min_clients=true", "min_clients"),
-    ("local_epochs=true", "local_epochs"), ("batch_size=true", "batch_size"), ("seed=false", "seed"),
-    ("dataset.alpha=true", "dataset.alpha"), ("resources.client_gpus=true", "resources.client_gpus"),
-    ("tracking.system_metrics=1", "tracking.system_metrics"), ("cross_site_evaluation=0", "cross_site_evaluation"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("lr=true", "lr"),
+        ("num_rounds=true", "num_rounds"),
+        ("min_clients=true", "min_clients"),
+        ("local_epochs=true", "local_epochs"),
+        ("batch_size=true", "batch_size"),
+        ("seed=false", "seed"),
+        ("dataset.alpha=true", "dataset.alpha"),
+        ("resources.client_gpus=true", "resources.client_gpus"),
+        ("tracking.system_metrics=1", "tracking.system_metrics"),
+        ("cross_site_evaluation=0", "cross_site_evaluation"),
+    ],
+)
 def test_booleans_and_numbers_are_not_taken_for_each_other(override, field):
     """`--set lr=true` is refused (it is not 1.0), and so is a number where a boolean is expected."""
     with pytest.raises(ConfigError) as err:
@@ -139,13 +170,19 @@ def test_whole_numbers_still_fill_number_fields():
     assert cfg.tracking.system_metrics is False
 
 
-@pytest.mark.parametrize("data, sentence", [
-    ({"num_rouns": 3}, "num_rouns: unknown key (set to 3); did you mean 'num_rounds'?"),
-    ({"resources": {"client_cpu": 1}}, "resources.client_cpu: unknown key (set to 1); did you mean 'client_cpus'?"),
-    ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
-    ({"learner": "x"}, "learner: expected one of image_classification, lightning or an import path "
-                       "'package.module:Class', got 'x'."),
-])
+@pytest.mark.parametrize(
+    "data, sentence",
+    [
+        ({"num_rouns": 3}, "num_rouns: unknown key (set to 3); did you mean 'num_rounds'?"),
+        ({"resources": {"client_cpu": 1}}, "resources.client_cpu: unknown key (set to 1); did you mean 'client_cpus'?"),
+        ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
+        (
+            {"learner": "x"},
+            "learner: expected one of image_classification, lightning or an import path "
+            "'package.module:Class', got 'x'.",
+        ),
+    ],
+)
 def test_each_error_is_one_plain_sentence(data, sentence):
     """One sentence per bad field, with a "did you mean" for a misspelt key and no validation-library internals."""
     with pytest.raises(ConfigError) as err:

@@ -83,8 +83,10 @@ def _write_tiny_cifar(root, n_per_batch=6):
     md5 = {}
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, size=n_per_batch).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, size=n_per_batch).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
         md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
     meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
@@ -137,8 +139,10 @@ def test_digits_are_scikit_learns_without_importing_it():
     bunch = load_digits()
     assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
     code = "import sys; from fl_ray.data import digits_arrays; digits_arrays(); print('sklearn' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == \
-        "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_synthetic_data_takes_the_configured_shape():
@@ -170,18 +174,26 @@ def test_a_dataset_is_chosen_by_import_path_with_its_arguments():
     assert (len(ds.train), len(ds.test), ds.num_classes, ds.input_shape) == (40, 10, 2, (1, 4, 4))
 
 
-@pytest.mark.parametrize("dataset, message", [
-    ({"name": "test_data:split"}, r"dataset.name: expected a subclass of fl_ray.data.DatasetSource"),
-    ({"name": "test_data:Stripes", "args": {"size": 3}}, r"dataset.args.size: unknown argument \(got 3\); "
-                                                         r"test_data:Stripes takes n"),
-    ({"name": "no_such_module:X"}, r"dataset.name: cannot import module 'no_such_module'"),
-])
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ({"name": "test_data:split"}, r"dataset.name: expected a subclass of fl_ray.data.DatasetSource"),
+        (
+            {"name": "test_data:Stripes", "args": {"size": 3}},
+            r"dataset.args.size: unknown argument \(got 3\); "
+            r"test_data:Stripes takes n",
+        ),
+        ({"name": "no_such_module:X"}, r"dataset.name: cannot import module 'no_such_module'"),
+    ],
+)
 def test_a_bad_dataset_plugin_names_the_field(dataset, message):
     """A path to something that is not a DatasetSource, or an argument it does not take, is a PluginError
     naming the field; an unknown built-in name is refused by the config itself."""
     with pytest.raises(PluginError, match=message):
         load_dataset(parse_config({"dataset": dataset}).dataset, seed=0)
-    with pytest.raises(ConfigError, match=r"dataset.name: expected one of digits, cifar10, synthetic or an import "
-                                          r"path .*, got 'mnist'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset.name: expected one of digits, cifar10, synthetic or an import "
+        r"path .*, got 'mnist'",
+    ):
         parse_config({"dataset": {"name": "mnist"}})
-

@@ -23,12 +23,19 @@ SITES = ("site-1", "site-2")
 
 
 def stream_config(name, rounds, points, seconds, receivers, **tracking):
-    return JobConfig.model_validate({
-        "name": name, "num_rounds": rounds, "sites": list(SITES), "min_clients": 2,
-        "learner": "user_learners:StreamLearner", "learner_args": {"points": points, "seconds": seconds},
-        "dataset": NO_DATA,
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"receivers": receivers, "system_metrics": False, **tracking}})
+    return JobConfig.model_validate(
+        {
+            "name": name,
+            "num_rounds": rounds,
+            "sites": list(SITES),
+            "min_clients": 2,
+            "learner": "user_learners:StreamLearner",
+            "learner_args": {"points": points, "seconds": seconds},
+            "dataset": NO_DATA,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {"receivers": receivers, "system_metrics": False, **tracking},
+        }
+    )
 
 
 class JobThread(threading.Thread):
@@ -106,8 +113,9 @@ def test_tracking_server_outage_mid_job_loses_and_doubles_nothing(ray_session, m
     rounds, points = 5, 60
     server = mlflow_server  # the session's server: stopped here, and running again whatever happens
     try:
-        cfg = stream_config("outage", rounds, points, 4.0,
-                            [{"type": "mlflow", "tracking_uri": server.uri, "buffer_flush_time": 0.5}])
+        cfg = stream_config(
+            "outage", rounds, points, 4.0, [{"type": "mlflow", "tracking_uri": server.uri, "buffer_flush_time": 0.5}]
+        )
         job = JobThread(cfg, tmp_path)
         job.start()
         job_dir = job.job_dir()
@@ -127,8 +135,11 @@ def test_tracking_server_outage_mid_job_loses_and_doubles_nothing(ray_session, m
         assert result.tracking["accepted"] == sum(s["recorded"] for s in result.tracking["senders"].values())
         runs = result.tracking["receivers"]["mlflow"]
         client = assert_learner_records_in_mlflow(server.uri, runs, rounds, points)
-        during = [m for m in client.get_metric_history(runs["run_ids"]["site-1"], "stream")
-                  if down * 1000 <= m.timestamp <= up * 1000]
+        during = [
+            m
+            for m in client.get_metric_history(runs["run_ids"]["site-1"], "stream")
+            if down * 1000 <= m.timestamp <= up * 1000
+        ]
         assert len(during) > points, "sites should have kept logging while the server was down"
         assert client.get_run(runs["parent_run_id"]).info.status == "FINISHED"
     finally:
@@ -160,8 +171,7 @@ def test_unreachable_tracking_server_keeps_records_for_replay(ray_session, mlflo
     the spool; replay_spool.py then delivers them exactly once, and a second replay adds nothing."""
     rounds, points = 2, 30
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg = stream_config("unreachable", rounds, points, 1.0, [{"type": "mlflow", "tracking_uri": dead}],
-                        close_timeout=6)
+    cfg = stream_config("unreachable", rounds, points, 1.0, [{"type": "mlflow", "tracking_uri": dead}], close_timeout=6)
     started = time.monotonic()
     result = run_job(cfg, workspace=tmp_path, show_progress=False)
     assert time.monotonic() - started < 90
@@ -178,8 +188,15 @@ def test_unreachable_tracking_server_keeps_records_for_replay(ray_session, mlflo
     assert len(warnings) == 1, "\n".join(warnings)
     assert "replay_spool.py" in warnings[0] and not [line for line in logged if "Retrying (Retry" in line]
 
-    cmd = [sys.executable, str(REPO / "scripts" / "replay_spool.py"), str(result.job_dir), "--to", "mlflow",
-           "--tracking-uri", mlflow_server.uri]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "replay_spool.py"),
+        str(result.job_dir),
+        "--to",
+        "mlflow",
+        "--tracking-uri",
+        mlflow_server.uri,
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"mlflow: {accepted} record(s) delivered now, {accepted} in all, 0 undelivered" in first.stdout
@@ -220,8 +237,9 @@ def test_records_mlflow_refuses_do_not_hold_up_the_others(tmp_path):
     def event(seq, kind, key, value, step=None):
         return TrackingEvent("site-1", seq, kind, key, value, step, 1_700_000_000_000 + seq)
 
-    ctx = ReceiverContext(job_id="refused-1", job_name="refused", job_dir=tmp_path, workspace=tmp_path,
-                          sites=("site-1",), config={"a": 1})
+    ctx = ReceiverContext(
+        job_id="refused-1", job_name="refused", job_dir=tmp_path, workspace=tmp_path, sites=("site-1",), config={"a": 1}
+    )
     receiver = MLflowReceiver(buffer_flush_time=0)
     hub = TrackingHub(ctx, [("mlflow", receiver)])
     hub.submit("site-1", [event(0, EventKind.PARAM, "lr", "0.1")])

@@ -20,15 +20,24 @@ from fl_ray.actors.receiver import receiver_actor_name
 from fl_ray.tracking.spool import load_progress, spooled_events
 
 from conftest import NO_DATA, REPO, new_workspace
-from test_delivery_faults import (JobThread, SITES, assert_learner_records_in_mlflow, forwarded_output, stream_config,
-                                 wait_for)
+from test_delivery_faults import (
+    JobThread,
+    SITES,
+    assert_learner_records_in_mlflow,
+    forwarded_output,
+    stream_config,
+    wait_for,
+)
 from test_tracking_matrix import _f32, tensorboard_series, wandb_series
 from user_learners import expected_stream
 
 pytestmark = pytest.mark.slow
 
-ALL_BACK_ENDS = [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "tensorboard", "flush_secs": 0.3},
-                 {"type": "wandb", "mode": "offline", "buffer_flush_time": 0.5}]
+ALL_BACK_ENDS = [
+    {"type": "mlflow", "buffer_flush_time": 0.2},
+    {"type": "tensorboard", "flush_secs": 0.3},
+    {"type": "wandb", "mode": "offline", "buffer_flush_time": 0.5},
+]
 
 
 def actor_pid(actor) -> int | None:
@@ -42,8 +51,9 @@ def actor_pid(actor) -> int | None:
 def mlflow_steps(tracking_uri, run_ids, key):
     """{site: Counter of (step, value)} for ``key`` in each site's run."""
     client = MlflowClient(tracking_uri)
-    return {site: Counter((m.step, _f32(m.value)) for m in client.get_metric_history(run_ids[site], key))
-            for site in SITES}
+    return {
+        site: Counter((m.step, _f32(m.value)) for m in client.get_metric_history(run_ids[site], key)) for site in SITES
+    }
 
 
 def assert_every_record_once(job_dir, mlflow, rounds, points):
@@ -62,8 +72,10 @@ def assert_every_record_once(job_dir, mlflow, rounds, points):
 
 def _diff(got, expected):
     seen = Counter(got)
-    return (f"{sum(n - 1 for n in seen.values() if n > 1)} twice, "
-            f"{len(set(expected) - set(seen))} missing of {len(expected)}")
+    return (
+        f"{sum(n - 1 for n in seen.values() if n > 1)} twice, "
+        f"{len(set(expected) - set(seen))} missing of {len(expected)}"
+    )
 
 
 def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_record_once(ray_session, workspace):
@@ -84,7 +96,11 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
             continue
         ray.kill(actor, no_restart=False)
         kills += 1
-        wait_for(lambda pid=pid: not job.is_alive() or actor_pid(actor) not in (None, pid), 120, "Ray to restart the receiver")
+        wait_for(
+            lambda pid=pid: not job.is_alive() or actor_pid(actor) not in (None, pid),
+            120,
+            "Ray to restart the receiver",
+        )
     result = job.finish(timeout=300)
 
     assert kills == 4 and result.status == "FINISHED" and len(result.rounds) == rounds
@@ -94,8 +110,9 @@ def test_receiver_actor_killed_at_random_moments_every_back_end_holds_every_reco
     recorded = sum(s["recorded"] for s in result.tracking["senders"].values())
     assert result.tracking["accepted"] == recorded == len(spooled_events(job_dir / "spool"))
     assert_every_record_once(job_dir, result.tracking["receivers"]["mlflow"], rounds, points)
-    assert_learner_records_in_mlflow(result.tracking["receivers"]["mlflow"]["tracking_uri"], result.tracking["receivers"]["mlflow"], rounds,
-                                     points)  # params, tags and the server's metrics too
+    assert_learner_records_in_mlflow(
+        result.tracking["receivers"]["mlflow"]["tracking_uri"], result.tracking["receivers"]["mlflow"], rounds, points
+    )  # params, tags and the server's metrics too
     wandb = result.tracking["receivers"]["wandb"]
     assert sorted(wandb["runs"]) == sorted([*SITES, "server"])  # one run per site, across every restart
 
@@ -104,8 +121,13 @@ def test_a_receiver_actor_dying_while_closing_is_restarted_and_the_job_finishes(
     """The receiver actor is killed (SIGKILL, for real) inside close: Ray restarts it, the job asks it to
     close again, everything is delivered once, result.json is written, and the job ends FINISHED."""
     rounds, points = 2, 40
-    cfg = stream_config("close-crash", rounds, points, 0.5,
-                        [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "user_receivers:DiesWhileClosing"}])
+    cfg = stream_config(
+        "close-crash",
+        rounds,
+        points,
+        0.5,
+        [{"type": "mlflow", "buffer_flush_time": 0.2}, {"type": "user_receivers:DiesWhileClosing"}],
+    )
     result = JobThread(cfg, workspace)
     result.start()
     result = result.finish(timeout=300)
@@ -132,9 +154,15 @@ def test_a_full_disk_under_the_spool_loses_nothing(ray_session, workspace, capfd
     batches that do not fit are not acknowledged, sites keep and resend them, saying why, and once there
     is room every record is delivered exactly once and the job finishes."""
     rounds, points = 3, 200
-    cfg = stream_config("full-disk", rounds, points, 2.0,
-                        [{"type": "user_receivers:FullDiskWindow", "seconds": 4.0, "room": 20_000}],
-                        batch_size=100, flush_interval=0.05)
+    cfg = stream_config(
+        "full-disk",
+        rounds,
+        points,
+        2.0,
+        [{"type": "user_receivers:FullDiskWindow", "seconds": 4.0, "room": 20_000}],
+        batch_size=100,
+        flush_interval=0.05,
+    )
     job = JobThread(cfg, workspace)
     job.start()
     job_dir = job.job_dir()
@@ -156,9 +184,23 @@ def test_a_full_disk_under_the_spool_loses_nothing(ray_session, workspace, capfd
 
 def _start_job(workspace, *args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_fedavg.py"), "--workspace", str(workspace),
-                             "--address", ray.get_runtime_context().gcs_address, "--quiet", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "run_fedavg.py"),
+            "--workspace",
+            str(workspace),
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            "--quiet",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, tmp_path, mlflow_store):
@@ -168,18 +210,31 @@ def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, t
     rounds, points = 4, 100
     ws = new_workspace(tmp_path / "ws", mlflow_store)
     config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "kill9", "num_rounds": rounds, "sites": list(SITES), "min_clients": 2,
-        "learner": "user_learners:StreamLearner", "learner_args": {"points": points, "seconds": 3.0},
-        "dataset": NO_DATA, "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"receivers": ALL_BACK_ENDS, "system_metrics": False, "log_model": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "kill9",
+                "num_rounds": rounds,
+                "sites": list(SITES),
+                "min_clients": 2,
+                "learner": "user_learners:StreamLearner",
+                "learner_args": {"points": points, "seconds": 3.0},
+                "dataset": NO_DATA,
+                "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+                "tracking": {"receivers": ALL_BACK_ENDS, "system_metrics": False, "log_model": False},
+            }
+        )
+    )
     proc = _start_job(ws, "--config", str(config))
     wait_for(lambda: any(ws.glob("*/spool/events.jsonl")), 180, "the job's spool")
     spool = next(ws.glob("*/spool"))
     job_dir = spool.parent
     per_round = 2 * points * len(SITES)
-    wait_for(lambda: sum(e.key == "stream" for e in spooled_events(spool)) > 1.5 * per_round / 2, 180,
-             "the middle of round 2")
+    wait_for(
+        lambda: sum(e.key == "stream" for e in spooled_events(spool)) > 1.5 * per_round / 2,
+        180,
+        "the middle of round 2",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     name = receiver_actor_name(job_dir.name)

@@ -47,10 +47,13 @@ def test_streaming_average_keeps_one_running_sum():
     assert avg.count == 20 and avg.total_weight == 100
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"w": np.zeros((4, 3))}, "missing"),
-    ({"w": np.zeros((2, 3)), "b": np.zeros(3)}, "shape"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"w": np.zeros((4, 3))}, "missing"),
+        ({"w": np.zeros((2, 3)), "b": np.zeros(3)}, "shape"),
+    ],
+)
 def test_mismatched_results_raise(bad, message):
     """A result whose keys or shapes differ from earlier ones is refused with the reason."""
     avg = StreamingAverage()

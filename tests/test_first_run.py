@@ -34,9 +34,11 @@ def test_every_command_has_help():
     """`fl-ray --help` lists run, replay and ui; each one's --help names its options."""
     top = _cli("--help")
     assert top.returncode == 0 and all(c in top.stdout for c in ("run", "replay", "ui")), top.stdout + top.stderr
-    for command, options in {"run": ["--config", "--set", "--resume", "--workspace", "--verbose"],
-                             "replay": ["job_dir", "--to", "--tracking-uri", "--dead-letters"],
-                             "ui": ["--workspace", "--job", "--port"]}.items():
+    for command, options in {
+        "run": ["--config", "--set", "--resume", "--workspace", "--verbose"],
+        "replay": ["job_dir", "--to", "--tracking-uri", "--dead-letters"],
+        "ui": ["--workspace", "--job", "--port"],
+    }.items():
         proc = _cli(command, "--help")
         assert proc.returncode == 0 and all(o in proc.stdout for o in options), proc.stdout + proc.stderr
 
@@ -60,25 +62,51 @@ def test_an_empty_receiver_list_says_tracking_is_off():
 
 def test_participation_tells_took_part_failed_and_not_sampled():
     """A sampled site that returned took part, one that did not failed, the rest were not sampled."""
-    rounds = [{"round": 1, "sampled": ["a", "b"], "completed": ["a", "b"]},
-              {"round": 2, "sampled": ["a", "c"], "completed": ["c"]}]
-    assert participation(["a", "b", "c"], rounds) == {"rounds": [1, 2], "sites": {
-        "a": [TOOK_PART, FAILED], "b": [TOOK_PART, NOT_SAMPLED], "c": [NOT_SAMPLED, TOOK_PART]}}
+    rounds = [
+        {"round": 1, "sampled": ["a", "b"], "completed": ["a", "b"]},
+        {"round": 2, "sampled": ["a", "c"], "completed": ["c"]},
+    ]
+    assert participation(["a", "b", "c"], rounds) == {
+        "rounds": [1, 2],
+        "sites": {"a": [TOOK_PART, FAILED], "b": [TOOK_PART, NOT_SAMPLED], "c": [NOT_SAMPLED, TOOK_PART]},
+    }
 
 
 @pytest.fixture(scope="module")
 def piped_job(ray_session, tmp_path_factory, mlflow_store):
     """`fl-ray run` with stdout and stderr going to a pipe; (output, result.json, workspace)."""
     ws = new_workspace(tmp_path_factory.mktemp("a-workspace-with-a-long-enough-name-to-pass-80-columns"), mlflow_store)
-    args = ["--workspace", str(ws), "--address", ray_session.get_runtime_context().gcs_address,
-            "--set", "name=first-run", "--set", "num_rounds=2", "--set", "sites=2", "--set", "min_clients=1",
-            "--set", "dataset={name: synthetic, num_samples: 100}", "--set", "learner=user_learners:FaultyLearner",
-            "--set", "learner_args={faults: {'site-2:2': raise}}", "--set", "round_retries=0",
-            "--set", "resources={client_cpus: 0.25, server_cpus: 0.25}",
-            "--set", "tracking.system_metrics_interval=3600",
-            "--set", "tracking.receivers=[{type: mlflow}, {type: tensorboard}, {type: wandb}]"]
-    proc = subprocess.run([*CLI, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=400, cwd=REPO)
+    args = [
+        "--workspace",
+        str(ws),
+        "--address",
+        ray_session.get_runtime_context().gcs_address,
+        "--set",
+        "name=first-run",
+        "--set",
+        "num_rounds=2",
+        "--set",
+        "sites=2",
+        "--set",
+        "min_clients=1",
+        "--set",
+        "dataset={name: synthetic, num_samples: 100}",
+        "--set",
+        "learner=user_learners:FaultyLearner",
+        "--set",
+        "learner_args={faults: {'site-2:2': raise}}",
+        "--set",
+        "round_retries=0",
+        "--set",
+        "resources={client_cpus: 0.25, server_cpus: 0.25}",
+        "--set",
+        "tracking.system_metrics_interval=3600",
+        "--set",
+        "tracking.receivers=[{type: mlflow}, {type: tensorboard}, {type: wandb}]",
+    ]
+    proc = subprocess.run(
+        [*CLI, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stdout
     job_dir = next(p for p in ws.iterdir() if p.is_dir() and p.name.startswith("first-run"))
     return proc.stdout, json.loads((job_dir / "result.json").read_text()), ws
@@ -161,8 +189,11 @@ def test_the_job_leaves_a_picture_and_a_participation_table(piped_job):
         mlflow.set_tracking_uri(previous)
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
-    assert table.to_dict("list") == {"site": ["site-1", "site-2"], "round 1": [TOOK_PART, TOOK_PART],
-                                     "round 2": [TOOK_PART, FAILED]}
+    assert table.to_dict("list") == {
+        "site": ["site-1", "site-2"],
+        "round 1": [TOOK_PART, TOOK_PART],
+        "round 2": [TOOK_PART, FAILED],
+    }
 
 
 def _free_port() -> int:
@@ -178,8 +209,14 @@ def test_fl_ray_ui_serves_the_workspaces_runs(piped_job):
 
     _, result, ws = piped_job
     port = _free_port()
-    proc = subprocess.Popen([*CLI, "ui", "--workspace", str(ws), "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [*CLI, "ui", "--workspace", str(ws), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         url = ""
         while not url:

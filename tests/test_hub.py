@@ -15,8 +15,9 @@ from user_receivers import FlakyReceiver, RefusesKey
 
 
 def ctx(tmp_path):
-    return ReceiverContext(job_id="job-1", job_name="job", job_dir=tmp_path, workspace=tmp_path,
-                           sites=("site-1", "site-2"), config={})
+    return ReceiverContext(
+        job_id="job-1", job_name="job", job_dir=tmp_path, workspace=tmp_path, sites=("site-1", "site-2"), config={}
+    )
 
 
 def metric(site, seq, step, value=1.0, key="loss"):
@@ -83,13 +84,17 @@ def test_open_sites_gives_each_site_a_fresh_block_and_its_steps_once_for_all(tmp
     first = hub.open_site("site-1")["incarnation"] << INCARNATION_BITS
     hub.submit("site-1", [metric("site-1", first + i, 10 + i) for i in range(2)])
     opened = hub.open_sites(["site-1", "site-2"])
-    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {"site-1": (1, {"loss": 12}),
-                                                                              "site-2": (0, {})}
+    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {
+        "site-1": (1, {"loss": 12}),
+        "site-2": (0, {}),
+    }
     hub.close("FINISHED", timeout=10)
     again = TrackingHub(ctx(tmp_path), [("memory", MemoryReceiver())])
     opened = again.open_sites(["site-2", "site-1"])
-    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {"site-2": (1, {}),
-                                                                              "site-1": (2, {"loss": 12})}
+    assert {s: (o["incarnation"], o["steps"]) for s, o in opened.items()} == {
+        "site-2": (1, {}),
+        "site-1": (2, {"loss": 12}),
+    }
     again.close("FINISHED", timeout=10)
 
 
@@ -117,6 +122,7 @@ def test_undeliverable_records_stay_in_the_spool_and_are_reported(tmp_path):
 
 def test_buffer_flush_time_batches_deliveries(tmp_path):
     """With buffer_flush_time, several small batches reach the back end in one write."""
+
     class Timed(MemoryReceiver):
         buffer_flush_time = 0.5
         writes = 0
@@ -138,6 +144,7 @@ def test_buffer_flush_time_batches_deliveries(tmp_path):
 
 def test_a_full_batch_is_delivered_without_waiting_for_buffer_flush_time(tmp_path):
     """Once a whole batch (10,000 records) waits, it goes out at once, not at the next flush time."""
+
     class Slow(MemoryReceiver):
         buffer_flush_time = 60.0
 
@@ -155,6 +162,7 @@ def test_a_full_batch_is_delivered_without_waiting_for_buffer_flush_time(tmp_pat
 
 def test_a_receiver_slower_than_buffer_flush_time_is_fed_back_to_back(tmp_path):
     """The flush time counts from the start of the last delivery: a long delivery is not followed by a pause."""
+
     class Busy(MemoryReceiver):
         buffer_flush_time = 0.5
         spans: list = []
@@ -261,8 +269,11 @@ def test_replay_with_dead_letters_delivers_what_was_set_aside(tmp_path, capsys):
     end takes them, removed from the dead-letter file, reported; without the flag they are left alone."""
     from test_delivery_faults import load_replay_script
 
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
-        {"name": "job", "tracking": {"receivers": [{"type": "user_receivers:RefusesKey", "key": "bad"}]}}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "job", "tracking": {"receivers": [{"type": "user_receivers:RefusesKey", "key": "bad"}]}}
+        )
+    )
     hub = TrackingHub(ctx(tmp_path), [("user_receivers_RefusesKey", RefusesKey("bad"))])
     hub.submit("site-1", [metric("site-1", 0, 0), metric("site-1", 1, 1, key="bad")])
     assert hub.close("FINISHED", timeout=5)["receivers"]["user_receivers_RefusesKey"]["dead_letters"] == 1

@@ -30,16 +30,46 @@ def test_the_default_job_loads_from_a_non_editable_install(tmp_path):
     without the repository on the path: fl_ray comes from the install, the default config loads, its
     learner and dataset are found."""
     source, target = tmp_path / "source", tmp_path / "site-packages"  # a copy: the build leaves files behind
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__",
-                                                                  "workspace", "data", "tests"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", str(target), str(source)],
-                   check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "workspace", "data", "tests"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert (target / "fl_ray" / "configs" / "default.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); "
-                          "exec(sys.stdin.read())", str(target)], input=CHECK, capture_output=True, text=True,
-                         timeout=300, cwd=elsewhere)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(target)!r}); exec(sys.stdin.read())",
+            str(target),
+        ],
+        input=CHECK,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=elsewhere,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == str(1797 - round(1797 * 0.2))

@@ -16,10 +16,19 @@ from conftest import NO_DATA, new_workspace
 
 
 def digits_config(**overrides):
-    data = {"name": "e2e-digits", "seed": 3, "num_rounds": 3, "sites": 3, "min_clients": 3, "local_epochs": 1,
-            "lr": 0.05, "dataset": {"name": "digits"}, "learner_args": {"model": "digits_cnn"},
-            "resources": {"client_cpus": 0.5, "server_cpus": 0.5},
-            "tracking": {"log_model": False, "system_metrics": False}}
+    data = {
+        "name": "e2e-digits",
+        "seed": 3,
+        "num_rounds": 3,
+        "sites": 3,
+        "min_clients": 3,
+        "local_epochs": 1,
+        "lr": 0.05,
+        "dataset": {"name": "digits"},
+        "learner_args": {"model": "digits_cnn"},
+        "resources": {"client_cpus": 0.5, "server_cpus": 0.5},
+        "tracking": {"log_model": False, "system_metrics": False},
+    }
     data.update(overrides)
     return JobConfig.model_validate(data)
 
@@ -75,18 +84,36 @@ def test_every_phase_shows_a_line_and_its_time_goes_to_result_json(digits_job):
     result, ws = digits_job
     output = (ws / "console.txt").read_text()
     lines = [re.sub(r"\s+", " ", line).strip() for line in output.splitlines()]
-    expected = ["using this process's Ray", "starting 3 site(s) (0.5 CPU, 0 GPU each), the server and the tracking "
-                "receiver", "first site ready: site-", "all 3 sites ready, on 1 node (", "delivering tracking records",
-                "writing results"]
-    at = [next((i for i, line in enumerate(lines) if re.match(r"^\d+\.\ds " + re.escape(text), line)), None)
-          for text in expected]
+    expected = [
+        "using this process's Ray",
+        "starting 3 site(s) (0.5 CPU, 0 GPU each), the server and the tracking receiver",
+        "first site ready: site-",
+        "all 3 sites ready, on 1 node (",
+        "delivering tracking records",
+        "writing results",
+    ]
+    at = [
+        next((i for i, line in enumerate(lines) if re.match(r"^\d+\.\ds " + re.escape(text), line)), None)
+        for text in expected
+    ]
     assert None not in at and at == sorted(at), output
     assert any(re.match(r"^\d+\.\ds tracking: mlflow ready \(sqlite:///", line) for line in lines), output
     assert any(line.startswith(f"{result.job_id}: 3 round(s)") for line in lines), output
 
     timings = json.loads((ws / result.job_id / "result.json").read_text())["timings"]
-    order = ["data", "ray", "actors", "first_site_ready", "sites_ready", "rounds", "first_round_done",
-             "last_round_done", "tracking", "tracking_drained", "results"]
+    order = [
+        "data",
+        "ray",
+        "actors",
+        "first_site_ready",
+        "sites_ready",
+        "rounds",
+        "first_round_done",
+        "last_round_done",
+        "tracking",
+        "tracking_drained",
+        "results",
+    ]
     assert [timings[k] for k in order] == sorted(timings[k] for k in order), timings
     assert timings["actors"] <= timings["receiver_ready"] <= timings["tracking_drained"], timings
     assert result.timings == timings
@@ -105,37 +132,53 @@ def test_a_pool_of_workers_trains_exactly_as_one_actor_per_site(digits_job, work
     from fl_ray.checkpoint import load_checkpoint
 
     first, _ = digits_job
-    pooled = run_job(digits_config(resources={"client_cpus": 0.5, "server_cpus": 0.5, "workers": 2}),
-                     workspace=workspace, show_progress=False)
+    pooled = run_job(
+        digits_config(resources={"client_cpus": 0.5, "server_cpus": 0.5, "workers": 2}),
+        workspace=workspace,
+        show_progress=False,
+    )
     assert sorted(pooled.workers) == ["worker-1", "worker-2"] and not first.workers
     assert [r["global"] for r in pooled.rounds] == [r["global"] for r in first.rounds]
-    assert [{s: c["metrics"] for s, c in r["clients"].items()} for r in pooled.rounds] == \
-        [{s: c["metrics"] for s, c in r["clients"].items()} for r in first.rounds]
+    assert [{s: c["metrics"] for s, c in r["clients"].items()} for r in pooled.rounds] == [
+        {s: c["metrics"] for s, c in r["clients"].items()} for r in first.rounds
+    ]
     ours, theirs = (load_checkpoint(r.job_dir / "checkpoints").weights for r in (pooled, first))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_user_learner_by_import_path_and_sampling(ray_session, workspace):
     """A learner from the user's own module runs; sampling picks max(min_clients, ceil(f*n)) sites."""
-    cfg = JobConfig.model_validate({
-        "name": "user-learner", "num_rounds": 2, "sites": 4, "min_clients": 1, "sample_fraction": 0.5,
-        "learner": "user_learners:KnownValuesLearner", "dataset": NO_DATA,
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25}})
+    cfg = JobConfig.model_validate(
+        {
+            "name": "user-learner",
+            "num_rounds": 2,
+            "sites": 4,
+            "min_clients": 1,
+            "sample_fraction": 0.5,
+            "learner": "user_learners:KnownValuesLearner",
+            "dataset": NO_DATA,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+        }
+    )
     result = run_job(cfg, workspace=workspace, show_progress=False)
     for r in result.rounds:
         assert len(r["sampled"]) == 2 and r["completed"] == r["sampled"]
         # FedAvg of w = 0 + site_number, weighted by site_number * 10 samples
         nums = [int(s.rsplit("-", 1)[1]) for s in r["sampled"]]
-        assert r["global"]["accuracy"] == pytest.approx(sum(n * n for n in nums) / sum(nums) +
-                                                        (result.rounds[0]["global"]["accuracy"] if r["round"] == 2
-                                                         else 0), rel=1e-6)
+        assert r["global"]["accuracy"] == pytest.approx(
+            sum(n * n for n in nums) / sum(nums) + (result.rounds[0]["global"]["accuracy"] if r["round"] == 2 else 0),
+            rel=1e-6,
+        )
 
 
-@pytest.mark.parametrize("path, words", [
-    ("user_learners:NotALearner", ["NotALearner", "expected a subclass of fl_ray.learners.Learner"]),
-    ("user_learners:Missing", ["has no attribute 'Missing'"]),
-    ("no_such_module:Learner", ["cannot import module 'no_such_module'"]),
-])
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("user_learners:NotALearner", ["NotALearner", "expected a subclass of fl_ray.learners.Learner"]),
+        ("user_learners:Missing", ["has no attribute 'Missing'"]),
+        ("no_such_module:Learner", ["cannot import module 'no_such_module'"]),
+    ],
+)
 def test_a_bad_learner_path_is_a_config_error_before_ray(ray_session, tmp_path, path, words):
     """A learner path that does not name a Learner fails before any actor starts, naming the path."""
     cfg = JobConfig.model_validate({"name": "bad-learner", "num_rounds": 1, "sites": 1, "learner": path})
@@ -153,7 +196,19 @@ def test_result_json_is_strict_json():
 
     from fl_ray.job import strict_json
 
-    text = strict_json({"loss": math.nan, "rounds": [{"acc": np.float32(0.5), "w": np.arange(2)}],
-                        "bad": [math.inf, -math.inf], "dir": Path("/tmp/x"), 1: True})
+    text = strict_json(
+        {
+            "loss": math.nan,
+            "rounds": [{"acc": np.float32(0.5), "w": np.arange(2)}],
+            "bad": [math.inf, -math.inf],
+            "dir": Path("/tmp/x"),
+            1: True,
+        }
+    )
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
-        "loss": None, "rounds": [{"acc": 0.5, "w": [0, 1]}], "bad": [None, None], "dir": "/tmp/x", "1": True}
+        "loss": None,
+        "rounds": [{"acc": 0.5, "w": [0, 1]}],
+        "bad": [None, None],
+        "dir": "/tmp/x",
+        "1": True,
+    }

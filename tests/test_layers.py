@@ -8,13 +8,41 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Bottom to top. A module belongs to the first layer with a prefix that names it or a package above it.
 LAYERS = [
-    ("config and math", ["fl_ray.importing", "fl_ray.plugins", "fl_ray.config", "fl_ray.strictjson",
-                         "fl_ray.fedavg", "fl_ray.strategies", "fl_ray.models", "fl_ray.data", "fl_ray.checkpoint",
-                         "fl_ray.progress", "fl_ray.mlflow_server", "fl_ray.mlflow_store", "fl_ray.viewers", "fl_ray.job_summary"]),
-    ("tracking events and writers", ["fl_ray.tracking.events", "fl_ray.tracking.state", "fl_ray.tracking.sender",
-                                     "fl_ray.tracking.writers", "fl_ray.tracking.site", "fl_ray.tracking.credentials",
-                                     "fl_ray.metadata", "fl_ray.system_metrics", "fl_ray.learners", "fl_ray.lightning",
-                                     "fl_ray.rounds"]),
+    (
+        "config and math",
+        [
+            "fl_ray.importing",
+            "fl_ray.plugins",
+            "fl_ray.config",
+            "fl_ray.strictjson",
+            "fl_ray.fedavg",
+            "fl_ray.strategies",
+            "fl_ray.models",
+            "fl_ray.data",
+            "fl_ray.checkpoint",
+            "fl_ray.progress",
+            "fl_ray.mlflow_server",
+            "fl_ray.mlflow_store",
+            "fl_ray.viewers",
+            "fl_ray.job_summary",
+        ],
+    ),
+    (
+        "tracking events and writers",
+        [
+            "fl_ray.tracking.events",
+            "fl_ray.tracking.state",
+            "fl_ray.tracking.sender",
+            "fl_ray.tracking.writers",
+            "fl_ray.tracking.site",
+            "fl_ray.tracking.credentials",
+            "fl_ray.metadata",
+            "fl_ray.system_metrics",
+            "fl_ray.learners",
+            "fl_ray.lightning",
+            "fl_ray.rounds",
+        ],
+    ),
     ("hub and receivers", ["fl_ray.tracking.spool", "fl_ray.tracking.hub", "fl_ray.receivers"]),
     ("actors", ["fl_ray.actors"]),
     ("job and scripts", ["fl_ray.job", "fl_ray.replay", "fl_ray.cli", "fl_ray", "scripts"]),
@@ -61,8 +89,9 @@ def upward_imports(repo: Path) -> list[str]:
         module = module_name(path, repo)
         for imported in sorted(fl_ray_imports(path, repo)):
             if imported != "fl_ray" and layer_of(imported) > layer_of(module):
-                upward.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {imported} "
-                              f"({LAYERS[layer_of(imported)][0]})")
+                upward.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {imported} ({LAYERS[layer_of(imported)][0]})"
+                )
     return upward
 
 
@@ -82,5 +111,6 @@ def test_the_check_sees_an_upward_import(tmp_path):
     for name in ("__init__.py", "tracking/__init__.py", "tracking/hub.py"):
         (tmp_path / "fl_ray" / name).write_text("")
     (tmp_path / "fl_ray" / "config.py").write_text("def f():\n    from fl_ray.tracking.hub import TrackingHub\n")
-    assert upward_imports(tmp_path) == ["fl_ray.config (config and math) imports fl_ray.tracking.hub (hub and "
-                                        "receivers)"]
+    assert upward_imports(tmp_path) == [
+        "fl_ray.config (config and math) imports fl_ray.tracking.hub (hub and receivers)"
+    ]

@@ -19,8 +19,16 @@ def digits():
 
 def context(data, **sent) -> LearnerContext:
     cfg = JobConfig.model_validate({"local_epochs": 1, "batch_size": 32, "lr": 0.05})
-    return LearnerContext(site="site-1", device=torch.device("cpu"), config=cfg, data=data, num_classes=10,
-                          input_shape=(1, 8, 8), round=1, **sent)
+    return LearnerContext(
+        site="site-1",
+        device=torch.device("cpu"),
+        config=cfg,
+        data=data,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        round=1,
+        **sent,
+    )
 
 
 def moved(learner, data, **sent) -> float:
@@ -42,8 +50,9 @@ def test_fedprox_mu_keeps_the_local_model_near_the_global_one(digits):
 
 def test_the_strategy_lr_replaces_the_jobs(digits):
     """A strategy's lr (FedOpt's eta_l) is the one local training uses."""
-    assert moved(ImageClassificationLearner(), digits, round_config={"lr": 1e-5}) < \
-        0.01 * moved(ImageClassificationLearner(), digits)
+    assert moved(ImageClassificationLearner(), digits, round_config={"lr": 1e-5}) < 0.01 * moved(
+        ImageClassificationLearner(), digits
+    )
 
 
 def test_scaffold_control_is_kept_per_site_and_its_change_returned(digits):
@@ -78,7 +87,9 @@ def test_lightning_applies_fedprox_and_refuses_scaffold(digits, tmp_path, monkey
     learner = LightningLearner(module)
     learner.setup(context(digits))
     with pytest.raises(ValueError, match="SCAFFOLD"):
-        learner.train(learner.get_weights(), context(digits, payload={"control": initial_control(learner.get_weights())}))
+        learner.train(
+            learner.get_weights(), context(digits, payload={"control": initial_control(learner.get_weights())})
+        )
 
 
 def test_site_seeds_depend_on_the_whole_site_name(digits):

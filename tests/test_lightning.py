@@ -37,8 +37,16 @@ def digits() -> ArrayData:
 
 def _ctx(data: ArrayData, site: str = "site-1", sender: RecordingSender | None = None, **cfg) -> LearnerContext:
     config = JobConfig(learner="fl_ray.lightning:LightningLearner", **{"local_epochs": 1, "batch_size": 32, **cfg})
-    return LearnerContext(site=site, device=torch.device("cpu"), config=config, data=data, num_classes=10,
-                          input_shape=(1, 8, 8), round=1, mlflow=None if sender is None else MLflowWriter(sender))
+    return LearnerContext(
+        site=site,
+        device=torch.device("cpu"),
+        config=config,
+        data=data,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        round=1,
+        mlflow=None if sender is None else MLflowWriter(sender),
+    )
 
 
 def test_logger_sends_metrics_and_hyperparams_through_the_writer():
@@ -51,8 +59,10 @@ def test_logger_sends_metrics_and_hyperparams_through_the_writer():
 
     assert (logger.name, logger.version, logger.experiment) == ("job", "site-1", logger.experiment)
     assert sender.logged_params() == {"lr": "0.1", "optim/name": "sgd", "optim/betas": "(0.9, 0.99)", "a_b": "1"}
-    assert [(k, v, s) for kind, k, v, s, *_ in sender.events if kind == EventKind.METRIC] == \
-        [("loss", 0.5, 3), ("val/acc", 0.25, 3)]
+    assert [(k, v, s) for kind, k, v, s, *_ in sender.events if kind == EventKind.METRIC] == [
+        ("loss", 0.5, 3),
+        ("val/acc", 0.25, 3),
+    ]
 
 
 def test_logger_steps_continue_after_each_fit():
@@ -88,8 +98,9 @@ def test_learner_trains_rounds_and_logs_through_the_site_writer(digits, tmp_path
 
     n_val = int(400 * ctx.config.dataset.val_fraction)
     assert first.num_samples == second.num_samples == 400 - n_val
-    assert set(first.weights) == set(start) and not np.allclose(first.weights["model.fc2.weight"],
-                                                                start["model.fc2.weight"])
+    assert set(first.weights) == set(start) and not np.allclose(
+        first.weights["model.fc2.weight"], start["model.fc2.weight"]
+    )
     assert {"train_loss", "val_loss", "val_accuracy"} <= set(second.metrics)
     assert set(after) == {"loss", "accuracy"} and after["loss"] < before["loss"] and after["accuracy"] > 0.5
     params = sender.logged_params()
@@ -131,12 +142,15 @@ def test_trainer_arguments_combine_job_defaults_and_trainer_args(digits):
     assert (cuda_kwargs["accelerator"], cuda_kwargs["devices"]) == ("gpu", [0])
 
 
-@pytest.mark.parametrize("args, error, words", [
-    ({"module": "fl_ray.lightning.DigitsLitModule"}, ValueError, ["learner_args.module", "package.module:Class"]),
-    ({"module": MODULE, "max_epochs": 0}, ValueError, ["learner_args.max_epochs", "0"]),
-    ({"module": MODULE, "module_args": [1]}, TypeError, ["learner_args.module_args", "[1]"]),
-    ({"module": MODULE, "trainer_args": {"logger": True}}, ValueError, ["learner_args.trainer_args", "'logger'"]),
-])
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        ({"module": "fl_ray.lightning.DigitsLitModule"}, ValueError, ["learner_args.module", "package.module:Class"]),
+        ({"module": MODULE, "max_epochs": 0}, ValueError, ["learner_args.max_epochs", "0"]),
+        ({"module": MODULE, "module_args": [1]}, TypeError, ["learner_args.module_args", "[1]"]),
+        ({"module": MODULE, "trainer_args": {"logger": True}}, ValueError, ["learner_args.trainer_args", "'logger'"]),
+    ],
+)
 def test_bad_learner_args_are_refused_by_name(args, error, words):
     """Constructor arguments are checked at once; the error names the learner_args field and the value."""
     with pytest.raises(error) as err:
@@ -144,11 +158,14 @@ def test_bad_learner_args_are_refused_by_name(args, error, words):
     assert all(w in str(err.value) for w in words)
 
 
-@pytest.mark.parametrize("module, module_args, words", [
-    ("fl_ray.models:DigitsCNN", {}, ["learner_args.module", "'fl_ray.models:DigitsCNN'", "LightningModule"]),
-    ("fl_ray.lightning:NoSuchModule", {}, ["learner_args.module", "NoSuchModule"]),
-    (MODULE, {"hidden": 3}, ["learner_args.module_args", "'hidden'"]),
-])
+@pytest.mark.parametrize(
+    "module, module_args, words",
+    [
+        ("fl_ray.models:DigitsCNN", {}, ["learner_args.module", "'fl_ray.models:DigitsCNN'", "LightningModule"]),
+        ("fl_ray.lightning:NoSuchModule", {}, ["learner_args.module", "NoSuchModule"]),
+        (MODULE, {"hidden": 3}, ["learner_args.module_args", "'hidden'"]),
+    ],
+)
 def test_bad_module_fails_setup_by_name(digits, module, module_args, words):
     """A path that is not a LightningModule, or arguments it does not take, fail setup naming the field."""
     learner = LightningLearner(module, module_args)

@@ -17,9 +17,22 @@ DESCRIPTION = "Checking whether two sites reach 0.9 on digits in one round."
 
 
 def git(repo, *args):
-    return subprocess.run(["git", "-c", "user.name=fl-ray-test", "-c", "user.email=test@example.invalid",
-                           "-c", "commit.gpgsign=false", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=fl-ray-test",
+            "-c",
+            "user.email=test@example.invalid",
+            "-c",
+            "commit.gpgsign=false",
+            *args,
+        ],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -36,8 +49,12 @@ def test_cluster_resources_tag_is_json_within_mlflow_limits():
     """Small clusters: all of ray.cluster_resources(); huge ones: node markers become a count."""
     small = {"CPU": 4.0, "memory": 1e9, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}
     assert json.loads(cluster_resources_tag(small)) == small
-    huge = {"CPU": 4000.0, "GPU": 8.0, **{f"node:10.0.{i // 250}.{i % 250}": 1.0 for i in range(1000)},
-            "node:__internal_head__": 1.0}
+    huge = {
+        "CPU": 4000.0,
+        "GPU": 8.0,
+        **{f"node:10.0.{i // 250}.{i % 250}": 1.0 for i in range(1000)},
+        "node:__internal_head__": 1.0,
+    }
     tag = cluster_resources_tag(huge)
     assert len(tag) <= MAX_TAG_LENGTH and json.loads(tag) == {"CPU": 4000.0, "GPU": 8.0, "nodes": 1000}
 
@@ -53,12 +70,24 @@ def test_outside_a_repository_there_is_no_commit_tag(outside_git):
 
 def test_the_command_line_tag_masks_secrets(outside_git, monkeypatch):
     """Credentials given with --set, and a URL's password, show as *** in fl_ray.command; the rest as typed."""
-    monkeypatch.setattr(sys, "argv", ["/repo/scripts/run_fedavg.py", "--set", "num_rounds=2", "--set",
-                                      "tracking.credentials.MLFLOW_TRACKING_PASSWORD=s3cret-pw",
-                                      "--address", "ray://ann:pw-2@head:10001"])
-    assert run_tags("job-1")["fl_ray.command"] == ("run_fedavg.py --set num_rounds=2 --set "
-                                                   "'tracking.credentials.MLFLOW_TRACKING_PASSWORD=***' "
-                                                   "--address 'ray://ann:***@head:10001'")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "/repo/scripts/run_fedavg.py",
+            "--set",
+            "num_rounds=2",
+            "--set",
+            "tracking.credentials.MLFLOW_TRACKING_PASSWORD=s3cret-pw",
+            "--address",
+            "ray://ann:pw-2@head:10001",
+        ],
+    )
+    assert run_tags("job-1")["fl_ray.command"] == (
+        "run_fedavg.py --set num_rounds=2 --set "
+        "'tracking.credentials.MLFLOW_TRACKING_PASSWORD=***' "
+        "--address 'ray://ann:***@head:10001'"
+    )
 
 
 def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session, tmp_path, mlflow_store, monkeypatch):
@@ -75,10 +104,18 @@ def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session
     (repo / "train.py").write_text("print('v2')\n")  # uncommitted change: dirty
     monkeypatch.chdir(repo)
 
-    cfg = JobConfig.model_validate({
-        "name": "metadata", "num_rounds": 1, "sites": 2, "min_clients": 2, "description": DESCRIPTION,
-        "learner_args": {"model": "digits_cnn"}, "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"system_metrics": False, "log_model": False}})
+    cfg = JobConfig.model_validate(
+        {
+            "name": "metadata",
+            "num_rounds": 1,
+            "sites": 2,
+            "min_clients": 2,
+            "description": DESCRIPTION,
+            "learner_args": {"model": "digits_cnn"},
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {"system_metrics": False, "log_model": False},
+        }
+    )
     result = run_job(cfg, workspace=new_workspace(tmp_path / "ws", mlflow_store), show_progress=False)
     assert result.status == "FINISHED"
 

@@ -61,8 +61,11 @@ class FaultyProxy:
                 if proxy._drop(self.command, self.path, body):
                     self.close_connection = True  # the server did it; the client never hears
                     return
-                kept = {k: v for k, v in resp.getheaders()
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                kept = {
+                    k: v
+                    for k, v in resp.getheaders()
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                }
                 self._answer(resp.status, kept, data)
 
             def _answer(self, status: int, headers: dict[str, str], data: bytes) -> None:
@@ -114,14 +117,22 @@ def proxy(mlflow_server):
 
 def context(tmp_path: Path, sites: tuple[str, ...] = SITES) -> ReceiverContext:
     name = f"receiver-{tmp_path.name}-{next(_names)}"
-    return ReceiverContext(job_id=f"{name}-job", job_name=name, job_dir=tmp_path, workspace=tmp_path,
-                           sites=sites, config={"lr": 0.1, "model": {"width": 8}})
+    return ReceiverContext(
+        job_id=f"{name}-job",
+        job_name=name,
+        job_dir=tmp_path,
+        workspace=tmp_path,
+        sites=sites,
+        config={"lr": 0.1, "model": {"width": 8}},
+    )
 
 
 def events(site: str, first_seq: int, kind: EventKind, items: list[tuple]) -> list[TrackingEvent]:
     """TrackingEvents of one kind from ``(key, value, step)`` items, with client timestamps."""
-    return [TrackingEvent(site, first_seq + i, kind, key, value, step, 1_700_000_000_000 + first_seq + i)
-            for i, (key, value, step) in enumerate(items)]
+    return [
+        TrackingEvent(site, first_seq + i, kind, key, value, step, 1_700_000_000_000 + first_seq + i)
+        for i, (key, value, step) in enumerate(items)
+    ]
 
 
 def metrics(site: str, first_seq: int, n: int, key: str = "loss") -> list[TrackingEvent]:
@@ -141,8 +152,9 @@ def record_set_aside(receiver: MLflowReceiver) -> list[tuple[TrackingEvent, str]
     return seen
 
 
-def deliver(receiver: MLflowReceiver, batch: list[TrackingEvent],
-            tries: int = MAX_SERVER_ERRORS + 2) -> list[Exception]:
+def deliver(
+    receiver: MLflowReceiver, batch: list[TrackingEvent], tries: int = MAX_SERVER_ERRORS + 2
+) -> list[Exception]:
     """Write and flush ``batch`` as the hub's pump does, again until a flush returns; the failed flushes' errors."""
     errors: list[Exception] = []
     for _ in range(tries):
@@ -163,11 +175,15 @@ def job_runs(client: MlflowClient, experiment_id: str, view: int) -> list:
     return client.search_runs([experiment_id], run_view_type=view, max_results=1000)
 
 
-@pytest.mark.parametrize("role, times, open_fails", [
-    ("parent", 1, False),  # MLflow's HTTP client sends the create again
-    ("site-1", 1, False),
-    ("parent", 3, True),  # every try of the create loses its answer: open raises and is retried, as the pump does
-], ids=["parent-answer-lost", "site-answer-lost", "parent-open-retried"])
+@pytest.mark.parametrize(
+    "role, times, open_fails",
+    [
+        ("parent", 1, False),  # MLflow's HTTP client sends the create again
+        ("site-1", 1, False),
+        ("parent", 3, True),  # every try of the create loses its answer: open raises and is retried, as the pump does
+    ],
+    ids=["parent-answer-lost", "site-answer-lost", "parent-open-retried"],
+)
 def test_a_lost_create_answer_leaves_one_run_per_role(receiver_env, proxy, tmp_path, role, times, open_fails):
     ctx = context(tmp_path)
     name = ctx.job_id if role == "parent" else role
@@ -263,8 +279,13 @@ def test_a_text_mlflow_fails_on_every_time_is_set_aside_and_the_rest_delivered(r
     assert deliver(receiver, events("site-1", 2, EventKind.PARAM, [("lr", "0.1", None)])) == []
     texts = events("site-1", 0, EventKind.TEXT, [("notes", "outer", None), ("notes/inner.txt", "inner", None)])
     changed = events("site-1", 3, EventKind.PARAM, [("lr", "0.2", None)])
-    batch = [*metrics("site-1", 10, 3000), *texts, *changed, *metrics("site-1", 5000, 1000, "acc"),
-             *metrics("site-2", 0, 3000)]
+    batch = [
+        *metrics("site-1", 10, 3000),
+        *texts,
+        *changed,
+        *metrics("site-1", 5000, 1000, "acc"),
+        *metrics("site-2", 0, 3000),
+    ]
     started = time.monotonic()
     errors = deliver(receiver, batch)
 
@@ -287,8 +308,9 @@ def test_a_text_mlflow_fails_on_every_time_is_set_aside_and_the_rest_delivered(r
     assert len(client.get_metric_history(site1, "loss")) == 3000
     report = receiver.close("FINISHED")
     assert "refused" not in report and "refused_examples" not in report
-    assert {client.get_run(r).info.status for r in (*report["run_ids"].values(), report["parent_run_id"])} == \
-        {"FINISHED"}
+    assert {client.get_run(r).info.status for r in (*report["run_ids"].values(), report["parent_run_id"])} == {
+        "FINISHED"
+    }
 
 
 def test_records_mlflow_refuses_are_set_aside_at_once(receiver_env, mlflow_server, tmp_path):
@@ -300,8 +322,10 @@ def test_records_mlflow_refuses_are_set_aside_at_once(receiver_env, mlflow_serve
     set_aside = record_set_aside(receiver)
     assert deliver(receiver, events("site-1", 0, EventKind.PARAM, [("lr", "0.1", None)])) == []
     good = metrics("site-1", 10, 1500)
-    refused = [*events("site-1", 1, EventKind.PARAM, [("lr", "0.2", None)]),
-               *events("site-1", 2, EventKind.METRIC, [("a//b", 1.0, 0)])]
+    refused = [
+        *events("site-1", 1, EventKind.PARAM, [("lr", "0.2", None)]),
+        *events("site-1", 2, EventKind.METRIC, [("a//b", 1.0, 0)]),
+    ]
     twice = events("site-1", 3, EventKind.PARAM, [("width", "8", None), ("width", "16", None)])
     tag = events("site-1", 5, EventKind.TAG, [("t", "x", None)])
     batch = [*good[:700], *refused, *twice, *good[700:], *tag]
@@ -325,8 +349,9 @@ def test_records_mlflow_refuses_are_set_aside_at_once(receiver_env, mlflow_serve
 
 def test_a_path_clash_in_a_local_store_is_set_aside_at_once(workspace, tmp_path):
     """The default sqlite store with local artifacts: ``notes`` then ``notes/inner.txt`` clash on disk."""
-    ctx = ReceiverContext(job_id="local-job", job_name="local", job_dir=tmp_path, workspace=workspace,
-                          sites=("site-1",), config={})
+    ctx = ReceiverContext(
+        job_id="local-job", job_name="local", job_dir=tmp_path, workspace=workspace, sites=("site-1",), config={}
+    )
     receiver = MLflowReceiver(buffer_flush_time=0)
     receiver.open(ctx)
     set_aside = record_set_aside(receiver)
@@ -347,8 +372,11 @@ def test_an_outage_sets_nothing_aside(receiver_env, mlflow_server, tmp_path):
     receiver.open(ctx)
     set_aside = record_set_aside(receiver)
     assert deliver(receiver, metrics("site-1", 0, 10)) == []
-    batch = [*metrics("site-1", 10, 2000), *metrics("site-2", 0, 2000),
-             *events("site-2", 5000, EventKind.TEXT, [("report.txt", "fine", None)])]
+    batch = [
+        *metrics("site-1", 10, 2000),
+        *metrics("site-2", 0, 2000),
+        *events("site-2", 5000, EventKind.TEXT, [("report.txt", "fine", None)]),
+    ]
     try:
         mlflow_server.stop()
         for _ in range(MAX_SERVER_ERRORS + 1):
@@ -372,8 +400,11 @@ def test_a_server_failing_every_request_sets_nothing_aside(receiver_env, proxy, 
     receiver = MLflowReceiver(tracking_uri=proxy.uri, buffer_flush_time=0)
     receiver.open(ctx)
     set_aside = record_set_aside(receiver)
-    batch = [*metrics("site-1", 0, 1500), *metrics("site-2", 0, 10),
-             *events("site-1", 5000, EventKind.TEXT, [("report.txt", "fine", None)])]
+    batch = [
+        *metrics("site-1", 0, 1500),
+        *metrics("site-2", 0, 10),
+        *events("site-1", 5000, EventKind.TEXT, [("report.txt", "fine", None)]),
+    ]
     proxy.fail_all = True
     for _ in range(MAX_SERVER_ERRORS):
         receiver.write(batch)

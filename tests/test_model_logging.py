@@ -19,10 +19,20 @@ from fl_ray.data import ArrayData, site_data
 
 def small_job(name, server=None, **tracking):
     """Digits, 2 sites, 2 rounds, small CPU shares, no system metrics: a few seconds of training."""
-    return JobConfig.model_validate({
-        "name": name, "seed": 1, "num_rounds": 2, "sites": 2, "min_clients": 2, "dataset": {"name": "digits"},
-        "learner_args": {"model": "digits_cnn"}, "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "server": server or {}, "tracking": {"system_metrics": False, **tracking}})
+    return JobConfig.model_validate(
+        {
+            "name": name,
+            "seed": 1,
+            "num_rounds": 2,
+            "sites": 2,
+            "min_clients": 2,
+            "dataset": {"name": "digits"},
+            "learner_args": {"model": "digits_cnn"},
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "server": server or {},
+            "tracking": {"system_metrics": False, **tracking},
+        }
+    )
 
 
 def best_round(result, key, mode):
@@ -84,13 +94,22 @@ def test_uint8_images_export_with_their_scaling(tmp_path):
     rng = np.random.default_rng(0)
     data = ArrayData(rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 20))
     learner = ImageClassificationLearner(model="hello_pt_cnn")
-    learner.setup(LearnerContext(site="server", device=torch.device("cpu"), config=JobConfig(), data=data,
-                                 num_classes=10, input_shape=(3, 32, 32)))
+    learner.setup(
+        LearnerContext(
+            site="server",
+            device=torch.device("cpu"),
+            config=JobConfig(),
+            data=data,
+            num_classes=10,
+            input_shape=(3, 32, 32),
+        )
+    )
     model, example = learner.export_model(learner.get_weights())
     assert example.dtype == np.uint8 and example.shape == (8, 3, 32, 32)
 
-    mlflow.pytorch.save_model(model, tmp_path / "model", input_example=example,
-                              pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    mlflow.pytorch.save_model(
+        model, tmp_path / "model", input_example=example, pip_requirements=mlflow.pytorch.get_default_pip_requirements()
+    )
     assert (tmp_path / "model" / "data" / "model.pt2").exists()
     loaded = mlflow.pytorch.load_model(str(tmp_path / "model"))
     x = torch.from_numpy(data.x)
@@ -130,8 +149,7 @@ def test_best_model_by_min_loss_is_registered(ray_session, mlflow_server, tmp_pa
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     name = f"fl-ray-digits-{uuid.uuid4().hex[:8]}"
-    cfg = small_job("best-model-registered", server={"key_metric": "loss", "key_mode": "min"},
-                    register_model_name=name)
+    cfg = small_job("best-model-registered", server={"key_metric": "loss", "key_mode": "min"}, register_model_name=name)
     result = run_job(cfg, workspace=tmp_path, show_progress=False)
     assert result.status == "FINISHED"
 
@@ -143,7 +161,8 @@ def test_best_model_by_min_loss_is_registered(ray_session, mlflow_server, tmp_pa
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{name}'")
     assert [(v.version, v.run_id, v.source) for v in versions] == [
-        ("1", result.tracking["receivers"]["mlflow"]["run_ids"]["server"], f"models:/{model_info['model_id']}")]
+        ("1", result.tracking["receivers"]["mlflow"]["run_ids"]["server"], f"models:/{model_info['model_id']}")
+    ]
     assert_logged_to_server_run(client, result, model_info)
     model = mlflow.pytorch.load_model(f"models:/{name}/1")
     assert accuracy_on_test_split(model, cfg) == pytest.approx(best["global"]["accuracy"], abs=1e-12)

@@ -42,14 +42,18 @@ from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 from conftest import REPO
 
 
-
 def examples(n: int, **kwargs: Any) -> settings:
     """``n`` examples, no deadline (the machine is shared), no complaints about slow or large data."""
-    return settings(max_examples=n, deadline=None, suppress_health_check=[
-        HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture], **kwargs)
+    return settings(
+        max_examples=n,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+        **kwargs,
+    )
 
 
 # -- what the writers are fed ----------------------------------------------------------------------
+
 
 class BadStr:
     """A value whose ``str()`` fails, as a careless user object's might."""
@@ -62,32 +66,75 @@ any_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=40)  
 segment = st.from_regex(r"[A-Za-z0-9_\- :][A-Za-z0-9_\-. :]{0,12}", fullmatch=True)
 good_keys = st.lists(segment, min_size=1, max_size=3).map("/".join).filter(lambda k: len(k) <= 250)
 near_keys = st.from_regex(r"[A-Za-z0-9_\-. :/\n]{0,16}", fullmatch=True)  # "a//b", "./x", "x/", "..", "a\n"
-keys = st.one_of(good_keys, near_keys, any_text, st.text(alphabet="ab/", min_size=245, max_size=260),
-                 st.integers(), st.none(), st.binary(max_size=5), st.floats())
+keys = st.one_of(
+    good_keys,
+    near_keys,
+    any_text,
+    st.text(alphabet="ab/", min_size=245, max_size=260),
+    st.integers(),
+    st.none(),
+    st.binary(max_size=5),
+    st.floats(),
+)
 big_ints = st.integers(min_value=-(10**400), max_value=10**400)
-numbers_ = st.one_of(st.floats(), st.integers(-(2**70), 2**70), big_ints, st.fractions(), st.decimals(),
-                     st.complex_numbers(), st.floats(width=32).map(np.float32),
-                     st.integers(-(2**31), 2**31).map(np.int64))
-values = st.one_of(numbers_, st.booleans(), st.none(), any_text, st.lists(st.floats(), max_size=2),
-                   st.floats().map(lambda x: np.array([x])), st.floats().map(np.array),
-                   st.dictionaries(st.text(max_size=3), st.floats(), max_size=2))
-steps = st.one_of(st.none(), st.integers(-3, 2**64), st.just(MAX_INT64), st.just(MAX_INT64 + 1), st.floats(),
-                  st.booleans(), st.integers(0, 2**62).map(np.int64), any_text)
+numbers_ = st.one_of(
+    st.floats(),
+    st.integers(-(2**70), 2**70),
+    big_ints,
+    st.fractions(),
+    st.decimals(),
+    st.complex_numbers(),
+    st.floats(width=32).map(np.float32),
+    st.integers(-(2**31), 2**31).map(np.int64),
+)
+values = st.one_of(
+    numbers_,
+    st.booleans(),
+    st.none(),
+    any_text,
+    st.lists(st.floats(), max_size=2),
+    st.floats().map(lambda x: np.array([x])),
+    st.floats().map(np.array),
+    st.dictionaries(st.text(max_size=3), st.floats(), max_size=2),
+)
+steps = st.one_of(
+    st.none(),
+    st.integers(-3, 2**64),
+    st.just(MAX_INT64),
+    st.just(MAX_INT64 + 1),
+    st.floats(),
+    st.booleans(),
+    st.integers(0, 2**62).map(np.int64),
+    any_text,
+)
 timestamps = st.one_of(st.none(), st.integers(-3, 2**64), st.floats(), st.booleans(), any_text)
-text_values = st.one_of(values, any_text, st.text(alphabet="x", min_size=5990, max_size=8010), st.just(BadStr()),
-                        st.tuples(st.integers()), st.sets(st.integers(), max_size=2), st.binary(max_size=4))
-mappings = st.one_of(st.dictionaries(keys.filter(lambda k: isinstance(k, (str, int, float))), values, max_size=4),
-                     values)
-nested = st.recursive(values, lambda inner: st.dictionaries(st.one_of(good_keys, any_text, st.integers()), inner,
-                                                            max_size=3), max_leaves=6)
+text_values = st.one_of(
+    values,
+    any_text,
+    st.text(alphabet="x", min_size=5990, max_size=8010),
+    st.just(BadStr()),
+    st.tuples(st.integers()),
+    st.sets(st.integers(), max_size=2),
+    st.binary(max_size=4),
+)
+mappings = st.one_of(
+    st.dictionaries(keys.filter(lambda k: isinstance(k, (str, int, float))), values, max_size=4), values
+)
+nested = st.recursive(
+    values,
+    lambda inner: st.dictionaries(st.one_of(good_keys, any_text, st.integers()), inner, max_size=3),
+    max_leaves=6,
+)
 
 calls = st.one_of(
     st.tuples(st.just("log_metric"), keys, values, steps, timestamps),
     st.tuples(st.just("log_metric"), good_keys, st.floats(), st.none() | st.integers(0, 2**40), st.none()),
     st.tuples(st.just("log_metrics"), mappings, steps, timestamps),
     st.tuples(st.just("log_param"), keys, text_values),
-    st.tuples(st.just("log_params"), st.one_of(st.dictionaries(keys.filter(lambda k: isinstance(k, str)),
-                                                              text_values, max_size=3), values)),
+    st.tuples(
+        st.just("log_params"),
+        st.one_of(st.dictionaries(keys.filter(lambda k: isinstance(k, str)), text_values, max_size=3), values),
+    ),
     st.tuples(st.just("set_tag"), keys, text_values),
     st.tuples(st.just("set_tags"), st.one_of(st.dictionaries(good_keys, text_values, max_size=3), values)),
     st.tuples(st.just("log_text"), st.one_of(any_text, values), keys),
@@ -102,14 +149,24 @@ good_values = st.one_of(st.floats(), st.integers(-(2**53), 2**53))
 good_steps = st.none() | st.integers(0, 2**40)
 good_calls = st.one_of(
     st.tuples(st.just("log_metric"), good_keys, good_values, good_steps, st.none() | st.integers(0, 2**45)),
-    st.tuples(st.just("log_metrics"), st.dictionaries(good_keys, good_values, min_size=1, max_size=5), good_steps,
-              st.none()),
+    st.tuples(
+        st.just("log_metrics"), st.dictionaries(good_keys, good_values, min_size=1, max_size=5), good_steps, st.none()
+    ),
     st.tuples(st.just("log_params"), st.dictionaries(good_keys, st.text(max_size=20), min_size=1, max_size=3)),
     st.tuples(st.just("set_tags"), st.dictionaries(good_keys, st.text(max_size=20), min_size=1, max_size=3)),
-    st.tuples(st.just("add_scalars"), good_keys, st.dictionaries(segment, good_values, min_size=1, max_size=3),
-              good_steps, st.none() | st.floats(0, 2e9)),
-    st.tuples(st.just("wandb_log"), st.dictionaries(good_keys, good_values, min_size=1, max_size=4), good_steps,
-              st.sampled_from([None, True, False])),
+    st.tuples(
+        st.just("add_scalars"),
+        good_keys,
+        st.dictionaries(segment, good_values, min_size=1, max_size=3),
+        good_steps,
+        st.none() | st.floats(0, 2e9),
+    ),
+    st.tuples(
+        st.just("wandb_log"),
+        st.dictionaries(good_keys, good_values, min_size=1, max_size=4),
+        good_steps,
+        st.sampled_from([None, True, False]),
+    ),
 )
 mixed_calls = st.one_of(good_calls, calls)
 
@@ -189,6 +246,7 @@ def assert_backend_legal(e: TrackingEvent) -> None:
 
 # -- writers, without Ray --------------------------------------------------------------------------
 
+
 @examples(400)
 @given(st.lists(mixed_calls, min_size=1, max_size=12))
 def test_writers_raise_the_documented_errors_and_record_only_legal_events(batch):
@@ -239,8 +297,9 @@ def metric_value_ok(value: Any) -> bool:
 
 
 def step_ok(step: Any) -> bool:
-    return step is None or (isinstance(step, (int, np.integer)) and not isinstance(step, bool)
-                            and 0 <= int(step) <= MAX_INT64)
+    return step is None or (
+        isinstance(step, (int, np.integer)) and not isinstance(step, bool) and 0 <= int(step) <= MAX_INT64
+    )
 
 
 @examples(500)
@@ -264,6 +323,7 @@ def test_a_metric_is_refused_exactly_when_its_value_or_step_is_bad(value, step):
 
 # -- writers -> EventSender -> receiver actor -> memory and MLflow ------------------------------------
 
+
 def comparable(e) -> tuple:
     """An event as a tuple that compares equal after a round trip (NaN != NaN otherwise)."""
     e = TrackingEvent(*e)
@@ -282,11 +342,18 @@ def test_a_mixed_stream_reaches_the_receiver_actor_exactly_once(ray_session, tmp
     """Hundreds of random writer calls, good and bad, through a real EventSender into a real receiver
     actor (memory + MLflow): the actor never crashes, every accepted record arrives exactly once,
     and MLflow holds every metric point, param and tag."""
-    ctx = ReceiverContext(job_id=f"property-{os.getpid()}", job_name="property", job_dir=tmp_path,
-                          workspace=tmp_path, sites=("site-1",), config={})
+    ctx = ReceiverContext(
+        job_id=f"property-{os.getpid()}",
+        job_name="property",
+        job_dir=tmp_path,
+        workspace=tmp_path,
+        sites=("site-1",),
+        config={},
+    )
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = start_receiver(ctx, [{"type": "user_receivers:EchoReceiver"}, {"type": "mlflow", "buffer_flush_time": 0}],
-                           {}, here)
+    actor = start_receiver(
+        ctx, [{"type": "user_receivers:EchoReceiver"}, {"type": "mlflow", "buffer_flush_time": 0}], {}, here
+    )
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
     state = SiteState.from_snapshot("site-1", ray.get(actor.open_site.remote("site-1")))
     sender = RecordingSender(state, actor, batch_size=37, flush_interval=0.05)
@@ -314,8 +381,11 @@ def test_a_mixed_stream_reaches_the_receiver_actor_exactly_once(ray_session, tmp
     mlflow = report["receivers"]["mlflow"]
     assert mlflow["undelivered"] == 0 and "error" not in mlflow
     # only a text whose artifact path clashes with another's ("a" and "a/b.txt") may be set aside as refused
-    letters = [json.loads(line) for line in (tmp_path / "dead_letters.jsonl").read_text().splitlines()] \
-        if mlflow.get("dead_letters") else []
+    letters = (
+        [json.loads(line) for line in (tmp_path / "dead_letters.jsonl").read_text().splitlines()]
+        if mlflow.get("dead_letters")
+        else []
+    )
     assert len(letters) == mlflow.get("dead_letters", 0) and all(d["kind"] == "text" for d in letters), letters
     from mlflow.tracking import MlflowClient
 
@@ -348,14 +418,30 @@ def paths(data: dict, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-FIELD_PATHS = paths(DEFAULT) + [("tracking", "receivers", 0, "type"), ("tracking", "receivers", 0, "tracking_uri"),
-                                ("tracking", "credentials", "MLFLOW_TRACKING_TOKEN"), ("learner_args", "x")]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.sampled_from([2**63, -(2**63), 10**30]),
-                    st.floats(), st.sampled_from([math.inf, -math.inf, math.nan, 0.0, -0.0, 0.5, 1.5, 1e308]),
-                    st.text(max_size=20), any_text, st.sampled_from(["mlflow", "a:b", ":", "site-1", "1e400", "inf"]))
-config_values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)),
-    max_leaves=8)
+FIELD_PATHS = paths(DEFAULT) + [
+    ("tracking", "receivers", 0, "type"),
+    ("tracking", "receivers", 0, "tracking_uri"),
+    ("tracking", "credentials", "MLFLOW_TRACKING_TOKEN"),
+    ("learner_args", "x"),
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.sampled_from([2**63, -(2**63), 10**30]),
+    st.floats(),
+    st.sampled_from([math.inf, -math.inf, math.nan, 0.0, -0.0, 0.5, 1.5, 1e308]),
+    st.text(max_size=20),
+    any_text,
+    st.sampled_from(["mlflow", "a:b", ":", "site-1", "1e400", "inf"]),
+)
+config_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
 
 
 def too_many_sites(data: Any) -> bool:
@@ -414,8 +500,27 @@ def test_valid_configs_with_random_fields_raise_only_config_errors(changes):
     check_parse(data)
 
 
-NASTY = [None, True, 0, -1, 1.5, 2**63, 10**30, math.inf, -math.inf, math.nan, "", "x", "inf", [], [None], {},
-         {"a": 1}, "a:b", "\ud800"]
+NASTY = [
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    2**63,
+    10**30,
+    math.inf,
+    -math.inf,
+    math.nan,
+    "",
+    "x",
+    "inf",
+    [],
+    [None],
+    {},
+    {"a": 1},
+    "a:b",
+    "\ud800",
+]
 
 
 def test_every_field_with_every_nasty_value_raises_only_config_errors():
@@ -439,10 +544,18 @@ def test_every_field_with_every_nasty_value_raises_only_config_errors():
 
 
 @examples(300)
-@given(st.lists(st.one_of(
-    st.tuples(st.sampled_from([".".join(map(str, p)) for p in FIELD_PATHS if not any(isinstance(x, int) for x in p)]),
-              st.text(max_size=20)).map("=".join),
-    st.text(max_size=30)), max_size=3))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.sampled_from([".".join(map(str, p)) for p in FIELD_PATHS if not any(isinstance(x, int) for x in p)]),
+                st.text(max_size=20),
+            ).map("=".join),
+            st.text(max_size=30),
+        ),
+        max_size=3,
+    )
+)
 def test_random_overrides_raise_only_config_errors(overrides):
     """--set KEY=VALUE with random keys and YAML values: a JobConfig or a ConfigError."""
     try:
@@ -455,9 +568,10 @@ def test_random_overrides_raise_only_config_errors(overrides):
 def test_a_huge_site_count_is_a_config_error():
     """sites: 10**12 must be refused by the loader, not turned into 10**12 site names (memory-capped
     subprocess, so a regression cannot take the machine down)."""
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-            "from fl_ray.config import ConfigError, parse_config\n"
-            "try:\n    parse_config({'sites': 10**12})\nexcept ConfigError as exc:\n    print('ConfigError', exc)\n")
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from fl_ray.config import ConfigError, parse_config\n"
+        "try:\n    parse_config({'sites': 10**12})\nexcept ConfigError as exc:\n    print('ConfigError', exc)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0 and done.stdout.startswith("ConfigError"), done.stdout + done.stderr[-500:]
-

@@ -17,18 +17,26 @@ from conftest import NO_DATA, REPO, new_workspace
 
 
 def faulty_config(faults, **overrides):
-    data = {"name": "faulty", "num_rounds": 3, "sites": 3, "min_clients": 2,
-            "learner": "user_learners:FaultyLearner", "learner_args": {"faults": faults}, "dataset": NO_DATA,
-            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-            "tracking": {"system_metrics": False}}
+    data = {
+        "name": "faulty",
+        "num_rounds": 3,
+        "sites": 3,
+        "min_clients": 2,
+        "learner": "user_learners:FaultyLearner",
+        "learner_args": {"faults": faults},
+        "dataset": NO_DATA,
+        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+        "tracking": {"system_metrics": False},
+    }
     data.update(overrides)
     return JobConfig.model_validate(data)
 
 
 def server_history(result, key):
     info = result.tracking["receivers"]["mlflow"]
-    return sorted((m.step, m.value) for m in MlflowClient(info["tracking_uri"]).get_metric_history(
-        info["run_ids"]["server"], key))
+    return sorted(
+        (m.step, m.value) for m in MlflowClient(info["tracking_uri"]).get_metric_history(info["run_ids"]["server"], key)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +55,10 @@ def test_a_raising_client_does_not_fail_the_round(faulty_job):
     result = faulty_job
     r3 = result.rounds[2]
     assert r3["completed"] == ["site-1", "site-3"]
-    assert list(r3["failures"]) == ["site-2 (attempt 1)"] and "site-2 broke in round 3" in r3["failures"]["site-2 (attempt 1)"]
+    assert (
+        list(r3["failures"]) == ["site-2 (attempt 1)"]
+        and "site-2 broke in round 3" in r3["failures"]["site-2 (attempt 1)"]
+    )
     saved = json.loads((result.job_dir / "result.json").read_text())
     assert saved["rounds"][2]["failures"] == r3["failures"]
     assert server_history(result, "sites_failed") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 0.0)]
@@ -61,7 +72,9 @@ def test_a_dead_client_is_restarted_for_later_rounds(faulty_job):
     site-3 trains again in round 5 with its step counters continued."""
     result = faulty_job
     assert result.status == "FINISHED"
-    assert result.rounds[3]["completed"] == ["site-1", "site-2"] and "site-3 (attempt 1)" in result.rounds[3]["failures"]
+    assert (
+        result.rounds[3]["completed"] == ["site-1", "site-2"] and "site-3 (attempt 1)" in result.rounds[3]["failures"]
+    )
     assert result.rounds[4]["completed"] == ["site-1", "site-2", "site-3"]
     info = result.tracking["receivers"]["mlflow"]
     auto = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_ids"]["site-3"], "auto")
@@ -98,9 +111,23 @@ def _start_job(workspace, *args):
     import ray
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "run_fedavg.py"), "--workspace", str(workspace),
-                             "--address", ray.get_runtime_context().gcs_address, "--quiet", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "run_fedavg.py"),
+            "--workspace",
+            str(workspace),
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            "--quiet",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(predicate, timeout):
@@ -111,8 +138,20 @@ def _wait_for(predicate, timeout):
         time.sleep(0.2)
 
 
-DIGITS = ["--set", "num_rounds=4", "--set", "sites=2", "--set", "local_epochs=1", "--set", "seed=11",
-          "--set", "tracking.system_metrics=false", "--set", "tracking.log_model=false"]
+DIGITS = [
+    "--set",
+    "num_rounds=4",
+    "--set",
+    "sites=2",
+    "--set",
+    "local_epochs=1",
+    "--set",
+    "seed=11",
+    "--set",
+    "tracking.system_metrics=false",
+    "--set",
+    "tracking.log_model=false",
+]
 
 
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, mlflow_store):
@@ -121,8 +160,9 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     Steps continue for every metric: training metrics, and system metrics (sampled once per life here,
     at the end: step 0 before the Ctrl+C, step 1 after the resume)."""
     ws = new_workspace(tmp_path / "ws", mlflow_store)
-    proc = _start_job(ws, *DIGITS, "--set", "tracking.system_metrics=true",
-                      "--set", "tracking.system_metrics_interval=3600")
+    proc = _start_job(
+        ws, *DIGITS, "--set", "tracking.system_metrics=true", "--set", "tracking.system_metrics_interval=3600"
+    )
     _wait_for(lambda: any(ws.glob("*/checkpoints/last.json")), timeout=240)
     checkpoint = next(ws.glob("*/checkpoints/last.json"))
     _wait_for(lambda: checkpoint.stat().st_size and _round_of(checkpoint) >= 2, timeout=120)
@@ -149,7 +189,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     assert [r["global"] for r in final["rounds"]] == [r["global"] for r in uninterrupted.rounds]
     history = client.get_metric_history(mlflow["run_ids"]["server"], "global_accuracy")
     assert sorted((m.step, m.value) for m in history) == [
-        (r["round"], r["global"]["accuracy"]) for r in uninterrupted.rounds]
+        (r["round"], r["global"]["accuracy"]) for r in uninterrupted.rounds
+    ]
     for site in ("site-1", "site-2"):
         steps = [m.step for m in client.get_metric_history(mlflow["run_ids"][site], "train_loss")]
         assert len(steps) == len(set(steps)), f"{site}: a step was written twice"
@@ -170,8 +211,16 @@ def test_a_second_ctrl_c_exits_at_once(ray_session, tmp_path):
     """While the first Ctrl+C waits on a tracking server that is down, a second one exits at once."""
     ws = tmp_path / "ws"
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
-    proc = _start_job(ws, *DIGITS, "--set", "num_rounds=50", "--set", "tracking.close_timeout=600",
-                      "--set", f"tracking.receivers=[{{type: mlflow, tracking_uri: '{dead}'}}]")
+    proc = _start_job(
+        ws,
+        *DIGITS,
+        "--set",
+        "num_rounds=50",
+        "--set",
+        "tracking.close_timeout=600",
+        "--set",
+        f"tracking.receivers=[{{type: mlflow, tracking_uri: '{dead}'}}]",
+    )
     _wait_for(lambda: any(ws.glob("*/checkpoints/last.json")), timeout=240)
     proc.send_signal(signal.SIGINT)
     time.sleep(3)

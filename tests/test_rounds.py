@@ -58,9 +58,18 @@ class QuadraticLearner(Learner):
 
 
 def context(site: str, cfg: JobConfig, sender=None) -> LearnerContext:
-    data = ArrayData(np.zeros((samples(site) if site != "server" else 5, 1)), np.zeros(samples(site) if site != "server" else 5))
-    return LearnerContext(site=site, device=torch.device("cpu"), config=cfg, data=data, num_classes=2,
-                          input_shape=(1,), mlflow=MLflowWriter(sender) if sender is not None else None)
+    data = ArrayData(
+        np.zeros((samples(site) if site != "server" else 5, 1)), np.zeros(samples(site) if site != "server" else 5)
+    )
+    return LearnerContext(
+        site=site,
+        device=torch.device("cpu"),
+        config=cfg,
+        data=data,
+        num_classes=2,
+        input_shape=(1,),
+        mlflow=MLflowWriter(sender) if sender is not None else None,
+    )
 
 
 def engine(tmp_path, learner=None, sites=3, **settings):
@@ -69,8 +78,14 @@ def engine(tmp_path, learner=None, sites=3, **settings):
     server_log = RecordingSender("server")
     names = cfg.site_names
     executor = ThreadExecutor({s: learner for s in names}, {s: context(s, cfg) for s in names})
-    return RoundEngine(cfg, learner, context("server", cfg, server_log), build_strategy(cfg.strategy), executor,
-                       tmp_path / "checkpoints"), server_log
+    return RoundEngine(
+        cfg,
+        learner,
+        context("server", cfg, server_log),
+        build_strategy(cfg.strategy),
+        executor,
+        tmp_path / "checkpoints",
+    ), server_log
 
 
 def local_update(w0, site, steps=2, lr=0.5, mu=0.0):
@@ -149,8 +164,7 @@ def test_site_state_is_carried_between_a_sites_rounds_and_checkpointed(tmp_path)
     eng.run_round(2)
     assert {s: int(st["rounds"][0]) for s, st in eng.site_states.items()} == {"site-1": 2, "site-2": 2, "site-3": 2}
     resumed, _ = engine(tmp_path)
-    assert {s: int(st["rounds"][0]) for s, st in resumed.site_states.items()} == {"site-1": 2, "site-2": 2,
-                                                                                 "site-3": 2}
+    assert {s: int(st["rounds"][0]) for s, st in resumed.site_states.items()} == {"site-1": 2, "site-2": 2, "site-3": 2}
 
 
 def test_resume_continues_exactly_with_the_strategy_state(tmp_path):

@@ -31,8 +31,15 @@ import pytest
 import yaml
 
 from fl_ray.config import ConfigError, load_config, parse_config
-from fl_ray.tracking.credentials import (ReceiverCredentials, argv_secrets, mask, masked_argv, read_credentials_file,
-                                         receiver_credentials, without_credentials)
+from fl_ray.tracking.credentials import (
+    ReceiverCredentials,
+    argv_secrets,
+    mask,
+    masked_argv,
+    read_credentials_file,
+    receiver_credentials,
+    without_credentials,
+)
 from user_learners import KnownValuesLearner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,14 +50,36 @@ NAMES = ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_U
 
 def test_command_line_secrets_are_masked():
     """Credential keys and values, credential-looking keys and URL passwords are masked; the rest stays."""
-    argv = ["run_fedavg.py", "--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=pw-1",
-            "--set=tracking.credentials={MLFLOW_TRACKING_TOKEN: tok-2, WANDB_API_KEY: 31337}",
-            "--set", "tracking.receivers.0.api_key=key-3", "--address", "ray://ann:pw-4@head:10001",
-            "--set", "learner_args.tokenizer=bert", "--set", "num_rounds=3", "--workspace=/ws"]
+    argv = [
+        "run_fedavg.py",
+        "--set",
+        "tracking.credentials.MLFLOW_TRACKING_PASSWORD=pw-1",
+        "--set=tracking.credentials={MLFLOW_TRACKING_TOKEN: tok-2, WANDB_API_KEY: 31337}",
+        "--set",
+        "tracking.receivers.0.api_key=key-3",
+        "--address",
+        "ray://ann:pw-4@head:10001",
+        "--set",
+        "learner_args.tokenizer=bert",
+        "--set",
+        "num_rounds=3",
+        "--workspace=/ws",
+    ]
     assert masked_argv(argv) == [
-        "run_fedavg.py", "--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=***", "--set=tracking.credentials=***",
-        "--set", "tracking.receivers.0.api_key=***", "--address", "ray://ann:***@head:10001",
-        "--set", "learner_args.tokenizer=bert", "--set", "num_rounds=3", "--workspace=/ws"]
+        "run_fedavg.py",
+        "--set",
+        "tracking.credentials.MLFLOW_TRACKING_PASSWORD=***",
+        "--set=tracking.credentials=***",
+        "--set",
+        "tracking.receivers.0.api_key=***",
+        "--address",
+        "ray://ann:***@head:10001",
+        "--set",
+        "learner_args.tokenizer=bert",
+        "--set",
+        "num_rounds=3",
+        "--workspace=/ws",
+    ]
     found = argv_secrets(argv)
     assert {"pw-1", "tok-2", "31337", "key-3", "pw-4"} <= set(found) and "bert" not in found
     assert mask("got 31337 ('tok-2') from https://ann:pw-9@host", found) == "got *** ('***') from https://ann:***@host"
@@ -63,11 +92,14 @@ def _run_fedavg_main():
     return module.main
 
 
-@pytest.mark.parametrize("args", [
-    ["--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=987654321"],  # YAML reads an int: not a string
-    ["--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=[987654321"],  # not YAML
-    ["--bogus", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=987654321"],  # argparse's own error
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=987654321"],  # YAML reads an int: not a string
+        ["--set", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=[987654321"],  # not YAML
+        ["--bogus", "tracking.credentials.MLFLOW_TRACKING_PASSWORD=987654321"],  # argparse's own error
+    ],
+)
 def test_the_command_line_never_echoes_a_secret(capsys, args):
     """A bad command line names what is wrong, with the secret masked, and stops with status 2."""
     try:
@@ -82,15 +114,26 @@ def test_the_credentials_file(tmp_path):
     """NAME=value lines (export, quotes and comments allowed); errors name lines, never values; the file
     wins over the driver's environment, tracking.credentials over the file; the repr shows no value."""
     path = tmp_path / "creds.env"
-    path.write_text("# for the receiver\nexport MLFLOW_TRACKING_USERNAME='ann'\n\n"
-                    "MLFLOW_TRACKING_PASSWORD = \"p=w #1\"\nMLFLOW_TRACKING_TOKEN=tok\n")
-    assert read_credentials_file(str(path)) == {"MLFLOW_TRACKING_USERNAME": "ann", "MLFLOW_TRACKING_PASSWORD": "p=w #1",
-                                                "MLFLOW_TRACKING_TOKEN": "tok"}
-    creds = ReceiverCredentials({"MLFLOW_TRACKING_TOKEN": "from-env", "WANDB_API_KEY": "from-env"},
-                                {"MLFLOW_TRACKING_PASSWORD": "from-config"}, str(path))
+    path.write_text(
+        "# for the receiver\nexport MLFLOW_TRACKING_USERNAME='ann'\n\n"
+        'MLFLOW_TRACKING_PASSWORD = "p=w #1"\nMLFLOW_TRACKING_TOKEN=tok\n'
+    )
+    assert read_credentials_file(str(path)) == {
+        "MLFLOW_TRACKING_USERNAME": "ann",
+        "MLFLOW_TRACKING_PASSWORD": "p=w #1",
+        "MLFLOW_TRACKING_TOKEN": "tok",
+    }
+    creds = ReceiverCredentials(
+        {"MLFLOW_TRACKING_TOKEN": "from-env", "WANDB_API_KEY": "from-env"},
+        {"MLFLOW_TRACKING_PASSWORD": "from-config"},
+        str(path),
+    )
     assert pickle.loads(pickle.dumps(creds)).resolve() == {
-        "MLFLOW_TRACKING_TOKEN": "tok", "WANDB_API_KEY": "from-env", "MLFLOW_TRACKING_USERNAME": "ann",
-        "MLFLOW_TRACKING_PASSWORD": "from-config"}
+        "MLFLOW_TRACKING_TOKEN": "tok",
+        "WANDB_API_KEY": "from-env",
+        "MLFLOW_TRACKING_USERNAME": "ann",
+        "MLFLOW_TRACKING_PASSWORD": "from-config",
+    }
     assert "from-" not in repr(creds) and "from-" not in str(creds)
 
     path.write_text("MLFLOW_TRACKING_PASSWORD=ok\nleaked-secret\nAWS_SECRET_ACCESS_KEY=leaked-too\n")
@@ -194,16 +237,44 @@ def head_node():
     class HeadNode(LocalCluster):
         def start(self) -> None:
             gcs, dashboard, client, agent = _free_ports(4)
-            self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))
-                        and k != "WANDB_API_KEY"}
-            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
-                            PYTHONPATH=str(TESTS))  # the test's learner and receiver, installed on the node
+            self.env = {
+                k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"
+            }
+            self.env.update(
+                RAY_AUTH_MODE="token",
+                RAY_AUTH_TOKEN=secrets.token_hex(32),
+                RAY_USAGE_STATS_ENABLED="0",
+                PYTHONPATH=str(TESTS),
+            )  # the test's learner and receiver, installed on the node
             self.gcs_address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-            self._ray_start(["--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host",
-                             "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-                             "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2", "--temp-dir",
-                             self.temp_dir, "--min-worker-port", "0", "--max-worker-port", "0",
-                             "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats"])
+            self._ray_start(
+                [
+                    "--head",
+                    "--port",
+                    str(gcs),
+                    "--include-dashboard",
+                    "true",
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    "--dashboard-port",
+                    str(dashboard),
+                    "--ray-client-server-port",
+                    str(client),
+                    "--dashboard-agent-listen-port",
+                    str(agent),
+                    "--num-cpus",
+                    "2",
+                    "--temp-dir",
+                    self.temp_dir,
+                    "--min-worker-port",
+                    "0",
+                    "--max-worker-port",
+                    "0",
+                    "--object-store-memory",
+                    str(200 * 1024**2),
+                    "--disable-usage-stats",
+                ]
+            )
             self._wait_for_nodes(1)
 
     node = HeadNode()
@@ -224,32 +295,60 @@ def test_credentials_reach_the_receiver_actor_only(mode, tmp_path, mlflow_store,
     # and conftest takes credential variables out of the environment of whoever imports it
 
     head = request.getfixturevalue("head_node") if mode == "cluster" else None
-    planted = {"--set": f"planted-set-{secrets.token_hex(8)}", "environment": f"planted-env-{secrets.token_hex(8)}",
-               "file": f"planted-file-{secrets.token_hex(8)}"}
+    planted = {
+        "--set": f"planted-set-{secrets.token_hex(8)}",
+        "environment": f"planted-env-{secrets.token_hex(8)}",
+        "file": f"planted-file-{secrets.token_hex(8)}",
+    }
     creds = tmp_path / "creds.env"
     creds.write_text(f"MLFLOW_TRACKING_USERNAME={planted['file']}\n")
     creds.chmod(0o600)
     gate = tmp_path / "gate"
     gate.mkdir()
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "secrets", "num_rounds": 1, "sites": 2, "min_clients": 2,
-        "dataset": {"name": "synthetic", "num_samples": 100},
-        "learner": "test_secrets:GatedLearner", "learner_args": {"gate": str(gate)},
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"receivers": [{"type": "mlflow"}, {"type": "user_receivers:CredentialProbe"}],
-                     "credentials_file": str(creds), "system_metrics": False, "log_model": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "secrets",
+                "num_rounds": 1,
+                "sites": 2,
+                "min_clients": 2,
+                "dataset": {"name": "synthetic", "num_samples": 100},
+                "learner": "test_secrets:GatedLearner",
+                "learner_args": {"gate": str(gate)},
+                "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+                "tracking": {
+                    "receivers": [{"type": "mlflow"}, {"type": "user_receivers:CredentialProbe"}],
+                    "credentials_file": str(creds),
+                    "system_metrics": False,
+                    "log_model": False,
+                },
+            }
+        )
+    )
     workspace = new_workspace(tmp_path / "ws", mlflow_store)
     # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
     ray_tmp = Path(head.temp_dir) if head else Path(tempfile.mkdtemp(prefix="flrs-", dir="/tmp"))
     if not head:
         request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = dict(head.env) if head else {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PYTHONPATH=str(TESTS), MLFLOW_TRACKING_TOKEN=planted["environment"],
-               **({} if head else {"RAY_TMPDIR": str(ray_tmp)}))
-    cmd = [sys.executable, str(REPO / "scripts" / "run_fedavg.py"), "--config", str(config), "--workspace",
-           str(workspace), "--quiet", "--set", f"tracking.credentials.MLFLOW_TRACKING_PASSWORD={planted['--set']}",
-           *(["--address", head.gcs_address] if head else [])]
+    env.update(
+        PYTHONPATH=str(TESTS),
+        MLFLOW_TRACKING_TOKEN=planted["environment"],
+        **({} if head else {"RAY_TMPDIR": str(ray_tmp)}),
+    )
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "run_fedavg.py"),
+        "--config",
+        str(config),
+        "--workspace",
+        str(workspace),
+        "--quiet",
+        "--set",
+        f"tracking.credentials.MLFLOW_TRACKING_PASSWORD={planted['--set']}",
+        *(["--address", head.gcs_address] if head else []),
+    ]
     output = tmp_path / "driver.out"
     with output.open("wb") as out:
         driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
@@ -259,6 +358,7 @@ def test_credentials_reach_the_receiver_actor_only(mode, tmp_path, mlflow_store,
             assert driver.poll() is None, f"the job ended early:\n{output.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"the sites did not start:\n{output.read_text()[-3000:]}"
             time.sleep(0.2)
+
         # The job runs: every process of its Ray (the driver, whose user gave it the secrets, aside).
         def processes() -> list[psutil.Process]:
             return head.processes() if head else psutil.Process(driver.pid).children(recursive=True)
@@ -266,8 +366,13 @@ def test_credentials_reach_the_receiver_actor_only(mode, tmp_path, mlflow_store,
         leaks, receivers = _process_leaks(processes(), planted)
         assert len(receivers) == 1 and not leaks, (receivers, leaks)
         if head:
-            state = subprocess.run([sys.executable, "-c", STATE_DUMP, head.dashboard_url], env=head.env,
-                                   capture_output=True, text=True, timeout=60)
+            state = subprocess.run(
+                [sys.executable, "-c", STATE_DUMP, head.dashboard_url],
+                env=head.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert state.returncode == 0, state.stderr[-3000:]
             dump = json.loads(state.stdout)
             assert any(a["class_name"] == "ReceiverActor" for a in dump["list_actors"]) and dump["list_jobs"]

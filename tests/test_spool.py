@@ -18,12 +18,15 @@ from conftest import REPO
 
 
 def ctx(tmp_path, life="first"):
-    return ReceiverContext(job_id="job-1", job_name="job", job_dir=tmp_path, workspace=tmp_path,
-                           sites=("site-1",), config={}, life=life)
+    return ReceiverContext(
+        job_id="job-1", job_name="job", job_dir=tmp_path, workspace=tmp_path, sites=("site-1",), config={}, life=life
+    )
 
 
 def metric(seq, step=None, value=1.0, key="loss", site="site-1"):
-    return TrackingEvent(site, seq, EventKind.METRIC, key, value, seq if step is None else step, 1_700_000_000_000 + seq)
+    return TrackingEvent(
+        site, seq, EventKind.METRIC, key, value, seq if step is None else step, 1_700_000_000_000 + seq
+    )
 
 
 def spool_file(tmp_path):
@@ -42,9 +45,13 @@ def delivered_once(hub, sink, expected, timeout=10.0):
 
 def test_records_round_trip_with_odd_values(tmp_path):
     """NaN, infinities, newlines, quotes and non-ASCII text come back as they went in."""
-    events = [metric(0, value=math.nan), metric(1, value=math.inf), metric(2, value=-math.inf),
-              TrackingEvent("site-1", 3, EventKind.TEXT, "notes.txt", 'line 1\n"quoted"\tß ✓', None, 5, None),
-              TrackingEvent("site-1", 4, EventKind.METRIC, "grp/a", 2.5, 7, 6, "grp")]
+    events = [
+        metric(0, value=math.nan),
+        metric(1, value=math.inf),
+        metric(2, value=-math.inf),
+        TrackingEvent("site-1", 3, EventKind.TEXT, "notes.txt", 'line 1\n"quoted"\tß ✓', None, 5, None),
+        TrackingEvent("site-1", 4, EventKind.METRIC, "grp/a", 2.5, 7, 6, "grp"),
+    ]
     spool = Spool(tmp_path)
     spool.append(events)
     back = list(Spool(tmp_path))
@@ -136,8 +143,10 @@ def test_spool_report_from_disk_never_counts_below_zero(tmp_path):
     hub.close("FINISHED", timeout=5)
     (tmp_path / "spool" / "progress-memory.json").write_text(json.dumps({"offset": 10**6, "events": 50}))
     report = spool_report(tmp_path / "spool", ["memory", "other"])
-    assert report["receivers"] == {"memory": {"delivered": 3, "undelivered": 0},
-                                   "other": {"delivered": 0, "undelivered": 3}}
+    assert report["receivers"] == {
+        "memory": {"delivered": 3, "undelivered": 0},
+        "other": {"delivered": 0, "undelivered": 3},
+    }
 
 
 _FSIZE_SCRIPT = textwrap.dedent("""
@@ -183,8 +192,9 @@ def test_a_full_disk_acknowledges_nothing_it_did_not_store(tmp_path):
     """With a real file-size limit on the spool, appends that do not fit fail: nothing of them counts as
     accepted (no seq is marked seen), the file holds no partial record, the error names the file and what
     waits; once there is room again the same batches are accepted, and every record is delivered once."""
-    out = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(tmp_path), str(REPO)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _FSIZE_SCRIPT, str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert 1 < result["acked_while_full"] < 60 and result["errors"]
@@ -202,8 +212,11 @@ def test_after_resume_a_step_recorded_by_an_earlier_life_is_not_recorded_again(t
     first life recorded are dropped (the first value stays); new steps, params and tags are kept."""
     hub = TrackingHub(ctx(tmp_path), [])
     seq0 = SiteState.from_snapshot("site-1", hub.open_site("site-1")).seq
-    hub.submit("site-1", [metric(seq0 + i, step=i) for i in range(5)]
-               + [TrackingEvent("site-1", seq0 + 5, EventKind.PARAM, "lr", "0.1", None, 0)])
+    hub.submit(
+        "site-1",
+        [metric(seq0 + i, step=i) for i in range(5)]
+        + [TrackingEvent("site-1", seq0 + 5, EventKind.PARAM, "lr", "0.1", None, 0)],
+    )
     hub.spool.close()  # killed: no close
 
     sink = MemoryReceiver()

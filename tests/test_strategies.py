@@ -102,7 +102,8 @@ def test_fedavg_is_the_sample_weighted_average():
         expected = _weighted_average(weights, round_, ROUND_SITES[round_ - 1])
         _assert_weights(actual, expected)
         assert metrics["update_norm"] == pytest.approx(
-            math.sqrt(sum(np.sum((expected[k] - weights[k]) ** 2) for k in weights)))
+            math.sqrt(sum(np.sum((expected[k] - weights[k]) ** 2) for k in weights))
+        )
         weights = expected
 
 
@@ -120,8 +121,9 @@ def test_fedavgm_applies_server_momentum():
         _assert_weights(actual, weights)
         assert metrics["server_lr"] == 0.7
         assert metrics["pseudo_gradient_norm"] == pytest.approx(
-            math.sqrt(sum(np.sum(d ** 2) for d in pseudo_gradient.values())))
-        assert metrics["momentum_norm"] == pytest.approx(math.sqrt(sum(np.sum(v ** 2) for v in m.values())))
+            math.sqrt(sum(np.sum(d**2) for d in pseudo_gradient.values()))
+        )
+        assert metrics["momentum_norm"] == pytest.approx(math.sqrt(sum(np.sum(v**2) for v in m.values())))
 
 
 def test_fedprox_sends_mu_to_every_sampled_site_and_averages():
@@ -149,7 +151,7 @@ def test_fedopt_follows_reddi_et_al(name):
     eta, beta_1, tau = 0.05, 0.8, 0.01
     weights = _initial()
     m = {k: np.zeros_like(v) for k, v in weights.items()}
-    v = {k: np.full_like(w, tau ** 2) for k, w in weights.items()}
+    v = {k: np.full_like(w, tau**2) for k, w in weights.items()}
     signs = set()
     for round_, (actual, metrics, _) in enumerate(history, 1):
         avg = _weighted_average(weights, round_, ROUND_SITES[round_ - 1])
@@ -160,8 +162,7 @@ def test_fedopt_follows_reddi_et_al(name):
         weights = {k: weights[k] + eta * m[k] / (np.sqrt(v[k]) + tau) for k in weights}
         _assert_weights(actual, weights)
         assert metrics["server_lr"] == eta
-        assert metrics["pseudo_gradient_norm"] == pytest.approx(
-            math.sqrt(sum(np.sum(d ** 2) for d in delta.values())))
+        assert metrics["pseudo_gradient_norm"] == pytest.approx(math.sqrt(sum(np.sum(d**2) for d in delta.values())))
     assert {-1.0, 1.0} <= signs  # Yogi's update went both ways over these rounds
 
 
@@ -203,13 +204,11 @@ def test_scaffold_follows_option_two():
         sites = ROUND_SITES[round_ - 1]
         locals_ = {s: _site_weights(weights, round_, s) for s in sites}
         deltas = [_scaffold_extras(site_controls, control, weights, locals_[s], s)["control_delta"] for s in sites]
-        control = {k: control[k] + len(sites) / len(SITES) * np.mean([d[k] for d in deltas], axis=0)
-                   for k in weights}
-        weights = {k: weights[k] + 0.8 * np.mean([locals_[s][k] - weights[k] for s in sites], axis=0)
-                   for k in weights}
+        control = {k: control[k] + len(sites) / len(SITES) * np.mean([d[k] for d in deltas], axis=0) for k in weights}
+        weights = {k: weights[k] + 0.8 * np.mean([locals_[s][k] - weights[k] for s in sites], axis=0) for k in weights}
         _assert_weights(actual, weights)
         assert metrics["server_lr"] == 0.8
-        assert metrics["control_norm"] == pytest.approx(math.sqrt(sum(np.sum(c ** 2) for c in control.values())))
+        assert metrics["control_norm"] == pytest.approx(math.sqrt(sum(np.sum(c**2) for c in control.values())))
 
 
 def test_scaffold_site_functions_match_the_paper():
@@ -297,7 +296,7 @@ def test_trimmed_mean_trims_floor_of_beta_n_at_each_end(n, beta, trimmed):
 
     k = trimmed // 2
     assert count == trimmed
-    assert mean == pytest.approx(np.mean(np.arange(n)[k:n - k]))
+    assert mean == pytest.approx(np.mean(np.arange(n)[k : n - k]))
 
 
 def test_coordinate_median_counts_what_it_leaves_out():
@@ -316,15 +315,21 @@ def test_integer_entries_stay_rounded_counters(name):
     counters = {"site-1": 10, "site-2": 21, "site-3": 12, "site-4": 40}
     for site, count in counters.items():
         extras = {"control_delta": initial_control(weights)} if name == "scaffold" else {}
-        aggregation.add(FitResult(site, {**_site_weights(_initial(), 1, site),
-                                         "num_batches_tracked": np.array(count, dtype=np.int64)}, SAMPLES[site],
-                                  extras=extras))
+        aggregation.add(
+            FitResult(
+                site,
+                {**_site_weights(_initial(), 1, site), "num_batches_tracked": np.array(count, dtype=np.int64)},
+                SAMPLES[site],
+                extras=extras,
+            )
+        )
 
     out = aggregation.result()[0]["num_batches_tracked"]
 
     values = list(counters.values())
     expected = {"fedmedian": np.median(values), "fedtrimmedavg": np.mean(sorted(values)[1:-1])}.get(
-        name, np.average(values, weights=[SAMPLES[s] for s in counters]))
+        name, np.average(values, weights=[SAMPLES[s] for s in counters])
+    )
     assert out.dtype == np.int64 and out == np.rint(expected)
 
 
@@ -356,12 +361,15 @@ def test_state_round_trip_continues_exactly(name):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("bad, message", [
-    (lambda w: {"w": w["w"]}, r"missing \['b'\]"),
-    (lambda w: {**w, "extra": np.zeros(1)}, r"unexpected \['extra'\]"),
-    (lambda w: {**w, "b": np.zeros(3)}, r"'b' has shape \(3,\), expected \(2,\)"),
-    (lambda w: {**w, "w": np.full((3, 2), np.nan)}, "'w' holds NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda w: {"w": w["w"]}, r"missing \['b'\]"),
+        (lambda w: {**w, "extra": np.zeros(1)}, r"unexpected \['extra'\]"),
+        (lambda w: {**w, "b": np.zeros(3)}, r"'b' has shape \(3,\), expected \(2,\)"),
+        (lambda w: {**w, "w": np.full((3, 2), np.nan)}, "'w' holds NaN"),
+    ],
+)
 def test_a_mismatched_result_is_refused_naming_the_key_and_changes_nothing(name, bad, message):
     """Keys, shapes or values that do not fit the global weights raise StrategyError; the aggregation goes on."""
     strategy = build_strategy(SPECS[name])
@@ -400,7 +408,13 @@ def test_describe_returns_the_name_and_every_argument():
     """describe() is what the parent run logs: the registered name and the arguments in force, defaults included."""
     assert build_strategy(SPECS["fedavgm"]).describe() == {"name": "fedavgm", "server_lr": 0.7, "momentum": 0.9}
     assert build_strategy({"name": "fedadam", "eta": 1}).describe() == {
-        "name": "fedadam", "eta": 1.0, "eta_l": None, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+        "name": "fedadam",
+        "eta": 1.0,
+        "eta_l": None,
+        "beta_1": 0.9,
+        "beta_2": 0.99,
+        "tau": 0.001,
+    }
     for name, spec in SPECS.items():
         described = build_strategy(spec).describe()
         assert described["name"] == name and all(described[k] == v for k, v in spec.items())
@@ -413,31 +427,43 @@ def test_registry_holds_the_builtin_strategies():
     assert [name for name, cls in STRATEGIES.items() if cls.needs_all_results] == ["fedmedian", "fedtrimmedavg"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"name": "fedavgg"}, r"strategy.name: expected one of fedavg, fedavgm, .*fedtrimmedavg, got 'fedavgg'"),
-    ({"name": 3}, r"strategy.name: expected one of .*, got 3"),
-    ({"eta": 0.1}, r"strategy: expected exactly one of 'name' .* or 'class'"),
-    ({"name": "fedavg", "class": "user_strategies:ClippedMean"}, "exactly one of"),
-    ("fedavg", r"strategy: expected a mapping"),
-    ({"name": "fedavg", "mu": 0.1}, r"strategy.mu: unknown argument \(got 0.1\); fedavg takes no arguments"),
-    ({"name": "fedadagrad", "beta_2": 0.9}, r"strategy.beta_2: unknown argument \(got 0.9\); fedadagrad takes eta, "
-                                            r"eta_l, beta_1, tau"),
-    ({"name": "fedprox", "mu": -0.1}, r"strategy.mu: expected a number >= 0, got -0.1"),
-    ({"name": "fedprox", "mu": True}, r"strategy.mu: expected a number >= 0, got True"),
-    ({"name": "fedadam", "eta": "1e-3"}, r"strategy.eta: expected a number > 0, got '1e-3'"),
-    ({"name": "fedadam", "eta_l": 0}, r"strategy.eta_l: expected a number > 0, got 0"),
-    ({"name": "fedyogi", "beta_2": 1.0}, r"strategy.beta_2: expected a number in \[0, 1\), got 1.0"),
-    ({"name": "fedavgm", "momentum": float("nan")}, r"strategy.momentum: expected a number in \[0, 1\), got nan"),
-    ({"name": "scaffold", "eta_g": 0}, r"strategy.eta_g: expected a number > 0, got 0"),
-    ({"name": "fedtrimmedavg", "beta": 0.5}, r"strategy.beta: expected a number in \[0, 0.5\), got 0.5"),
-    ({"class": "user_strategies.ClippedMean"}, r"strategy.class: 'user_strategies.ClippedMean' is not an import path"),
-    ({"class": "no_such_module:X"}, r"strategy.class: cannot import module 'no_such_module'"),
-    ({"class": "user_strategies:Nope"}, r"strategy.class: module 'user_strategies' has no attribute 'Nope'"),
-    ({"class": "fl_ray.fedavg:StreamingAverage"}, r"strategy.class: expected a subclass of .*Strategy"),
-    ({"class": "user_strategies:ClippedMean", "max_norm": -1}, r"strategy.max_norm: expected a number > 0, got -1"),
-    ({"class": "user_strategies:ClippedMean", "clip": 1}, r"strategy.clip: unknown argument \(got 1\); "
-                                                         r"user_strategies:ClippedMean takes max_norm"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "fedavgg"}, r"strategy.name: expected one of fedavg, fedavgm, .*fedtrimmedavg, got 'fedavgg'"),
+        ({"name": 3}, r"strategy.name: expected one of .*, got 3"),
+        ({"eta": 0.1}, r"strategy: expected exactly one of 'name' .* or 'class'"),
+        ({"name": "fedavg", "class": "user_strategies:ClippedMean"}, "exactly one of"),
+        ("fedavg", r"strategy: expected a mapping"),
+        ({"name": "fedavg", "mu": 0.1}, r"strategy.mu: unknown argument \(got 0.1\); fedavg takes no arguments"),
+        (
+            {"name": "fedadagrad", "beta_2": 0.9},
+            r"strategy.beta_2: unknown argument \(got 0.9\); fedadagrad takes eta, "
+            r"eta_l, beta_1, tau",
+        ),
+        ({"name": "fedprox", "mu": -0.1}, r"strategy.mu: expected a number >= 0, got -0.1"),
+        ({"name": "fedprox", "mu": True}, r"strategy.mu: expected a number >= 0, got True"),
+        ({"name": "fedadam", "eta": "1e-3"}, r"strategy.eta: expected a number > 0, got '1e-3'"),
+        ({"name": "fedadam", "eta_l": 0}, r"strategy.eta_l: expected a number > 0, got 0"),
+        ({"name": "fedyogi", "beta_2": 1.0}, r"strategy.beta_2: expected a number in \[0, 1\), got 1.0"),
+        ({"name": "fedavgm", "momentum": float("nan")}, r"strategy.momentum: expected a number in \[0, 1\), got nan"),
+        ({"name": "scaffold", "eta_g": 0}, r"strategy.eta_g: expected a number > 0, got 0"),
+        ({"name": "fedtrimmedavg", "beta": 0.5}, r"strategy.beta: expected a number in \[0, 0.5\), got 0.5"),
+        (
+            {"class": "user_strategies.ClippedMean"},
+            r"strategy.class: 'user_strategies.ClippedMean' is not an import path",
+        ),
+        ({"class": "no_such_module:X"}, r"strategy.class: cannot import module 'no_such_module'"),
+        ({"class": "user_strategies:Nope"}, r"strategy.class: module 'user_strategies' has no attribute 'Nope'"),
+        ({"class": "fl_ray.fedavg:StreamingAverage"}, r"strategy.class: expected a subclass of .*Strategy"),
+        ({"class": "user_strategies:ClippedMean", "max_norm": -1}, r"strategy.max_norm: expected a number > 0, got -1"),
+        (
+            {"class": "user_strategies:ClippedMean", "clip": 1},
+            r"strategy.clip: unknown argument \(got 1\); "
+            r"user_strategies:ClippedMean takes max_norm",
+        ),
+    ],
+)
 def test_build_strategy_names_the_bad_field_value_and_expectation(spec, message):
     """A wrong name, class, argument or value raises StrategyError naming the field, the value and what would do."""
     with pytest.raises(StrategyError, match=message):
@@ -458,11 +484,13 @@ def test_a_users_strategy_loads_by_import_path_and_runs_two_rounds():
         updates = []
         for site in sites:
             update = {k: v - weights[k] for k, v in _site_weights(weights, round_, site).items()}
-            norm = math.sqrt(sum(np.sum(u ** 2) for u in update.values()))
+            norm = math.sqrt(sum(np.sum(u**2) for u in update.values()))
             clipped += norm > 1.0
             updates.append({k: u * min(1.0, 1.0 / norm) for k, u in update.items()})
-        expected = {k: weights[k] + np.average([u[k] for u in updates], axis=0, weights=[SAMPLES[s] for s in sites])
-                    for k in weights}
+        expected = {
+            k: weights[k] + np.average([u[k] for u in updates], axis=0, weights=[SAMPLES[s] for s in sites])
+            for k in weights
+        }
         _assert_weights(new, expected)
         weights = new
     assert strategy.state() == {"clipped_total": clipped} and clipped > 0

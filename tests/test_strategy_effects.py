@@ -40,8 +40,14 @@ class QuadraticSite(Learner):
     SCAFFOLD's control from ctx.payload / ctx.site_state. The site named ``attacker`` sends its weights
     times ``scale`` (a faulty or malicious site)."""
 
-    def __init__(self, steps: int = 10, lr: float = 0.1, attacker: str | None = None, scale: float = 100.0,
-                 honest: tuple = tuple(CURVATURE)):
+    def __init__(
+        self,
+        steps: int = 10,
+        lr: float = 0.1,
+        attacker: str | None = None,
+        scale: float = 100.0,
+        honest: tuple = tuple(CURVATURE),
+    ):
         self.steps, self.lr, self.attacker, self.scale, self.honest = steps, lr, attacker, scale, honest
 
     def get_weights(self):
@@ -63,15 +69,15 @@ class QuadraticSite(Learner):
         extras = {}
         if control is not None:
             ctx.site_state["control"], extras["control_delta"] = site_control_update(
-                site_control, control, weights, {"w": w}, self.steps, lr)
+                site_control, control, weights, {"w": w}, self.steps, lr
+            )
         if ctx.site == self.attacker:
             w = w * self.scale
         return TrainResult({"w": w}, SAMPLES, {}, extras)
 
     def evaluate(self, weights, ctx):
         w = np.asarray(weights["w"])
-        return {"loss": global_loss(w, self.honest),
-                "distance": float(np.linalg.norm(w - global_optimum(self.honest)))}
+        return {"loss": global_loss(w, self.honest), "distance": float(np.linalg.norm(w - global_optimum(self.honest)))}
 
 
 def run(tmp_path, strategy, rounds=60, sites=SITES, **learner_args) -> tuple[np.ndarray, list[dict]]:
@@ -80,13 +86,20 @@ def run(tmp_path, strategy, rounds=60, sites=SITES, **learner_args) -> tuple[np.
     learner = QuadraticSite(**learner_args)
 
     def ctx(site):
-        return LearnerContext(site=site, device=torch.device("cpu"), config=cfg,
-                              data=ArrayData(np.zeros((SAMPLES, 1)), np.zeros(SAMPLES)), num_classes=1,
-                              input_shape=(DIM,), mlflow=MLflowWriter(RecordingSender(site)))
+        return LearnerContext(
+            site=site,
+            device=torch.device("cpu"),
+            config=cfg,
+            data=ArrayData(np.zeros((SAMPLES, 1)), np.zeros(SAMPLES)),
+            num_classes=1,
+            input_shape=(DIM,),
+            mlflow=MLflowWriter(RecordingSender(site)),
+        )
 
     executor = ThreadExecutor({s: learner for s in cfg.site_names}, {s: ctx(s) for s in cfg.site_names})
-    engine = RoundEngine(cfg, learner, ctx("server"), build_strategy(strategy), executor,
-                         tmp_path / strategy["name"] / "checkpoints")
+    engine = RoundEngine(
+        cfg, learner, ctx("server"), build_strategy(strategy), executor, tmp_path / strategy["name"] / "checkpoints"
+    )
     summaries = [engine.run_round(r) for r in range(1, rounds + 1)]
     executor.shutdown()
     return engine.weights["w"], summaries

@@ -16,12 +16,22 @@ def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session
     the parent run's params name the strategy and its arguments, the server run logs what the strategy
     reports each round and the sample-weighted mean of the sites' evaluations, each evaluating site's run
     gets its own, and the site x model matrix is in result.json and a table of the parent run."""
-    cfg = JobConfig.model_validate({
-        "name": "fedavgm-job", "num_rounds": 4, "sites": SITES, "min_clients": 3, "dataset": NO_DATA,
-        "learner": "user_learners:KnownValuesLearner", "strategy": {"name": "fedavgm", "momentum": 0.5},
-        "evaluate_every": 2, "evaluate_fraction": 1.0, "cross_site_evaluation": True,
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"system_metrics": False, "receivers": [{"type": "mlflow", "buffer_flush_time": 0.2}]}})
+    cfg = JobConfig.model_validate(
+        {
+            "name": "fedavgm-job",
+            "num_rounds": 4,
+            "sites": SITES,
+            "min_clients": 3,
+            "dataset": NO_DATA,
+            "learner": "user_learners:KnownValuesLearner",
+            "strategy": {"name": "fedavgm", "momentum": 0.5},
+            "evaluate_every": 2,
+            "evaluate_fraction": 1.0,
+            "cross_site_evaluation": True,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {"system_metrics": False, "receivers": [{"type": "mlflow", "buffer_flush_time": 0.2}]},
+        }
+    )
     result = run_job(cfg, workspace=workspace, show_progress=False)
     assert result.status == "FINISHED"
     assert [("federated_evaluation" in r) for r in result.rounds] == [False, True, False, True]
@@ -39,7 +49,8 @@ def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session
     assert len(set(accuracy)) == 1 and accuracy[0] == result.rounds[3]["global"]["accuracy"]
     mean = client.get_metric_history(server, "federated_accuracy")
     assert [(m.step, m.value) for m in sorted(mean, key=lambda m: m.step)] == [
-        (r, result.rounds[r - 1]["federated_evaluation"]["mean"]["accuracy"]) for r in (2, 4)]
+        (r, result.rounds[r - 1]["federated_evaluation"]["mean"]["accuracy"]) for r in (2, 4)
+    ]
     for site in SITES:
         own = client.get_metric_history(runs["run_ids"][site], "federated_loss")
         assert sorted((m.step, m.value) for m in own) == [(2, 0.5), (4, 0.25)]
@@ -52,8 +63,9 @@ def test_the_strategy_is_tracked_and_sites_evaluate_the_global_model(ray_session
     assert "cross_site_evaluation.json" in artifacts
 
 
-@pytest.mark.parametrize("name, strategy", [("fedprox_digits", "fedprox"), ("fedadam_digits", "fedadam"),
-                                            ("scaffold_digits", "scaffold")])
+@pytest.mark.parametrize(
+    "name, strategy", [("fedprox_digits", "fedprox"), ("fedadam_digits", "fedadam"), ("scaffold_digits", "scaffold")]
+)
 def test_strategy_example_configs_are_valid(name, strategy):
     """Each family's example config loads, builds its strategy, and splits digits non-IID (Dirichlet 0.1)."""
     cfg = load_config(REPO / "configs" / f"{name}.yaml")

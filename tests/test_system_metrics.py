@@ -25,9 +25,17 @@ CPU_KEYS = {
     "system/process_memory_usage_megabytes",
     "system/process_memory_usage_percentage",
 }
-GPU0_KEYS = {f"system/gpu_0_{k}" for k in ("utilization_percentage", "memory_usage_megabytes",
-                                            "memory_total_megabytes", "memory_usage_percentage",
-                                            "power_usage_watts", "power_usage_percentage")}
+GPU0_KEYS = {
+    f"system/gpu_0_{k}"
+    for k in (
+        "utilization_percentage",
+        "memory_usage_megabytes",
+        "memory_total_megabytes",
+        "memory_usage_percentage",
+        "power_usage_watts",
+        "power_usage_percentage",
+    )
+}
 NO_GPU_WARNING = "sampling CPU and memory only"
 
 
@@ -45,10 +53,24 @@ class FakePynvml:
 
     def __init__(self, power_unsupported: tuple[int, ...] = (), init_error: str | None = None) -> None:
         self.gpus = [
-            SimpleNamespace(name="Fake GPU A", uuid="GPU-aaaa1111-0000-0000-0000-000000000000", used=1_000_000_000,
-                            total=80_000_000_000, util=25, power_mw=100_000, limit_mw=400_000),
-            SimpleNamespace(name=b"Fake GPU B", uuid="GPU-bbbb2222-0000-0000-0000-000000000000", used=2_000_000_000,
-                            total=40_000_000_000, util=75, power_mw=300_000, limit_mw=600_000),
+            SimpleNamespace(
+                name="Fake GPU A",
+                uuid="GPU-aaaa1111-0000-0000-0000-000000000000",
+                used=1_000_000_000,
+                total=80_000_000_000,
+                util=25,
+                power_mw=100_000,
+                limit_mw=400_000,
+            ),
+            SimpleNamespace(
+                name=b"Fake GPU B",
+                uuid="GPU-bbbb2222-0000-0000-0000-000000000000",
+                used=2_000_000_000,
+                total=40_000_000_000,
+                util=75,
+                power_mw=300_000,
+                limit_mw=600_000,
+            ),
         ]
         self.power_unsupported = power_unsupported
         self.init_error = init_error
@@ -111,8 +133,9 @@ HAS_REAL_GPU = _real_nvml_gpus() > 0
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "fl_ray.system_metrics" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "fl_ray.system_metrics" and r.levelno == logging.WARNING
+    ]
 
 
 def _consecutive_steps(points: list[tuple[int, float]]) -> bool:
@@ -179,17 +202,20 @@ def test_fake_nvml_without_cuda_visible_devices_samples_every_gpu(monkeypatch):
     assert any(k.startswith("system/gpu_1_") for k in keys) and not any(k.startswith("system/gpu_0_") for k in keys)
 
 
-@pytest.mark.parametrize("env, expected", [
-    ("0,1", [(0, 0), (1, 1)]),
-    ("1,0", [(0, 1), (1, 0)]),
-    ("1", [(0, 1)]),
-    ("GPU-bbbb2222", [(0, 1)]),  # a UUID prefix, as CUDA accepts
-    ("GPU-aaaa1111-0000-0000-0000-000000000000, 1", [(0, 0), (1, 1)]),
-    ("0,-1,1", [(0, 0)]),  # CUDA ignores everything from the first invalid entry
-    ("0,7,1", [(0, 0)]),
-    ("GPU-ffff", []),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ("0,1", [(0, 0), (1, 1)]),
+        ("1,0", [(0, 1), (1, 0)]),
+        ("1", [(0, 1)]),
+        ("GPU-bbbb2222", [(0, 1)]),  # a UUID prefix, as CUDA accepts
+        ("GPU-aaaa1111-0000-0000-0000-000000000000, 1", [(0, 0), (1, 1)]),
+        ("0,-1,1", [(0, 0)]),  # CUDA ignores everything from the first invalid entry
+        ("0,7,1", [(0, 0)]),
+        ("GPU-ffff", []),
+        ("", []),
+    ],
+)
 def test_visible_gpus_follow_cuda_visible_devices_rules(env, expected):
     """Indices and UUIDs map to (cuda ordinal, NVML index); the list ends at the first entry naming no GPU."""
     nvml, _ = _Nvml.open(FakePynvml())
@@ -215,8 +241,9 @@ def test_failing_nvml_init_is_reported_in_the_single_warning(caplog):
     with SystemMetricsSampler(MLflowWriter(sender), interval=3600, nvml=FakePynvml(init_error="Driver Not Loaded")):
         pass
     assert set(sender.metrics()) == CPU_KEYS
-    assert _warnings(caplog) == [f"site site-1: no GPU metrics: NVML is not available (Driver Not Loaded); "
-                                 f"{NO_GPU_WARNING}"]
+    assert _warnings(caplog) == [
+        f"site site-1: no GPU metrics: NVML is not available (Driver Not Loaded); {NO_GPU_WARNING}"
+    ]
 
 
 def test_unsupported_gpu_reading_is_skipped_with_one_warning(monkeypatch, caplog):
@@ -264,13 +291,16 @@ def test_a_failing_writer_stops_sampling_without_raising(caplog):
     assert len(errors) == 1 and "sampling stopped" in errors[0].getMessage()
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"interval": 0}, ["interval", "0", "positive"]),
-    ({"interval": float("nan")}, ["interval", "nan"]),
-    ({"interval": "10"}, ["interval", "'10'"]),
-    ({"gpu_indices": [-1]}, ["gpu_indices", "[-1]", "ordinals"]),
-    ({"gpu_indices": ["0"]}, ["gpu_indices", "['0']"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"interval": 0}, ["interval", "0", "positive"]),
+        ({"interval": float("nan")}, ["interval", "nan"]),
+        ({"interval": "10"}, ["interval", "'10'"]),
+        ({"gpu_indices": [-1]}, ["gpu_indices", "[-1]", "ordinals"]),
+        ({"gpu_indices": ["0"]}, ["gpu_indices", "['0']"]),
+    ],
+)
 def test_bad_arguments_are_refused_by_name(kwargs, words):
     """Bad interval or gpu_indices raise ValueError naming the argument and the value."""
     with pytest.raises(ValueError) as err:
@@ -336,8 +366,9 @@ def test_steps_continue_after_the_steps_a_resumed_site_already_has():
     """A site whose system metrics reached step 6 in an earlier life (resume, restart) samples from step 7 on;
     the no-GPU reason is kept in ``no_gpu``, and with warn_no_gpu=False it is not logged."""
     sender = RecordingSender(steps={"system/cpu_utilization_percentage": 7, "system/gpu_0_power_usage_watts": 5})
-    with SystemMetricsSampler(MLflowWriter(sender), interval=3600, nvml=FakePynvml(init_error="Driver Not Loaded"),
-                              warn_no_gpu=False) as sampler:
+    with SystemMetricsSampler(
+        MLflowWriter(sender), interval=3600, nvml=FakePynvml(init_error="Driver Not Loaded"), warn_no_gpu=False
+    ) as sampler:
         pass
     assert "Driver Not Loaded" in sampler.no_gpu
     assert {key: [s for s, _ in points] for key, points in sender.metrics().items()} == {k: [7] for k in CPU_KEYS}

@@ -26,8 +26,14 @@ T0 = 1_700_000_000_000  # ms
 
 
 def _ctx(tmp_path: Path) -> ReceiverContext:
-    return ReceiverContext(job_id="job-1", job_name="tb-test", job_dir=tmp_path / "job", workspace=tmp_path,
-                           sites=("site-1", "site-2"), config={})
+    return ReceiverContext(
+        job_id="job-1",
+        job_name="tb-test",
+        job_dir=tmp_path / "job",
+        workspace=tmp_path,
+        sites=("site-1", "site-2"),
+        config={},
+    )
 
 
 def _ev(site: str, seq: int, kind: EventKind, key: str, value, step=None, group=None) -> TrackingEvent:
@@ -56,8 +62,13 @@ def test_scalars_per_site_with_step_and_walltime(tmp_path):
     """Every metric lands in its site's run at its step, value and wall time, lower steps included."""
     rx = TensorBoardReceiver()
     rx.open(_ctx(tmp_path))
-    rx.write([_ev("site-1", 0, M, "loss", 0.875, 0), _ev("site-2", 0, M, "loss", 0.625, 0),
-              _ev("site-1", 1, M, "loss", 0.5, 5)])
+    rx.write(
+        [
+            _ev("site-1", 0, M, "loss", 0.875, 0),
+            _ev("site-2", 0, M, "loss", 0.625, 0),
+            _ev("site-1", 1, M, "loss", 0.5, 5),
+        ]
+    )
     rx.write([_ev("site-1", 2, M, "loss", 0.75, 3), _ev("site-2", 1, M, "val/acc", 0.25, 1)])
     summary = rx.close(FINISHED)
 
@@ -74,9 +85,13 @@ def test_add_scalars_layout(tmp_path):
     """add_scalars series go where torch puts them: sub-run <site>/<main_tag, '/' as '_'>_<series>, tag main_tag."""
     rx = TensorBoardReceiver(log_dir=str(tmp_path / "tb"))
     rx.open(_ctx(tmp_path))
-    rx.write([_ev("site-1", 0, M, "loss/train", 1.0, 2, group="loss"),
-              _ev("site-1", 1, M, "loss/val", 2.0, 2, group="loss"),
-              _ev("site-1", 2, M, "eval/acc/top1", 0.5, 4, group="eval/acc")])
+    rx.write(
+        [
+            _ev("site-1", 0, M, "loss/train", 1.0, 2, group="loss"),
+            _ev("site-1", 1, M, "loss/val", 2.0, 2, group="loss"),
+            _ev("site-1", 2, M, "eval/acc/top1", 0.5, 4, group="eval/acc"),
+        ]
+    )
     rx.close(FINISHED)
 
     site = tmp_path / "tb" / "site-1"
@@ -91,8 +106,14 @@ def test_texts_params_and_tags(tmp_path):
     """Texts keep their tag and step (0 when none); params and tags become markdown tables per flush."""
     rx = TensorBoardReceiver()
     rx.open(_ctx(tmp_path))
-    rx.write([_ev("site-1", 0, X, "report", "round one", 1), _ev("site-1", 1, X, "model/summary.txt", "a|b"),
-              _ev("site-1", 2, P, "lr", "0.01"), _ev("site-1", 3, G, "phase", "train")])
+    rx.write(
+        [
+            _ev("site-1", 0, X, "report", "round one", 1),
+            _ev("site-1", 1, X, "model/summary.txt", "a|b"),
+            _ev("site-1", 2, P, "lr", "0.01"),
+            _ev("site-1", 3, G, "phase", "train"),
+        ]
+    )
     rx.flush()
     rx.write([_ev("site-1", 4, P, "batch|size", "32"), _ev("site-1", 5, G, "phase", "eval")])
     rx.close(FINISHED)
@@ -101,8 +122,10 @@ def test_texts_params_and_tags(tmp_path):
     assert _texts(acc, "report") == [(1, "round one")]
     assert _texts(acc, "model/summary.txt") == [(0, "a|b")]
     header = "| name | value |\n| --- | --- |\n"
-    assert _texts(acc, "params") == [(0, header + "| lr | 0.01 |"),
-                                     (1, header + "| batch\\|size | 32 |\n| lr | 0.01 |")]
+    assert _texts(acc, "params") == [
+        (0, header + "| lr | 0.01 |"),
+        (1, header + "| batch\\|size | 32 |\n| lr | 0.01 |"),
+    ]
     assert _texts(acc, "tags") == [(0, header + "| phase | train |"), (1, header + "| phase | eval |")]
 
 
@@ -219,8 +242,8 @@ def _records(path: Path) -> list[Event]:
     while at < len(data):
         assert len(data) - at >= 12, f"{path}: torn record header at byte {at}"
         (length,), (header_crc,) = struct.unpack_from("<Q", data, at), struct.unpack_from("<I", data, at + 8)
-        assert header_crc == masked_crc32c(data[at:at + 8]), f"{path}: bad header CRC at byte {at}"
-        body = data[at + 12:at + 12 + length]
+        assert header_crc == masked_crc32c(data[at : at + 8]), f"{path}: bad header CRC at byte {at}"
+        body = data[at + 12 : at + 12 + length]
         assert len(body) == length and len(data) >= at + 16 + length, f"{path}: torn record at byte {at}"
         assert struct.unpack_from("<I", data, at + 12 + length)[0] == masked_crc32c(body), f"{path}: bad CRC at {at}"
         records.append(Event.FromString(body))
@@ -248,11 +271,19 @@ def _three_batches() -> list[list[TrackingEvent]]:
     """A first batch, and two that open new runs (a site, an add_scalars sub-run) and change the params table."""
     return [
         [_ev("site-1", 0, M, "loss", 1.0, 0), _ev("site-1", 1, P, "lr", "0.1"), _ev("site-1", 2, X, "note", "a", 0)],
-        [_ev("site-1", 3, M, "loss", 2.0, 1), _ev("site-2", 0, M, "loss", 3.0, 0),
-         _ev("site-1", 4, M, "pair/a", 4.0, 1, group="pair"), _ev("site-1", 5, P, "bs", "32"),
-         _ev("site-2", 1, G, "phase", "train")],
-        [_ev("site-1", 6, M, "loss", 5.0, 2), _ev("site-1", 7, M, "pair/b", 6.0, 2, group="pair"),
-         _ev("site-2", 2, X, "note", "b", 1), _ev("site-2", 3, G, "phase", "eval")],
+        [
+            _ev("site-1", 3, M, "loss", 2.0, 1),
+            _ev("site-2", 0, M, "loss", 3.0, 0),
+            _ev("site-1", 4, M, "pair/a", 4.0, 1, group="pair"),
+            _ev("site-1", 5, P, "bs", "32"),
+            _ev("site-2", 1, G, "phase", "train"),
+        ],
+        [
+            _ev("site-1", 6, M, "loss", 5.0, 2),
+            _ev("site-1", 7, M, "pair/b", 6.0, 2, group="pair"),
+            _ev("site-2", 2, X, "note", "b", 1),
+            _ev("site-2", 3, G, "phase", "eval"),
+        ],
     ]
 
 
@@ -283,17 +314,23 @@ def test_checkpoint_lists_flushed_lengths_and_resume_appends_to_the_same_files(t
     base = tmp_path / "job" / "tb_events"
     (name,) = [p.name for p in (base / "site-1").iterdir()]
     assert re.fullmatch(r"events\.out\.tfevents\.\d{10}\.fl_ray\.job-1", name)
-    assert d.state == {"files": {f"site-1/{name}": (base / "site-1" / name).stat().st_size},
-                       "tables": {"site-1": {"params": {"version": 1, "rows": {"lr": "0.1"}}}},
-                       "sites": ["site-1"], "scalars": 1, "texts": 1}
+    assert d.state == {
+        "files": {f"site-1/{name}": (base / "site-1" / name).stat().st_size},
+        "tables": {"site-1": {"params": {"version": 1, "rows": {"lr": "0.1"}}}},
+        "sites": ["site-1"],
+        "scalars": 1,
+        "texts": 1,
+    }
 
     assert d.finish() == {"log_dir": str(base), "sites": ["site-1", "site-2"], "scalars": 6, "texts": 2}
     assert [p.name for p in (base / "site-1").iterdir() if p.is_file()] == [name]
     _check_once(tmp_path, batches)
     acc = _load(base / "site-1")
     assert _texts(acc, "params") == [(0, HEADER + "| lr | 0.1 |"), (1, HEADER + "| bs | 32 |\n| lr | 0.1 |")]
-    assert _texts(_load(base / "site-2"), "tags") == [(0, HEADER + "| phase | train |"),
-                                                       (1, HEADER + "| phase | eval |")]
+    assert _texts(_load(base / "site-2"), "tags") == [
+        (0, HEADER + "| phase | train |"),
+        (1, HEADER + "| phase | eval |"),
+    ]
 
 
 def test_crash_after_write_before_flush(tmp_path):
@@ -318,7 +355,7 @@ def test_crash_after_flush_before_the_mark(tmp_path):
     base = tmp_path / "job" / "tb_events"
     assert (base / "site-2").is_dir() and (base / "site-1" / "pair_a").is_dir()
     d.life()  # resumes and crashes at once
-    (rel, length), = d.state["files"].items()
+    ((rel, length),) = d.state["files"].items()
     assert sorted(p.relative_to(base).as_posix() for p in base.rglob("*")) == ["site-1", rel]
     assert (base / rel).stat().st_size == length
     d.finish()
@@ -375,8 +412,10 @@ def test_crash_before_the_first_mark_leaves_nothing_behind(tmp_path):
     """resume({}) removes the job's event files of a life that never got a mark, and only those: other jobs' and
     other writers' event files in the same log_dir stay."""
     log_dir = tmp_path / "shared"
-    foreign = [log_dir / "site-1" / "events.out.tfevents.1700000000.host.1.0",
-               log_dir / "site-1" / "events.out.tfevents.1700000000.fl_ray.other-job"]
+    foreign = [
+        log_dir / "site-1" / "events.out.tfevents.1700000000.host.1.0",
+        log_dir / "site-1" / "events.out.tfevents.1700000000.fl_ray.other-job",
+    ]
     for path in foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"theirs")
@@ -391,8 +430,10 @@ def test_crash_before_the_first_mark_leaves_nothing_behind(tmp_path):
     rx = TensorBoardReceiver(flush_secs=0, log_dir=str(log_dir))
     rx.open(_ctx(tmp_path))
     rx.resume({})
-    assert sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*")) == \
-        ["site-1", *sorted(f"site-1/{p.name}" for p in foreign)]
+    assert sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*")) == [
+        "site-1",
+        *sorted(f"site-1/{p.name}" for p in foreign),
+    ]
     assert all(p.read_bytes() == b"theirs" for p in foreign)
 
 
@@ -428,10 +469,13 @@ def test_resume_refuses_a_bad_checkpoint_and_damaged_files(tmp_path):
     rel = next(iter(d.state["files"]))
     rx = TensorBoardReceiver()
     rx.open(_ctx(tmp_path))
-    for bad, match in [({"files": {"../x/events.out.tfevents.1.fl_ray.job-1": 0}}, r"'\.\./x/"),
-                       ({"files": {"site-1/events.out.tfevents.1.other": 0}}, "not an event file of job 'job-1'"),
-                       ({"files": {rel: -1}}, "length of"), ({"tables": {"site-1": {"params": {}}}}, "'tables'"),
-                       ({"scalars": "3"}, "'scalars'")]:
+    for bad, match in [
+        ({"files": {"../x/events.out.tfevents.1.fl_ray.job-1": 0}}, r"'\.\./x/"),
+        ({"files": {"site-1/events.out.tfevents.1.other": 0}}, "not an event file of job 'job-1'"),
+        ({"files": {rel: -1}}, "length of"),
+        ({"tables": {"site-1": {"params": {}}}}, "'tables'"),
+        ({"scalars": "3"}, "'scalars'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             rx.resume(bad)
     path = tmp_path / "job" / "tb_events" / rel
@@ -521,8 +565,9 @@ def test_randomized_crashes_under_heavy_logging(tmp_path, seed):
     assert sum(crashes.values()) >= 20 and len(crashes) == 5, crashes
     stored = _stored(tmp_path / "job" / "tb_events")
     assert max(stored.values()) == 1
-    assert sum(1 for run, tag, *_ in stored if tag not in ("params", "tags", "report", "notes/round")) == \
-        sum(1 for b in batches for e in b if e.kind is M)
+    assert sum(1 for run, tag, *_ in stored if tag not in ("params", "tags", "report", "notes/round")) == sum(
+        1 for b in batches for e in b if e.kind is M
+    )
     assert stored == _reference(tmp_path, batches)
     params = {e.key: e.value for b in batches for e in b if e.site == "site-2" and e.kind is P}
     last = max((k for k in stored if k[:2] == ("site-2", "params")), key=lambda k: k[2])

@@ -35,20 +35,41 @@ Series = dict[str, list[tuple[int, object]]]  # key -> sorted [(step, value as f
 
 
 def syntax_config(syntax: str, receivers: list[dict] | None = None, **tracking) -> JobConfig:
-    return JobConfig.model_validate({
-        "name": f"matrix-{syntax}", "num_rounds": ROUNDS, "sites": len(SITES), "min_clients": len(SITES),
-        "learner": "user_learners:SyntaxLearner", "learner_args": {"syntax": syntax}, "dataset": NO_DATA,
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"receivers": receivers or [{"type": "mlflow"}, {"type": "tensorboard"}, {"type": "wandb"},
-                                                {"type": "user_receivers:SeriesReceiver"}], **tracking}})
+    return JobConfig.model_validate(
+        {
+            "name": f"matrix-{syntax}",
+            "num_rounds": ROUNDS,
+            "sites": len(SITES),
+            "min_clients": len(SITES),
+            "learner": "user_learners:SyntaxLearner",
+            "learner_args": {"syntax": syntax},
+            "dataset": NO_DATA,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {
+                "receivers": receivers
+                or [
+                    {"type": "mlflow"},
+                    {"type": "tensorboard"},
+                    {"type": "wandb"},
+                    {"type": "user_receivers:SeriesReceiver"},
+                ],
+                **tracking,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def jobs(ray_session, tmp_path_factory, mlflow_store):
     """One job per writer syntax, each into all four receivers at once."""
-    return {syntax: run_job(syntax_config(syntax), show_progress=False,
-                            workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store))
-            for syntax in SYNTAXES}
+    return {
+        syntax: run_job(
+            syntax_config(syntax),
+            show_progress=False,
+            workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store),
+        )
+        for syntax in SYNTAXES
+    }
 
 
 def _f32(value: float) -> object:
@@ -63,8 +84,7 @@ def mlflow_series(result) -> dict[str, Series]:
     out = {}
     for run_name, run_id in info["run_ids"].items():
         keys = client.get_run(run_id).data.metrics
-        out[run_name] = {k: sorted((m.step, _f32(m.value)) for m in client.get_metric_history(run_id, k))
-                         for k in keys}
+        out[run_name] = {k: sorted((m.step, _f32(m.value)) for m in client.get_metric_history(run_id, k)) for k in keys}
     return out
 
 
@@ -78,7 +98,7 @@ def tensorboard_series(job_dir: Path) -> dict[str, Series]:
             acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
             acc.Reload()
             for tag in acc.Tags()["scalars"]:
-                key = tag if run_dir == site_dir else f"{tag}/{run_dir.name[len(tag.replace('/', '_')) + 1:]}"
+                key = tag if run_dir == site_dir else f"{tag}/{run_dir.name[len(tag.replace('/', '_')) + 1 :]}"
                 series[key] = sorted((s.step, _f32(s.value)) for s in acc.Scalars(tag))
         out[site_dir.name] = series
     return out
@@ -98,8 +118,10 @@ def wandb_series(job_dir: Path) -> dict[str, Series]:
 
 def custom_series(result) -> dict[str, Series]:
     metrics = result.tracking["receivers"][CUSTOM]["metrics"]
-    return {site: {k: sorted((s, _f32(v)) for s, v in points) for k, points in keys.items()}
-            for site, keys in metrics.items()}
+    return {
+        site: {k: sorted((s, _f32(v)) for s, v in points) for k, points in keys.items()}
+        for site, keys in metrics.items()
+    }
 
 
 def without_reserved(series: dict[str, Series]) -> dict[str, Series]:
@@ -122,10 +144,11 @@ def test_every_back_end_holds_the_same_series(jobs, syntax):
     assert sorted(mlflow) == sorted(tensorboard) == sorted(wandb) == sorted(RUNS)
     assert tensorboard == mlflow
     assert wandb == without_reserved(mlflow)
-    expected = {site: {k: [(s, _f32(v)) for s, v in pts] for k, pts in expected_series(site, ROUNDS).items()}
-                for site in SITES}
+    expected = {
+        site: {k: [(s, _f32(v)) for s, v in pts] for k, pts in expected_series(site, ROUNDS).items()} for site in SITES
+    }
     assert learner_keys(mlflow) == expected
-    assert mlflow["server"]["global_loss"] == [(r, 2.0 ** -r) for r in range(1, ROUNDS + 1)]
+    assert mlflow["server"]["global_loss"] == [(r, 2.0**-r) for r in range(1, ROUNDS + 1)]
 
 
 def test_every_syntax_gives_the_same_series(jobs):
@@ -185,8 +208,11 @@ def test_custom_receiver_by_import_path_gets_the_same_events(jobs, syntax):
 def test_wandb_site_process_errors_reach_result_json(ray_session, tmp_path):
     """W&B site processes that cannot start their run (online, no API key) do not stop the job; the
     error, per site and with what was not written, lands in result.json next to the other receivers'."""
-    cfg = syntax_config("wandb", [{"type": "wandb", "mode": "online", "close_timeout": 5},
-                                  {"type": "user_receivers:SeriesReceiver"}], close_timeout=5)
+    cfg = syntax_config(
+        "wandb",
+        [{"type": "wandb", "mode": "online", "close_timeout": 5}, {"type": "user_receivers:SeriesReceiver"}],
+        close_timeout=5,
+    )
     result = run_job(cfg, workspace=tmp_path, show_progress=False)
     assert result.status == "FINISHED"
     report = json.loads((result.job_dir / "result.json").read_text())["tracking"]["receivers"]
@@ -200,10 +226,15 @@ def test_wandb_site_process_errors_reach_result_json(ray_session, tmp_path):
     assert report[CUSTOM]["undelivered"] == 0 and "error" not in report[CUSTOM]
 
 
-@pytest.mark.parametrize("name, receivers", [("fedavg_digits_tb", ["tensorboard"]),
-                                             ("fedavg_digits_wandb", ["wandb"]),
-                                             ("fedavg_digits_all", ["mlflow", "tensorboard", "wandb"]),
-                                             ("fedavg_digits_tb_syntax_to_mlflow", ["mlflow"])])
+@pytest.mark.parametrize(
+    "name, receivers",
+    [
+        ("fedavg_digits_tb", ["tensorboard"]),
+        ("fedavg_digits_wandb", ["wandb"]),
+        ("fedavg_digits_all", ["mlflow", "tensorboard", "wandb"]),
+        ("fedavg_digits_tb_syntax_to_mlflow", ["mlflow"]),
+    ],
+)
 def test_example_configs_are_valid(name, receivers):
     """The example configs load, and their learner and receivers build."""
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
@@ -219,10 +250,17 @@ def test_builtin_learner_logs_in_the_chosen_syntax(ray_session, workspace, tmp_p
     """configs/fedavg_digits_tb_syntax_to_mlflow.yaml (and its W&B-syntax twin): the built-in learner's
     train_loss and val_accuracy reach MLflow with steps that continue across rounds, and its
     hyper-parameters as params (W&B syntax) or as the text ``hparams`` (TensorBoard syntax)."""
-    cfg = load_config(REPO / "configs" / "fedavg_digits_tb_syntax_to_mlflow.yaml",
-                      [f"learner_args.log_syntax={syntax}", f"num_rounds={ROUNDS}", "local_epochs=1",
-                       "resources.client_cpus=0.25", "resources.server_cpus=0.25",
-                       "tracking.log_model=false"])  # the best model is tested in test_model_logging.py
+    cfg = load_config(
+        REPO / "configs" / "fedavg_digits_tb_syntax_to_mlflow.yaml",
+        [
+            f"learner_args.log_syntax={syntax}",
+            f"num_rounds={ROUNDS}",
+            "local_epochs=1",
+            "resources.client_cpus=0.25",
+            "resources.server_cpus=0.25",
+            "tracking.log_model=false",
+        ],
+    )  # the best model is tested in test_model_logging.py
     result = run_job(cfg, workspace=workspace, show_progress=False)
     info = result.tracking["receivers"]["mlflow"]
     client = MlflowClient(info["tracking_uri"])

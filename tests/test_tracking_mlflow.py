@@ -14,11 +14,19 @@ ROUNDS, SITES, AUTO = 2, ("site-1", "site-2", "site-3"), 3
 
 
 def known_config(receivers, name="known-values"):
-    return JobConfig.model_validate({
-        "name": name, "num_rounds": ROUNDS, "sites": 3, "min_clients": 3,
-        "learner": "user_learners:KnownValuesLearner", "learner_args": {"auto_points": AUTO}, "dataset": NO_DATA,
-        "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-        "tracking": {"receivers": receivers}})
+    return JobConfig.model_validate(
+        {
+            "name": name,
+            "num_rounds": ROUNDS,
+            "sites": 3,
+            "min_clients": 3,
+            "learner": "user_learners:KnownValuesLearner",
+            "learner_args": {"auto_points": AUTO},
+            "dataset": NO_DATA,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {"receivers": receivers},
+        }
+    )
 
 
 def history(client, run_id, key):
@@ -33,8 +41,9 @@ def assert_known_values_in_mlflow(result):
     assert parent.info.run_name == result.job_id and parent.info.status == "FINISHED"
     assert parent.data.tags["fl_ray.job_id"] == result.job_id and "fl_ray.version" in parent.data.tags
     assert parent.data.params["num_rounds"] == str(ROUNDS) and parent.data.params["learner_args.auto_points"] == "3"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(r.info.run_name for r in children) == sorted([*SITES, "server"])
     assert all(r.info.status == "FINISHED" for r in children)
 
@@ -43,14 +52,20 @@ def assert_known_values_in_mlflow(result):
         assert run.info.run_name == site and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert history(client, run.info.run_id, "known") == [(r, expected_known(site, r)) for r in range(1, ROUNDS + 1)]
         assert history(client, run.info.run_id, "auto") == [
-            ((r - 1) * AUTO + i, r * 10 + i) for r in range(1, ROUNDS + 1) for i in range(AUTO)]
+            ((r - 1) * AUTO + i, r * 10 + i) for r in range(1, ROUNDS + 1) for i in range(AUTO)
+        ]
         assert history(client, run.info.run_id, "pair_a") == [(r, r) for r in range(1, ROUNDS + 1)]
         assert history(client, run.info.run_id, "pair_b") == [(r, 2 * r) for r in range(1, ROUNDS + 1)]
         assert run.data.params == {"lr": "0.1", "bs": "32", "site_name": site}
         tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
-        assert tags == {"role": "client", "site_no": str(site_number(site)), "credentials_seen": "none",
-                        "invalid_calls_raised": str(INVALID_CALLS), "fl_ray.site": site,
-                        "fl_ray.job_id": result.job_id}
+        assert tags == {
+            "role": "client",
+            "site_no": str(site_number(site)),
+            "credentials_seen": "none",
+            "invalid_calls_raised": str(INVALID_CALLS),
+            "fl_ray.site": site,
+            "fl_ray.job_id": result.job_id,
+        }
         text = client.download_artifacts(run.info.run_id, "notes/hello.txt")
         assert open(text).read() == f"hello from {site}"
 
@@ -74,8 +89,11 @@ def test_known_values_reach_the_default_sqlite_store(ray_session, tmp_path):
 def test_known_values_reach_a_real_mlflow_server(ray_session, mlflow_server, tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI in the driver's environment sends everything to a real `mlflow server`."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    result = run_job(known_config([{"type": "mlflow", "buffer_flush_time": 0.5}], name="known-values-server"),
-                     workspace=tmp_path, show_progress=False)
+    result = run_job(
+        known_config([{"type": "mlflow", "buffer_flush_time": 0.5}], name="known-values-server"),
+        workspace=tmp_path,
+        show_progress=False,
+    )
     assert result.tracking["receivers"]["mlflow"]["tracking_uri"] == mlflow_server.uri
     assert_known_values_in_mlflow(result)
     assert not (tmp_path / "mlflow.db").exists()
@@ -91,4 +109,7 @@ def test_only_the_receiver_actor_holds_credentials(ray_session, workspace, monke
     assert probe["credentials"] == sorted([*SESSION_CREDENTIALS, "MLFLOW_TRACKING_TOKEN"])
     client = MlflowClient(result.tracking["receivers"]["mlflow"]["tracking_uri"])
     for site in SITES:
-        assert client.get_run(result.tracking["receivers"]["mlflow"]["run_ids"][site]).data.tags["credentials_seen"] == "none"
+        assert (
+            client.get_run(result.tracking["receivers"]["mlflow"]["run_ids"][site]).data.tags["credentials_seen"]
+            == "none"
+        )

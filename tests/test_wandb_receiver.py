@@ -42,8 +42,14 @@ def _ev(site: str, kind: EventKind, key: str, value, step=None, group=None) -> T
 
 
 def _ctx(job_dir: Path) -> ReceiverContext:
-    return ReceiverContext(job_id="job-7", job_name="fl-wandb-test", job_dir=job_dir, workspace=job_dir.parent,
-                           sites=("site-1", "site-2"), config={})
+    return ReceiverContext(
+        job_id="job-7",
+        job_name="fl-wandb-test",
+        job_dir=job_dir,
+        workspace=job_dir.parent,
+        sites=("site-1", "site-2"),
+        config={},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +74,28 @@ def job(wandb_env, tmp_path_factory):
     after the first flush, and the warnings the receiver logged.
     """
     job_dir = tmp_path_factory.mktemp("job")
-    first = [_ev("site-1", P, "lr", "0.01"), _ev("site-1", M, "loss", 1.5, 5), _ev("site-1", M, "acc", 0.5, 5),
-             _ev("site-1", M, "loss", 2.5, 2), _ev("site-1", X, "report", "round one", 1),
-             _ev("site-1", G, "phase", "train"), _ev("site-2", M, "loss", 3.0, 0),
-             _ev("site-2", M, "loss/train", 0.25, 1, group="loss"), _ev("site-2", M, "loss/val", 0.75, 1, group="loss")]
-    second = [_ev("site-1", P, "batch.size", "32"), _ev("site-1", G, "phase", "eval"), _ev("site-1", M, "loss", 0.5, 6),
-              _ev("site-2", X, "model/summary.txt", "two layers"),
-              # names W&B fills itself: counted, never logged; site-3 has nothing else, so gets no run
-              _ev("site-1", M, "fl_step", 7.0, 6), _ev("site-2", X, "_timestamp", "when", 2),
-              _ev("site-1", M, "fl_step", 8.0, 7), _ev("site-3", M, "_runtime", 1.0, 0)]
+    first = [
+        _ev("site-1", P, "lr", "0.01"),
+        _ev("site-1", M, "loss", 1.5, 5),
+        _ev("site-1", M, "acc", 0.5, 5),
+        _ev("site-1", M, "loss", 2.5, 2),
+        _ev("site-1", X, "report", "round one", 1),
+        _ev("site-1", G, "phase", "train"),
+        _ev("site-2", M, "loss", 3.0, 0),
+        _ev("site-2", M, "loss/train", 0.25, 1, group="loss"),
+        _ev("site-2", M, "loss/val", 0.75, 1, group="loss"),
+    ]
+    second = [
+        _ev("site-1", P, "batch.size", "32"),
+        _ev("site-1", G, "phase", "eval"),
+        _ev("site-1", M, "loss", 0.5, 6),
+        _ev("site-2", X, "model/summary.txt", "two layers"),
+        # names W&B fills itself: counted, never logged; site-3 has nothing else, so gets no run
+        _ev("site-1", M, "fl_step", 7.0, 6),
+        _ev("site-2", X, "_timestamp", "when", 2),
+        _ev("site-1", M, "fl_step", 8.0, 7),
+        _ev("site-3", M, "_runtime", 1.0, 0),
+    ]
     third = [_ev("site-2", M, "val/acc", i / 1000, 10 + i) for i in range(300)]
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -94,8 +113,14 @@ def job(wandb_env, tmp_path_factory):
         summary = rx.close(FINISHED)
     finally:
         logging.getLogger("fl_ray.receivers.wandb").removeHandler(handler)
-    return SimpleNamespace(summary=summary, runs=read_runs(job_dir / "wandb"), events=first + second + third,
-                           after_flush=after_flush, on_disk_after_flush=on_disk_after_flush, warnings=warnings)
+    return SimpleNamespace(
+        summary=summary,
+        runs=read_runs(job_dir / "wandb"),
+        events=first + second + third,
+        after_flush=after_flush,
+        on_disk_after_flush=on_disk_after_flush,
+        warnings=warnings,
+    )
 
 
 def _rows(run: WandbRun) -> list[dict]:
@@ -116,18 +141,25 @@ def test_flush_returns_once_everything_written_is_on_disk(job):
     """When flush() returns, every record each site process was sent is in its run's files on disk."""
     assert job.after_flush == {"site-1": (6, 6), "site-2": (3, 3)}
     assert [r.get("loss") for r in job.on_disk_after_flush["site-1"]] == [1.5, 2.5, None]
-    assert job.on_disk_after_flush["site-2"] == [{"fl_step": 0, "loss": 3.0},
-                                                 {"fl_step": 1, "loss/train": 0.25, "loss/val": 0.75}]
+    assert job.on_disk_after_flush["site-2"] == [
+        {"fl_step": 0, "loss": 3.0},
+        {"fl_step": 1, "loss/train": 0.25, "loss/val": 0.75},
+    ]
 
 
 def test_history_keeps_lower_steps_in_order(job):
     """Metrics at one step share a row; a lower step after a higher one is kept, in arrival order."""
     runs = job.runs
     metrics = [r for r in _rows(runs["site-1"]) if "report" not in r]
-    assert metrics == [{"fl_step": 5, "loss": 1.5, "acc": 0.5}, {"fl_step": 2, "loss": 2.5},
-                       {"fl_step": 6, "loss": 0.5}]
-    assert _rows(runs["site-2"])[:2] == [{"fl_step": 0, "loss": 3.0},
-                                         {"fl_step": 1, "loss/train": 0.25, "loss/val": 0.75}]
+    assert metrics == [
+        {"fl_step": 5, "loss": 1.5, "acc": 0.5},
+        {"fl_step": 2, "loss": 2.5},
+        {"fl_step": 6, "loss": 0.5},
+    ]
+    assert _rows(runs["site-2"])[:2] == [
+        {"fl_step": 0, "loss": 3.0},
+        {"fl_step": 1, "loss/train": 0.25, "loss/val": 0.75},
+    ]
 
 
 def test_params_and_tags_in_config(job):
@@ -140,8 +172,10 @@ def test_params_and_tags_in_config(job):
 def test_texts_are_tables_at_their_step(job):
     """A text is a one-row table (step, text) logged under its key at its step, 0 when it has none."""
     runs = job.runs
-    for site, key, step, text in (("site-1", "report", 1, "round one"),
-                                   ("site-2", "model/summary.txt", 0, "two layers")):
+    for site, key, step, text in (
+        ("site-1", "report", 1, "round one"),
+        ("site-2", "model/summary.txt", 0, "two layers"),
+    ):
         run = runs[site]
         [row] = [r for r in run.history if key in r]
         assert row["fl_step"] == step and row[key]["_type"] == "table-file"
@@ -162,8 +196,7 @@ def test_everything_queued_before_close_is_written_once(job):
 def test_reserved_history_names_are_counted_and_warned_once(job):
     """Metrics and texts named like a column W&B fills (fl_step, _timestamp, ...) are left out, counted
     per site in the close summary, and each name is warned about once; the columns keep their meaning."""
-    assert job.summary["dropped"] == {"site-1": {"fl_step": 2}, "site-2": {"_timestamp": 1},
-                                      "site-3": {"_runtime": 1}}
+    assert job.summary["dropped"] == {"site-1": {"fl_step": 2}, "site-2": {"_timestamp": 1}, "site-3": {"_runtime": 1}}
     assert sorted(w.split("'")[1] for w in job.warnings) == ["_runtime", "_timestamp", "fl_step"]
     assert all("dropped" in w for w in job.warnings)
     assert [r["fl_step"] for r in job.runs["site-1"].history if "loss" in r] == [5, 2, 6]
@@ -242,8 +275,16 @@ def test_at_most_max_processes_site_processes_and_every_run_resumed_whole(wandb_
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     rx = WandBReceiver(close_timeout=60, max_processes=2)
-    rx.open(ReceiverContext(job_id="job-7", job_name="fl-wandb-test", job_dir=tmp_path, workspace=tmp_path,
-                            sites=tuple(sites), config={}))
+    rx.open(
+        ReceiverContext(
+            job_id="job-7",
+            job_name="fl-wandb-test",
+            job_dir=tmp_path,
+            workspace=tmp_path,
+            sites=tuple(sites),
+            config={},
+        )
+    )
     try:
         for r in range(2):
             for site in sites:
@@ -309,7 +350,7 @@ class _Hub:
         return rx
 
     def next_batch(self, size: int) -> list[TrackingEvent]:
-        return self.events[self.mark:self.mark + size]
+        return self.events[self.mark : self.mark + size]
 
     def deliver(self, rx: WandBReceiver, size: int) -> None:
         batch = self.next_batch(size)
@@ -341,8 +382,11 @@ class _Hub:
         summary = rx.close(FINISHED)
         pids = {str(site.process.pid) for old in self.abandoned for site in old._sites.values()}
         cmds = {p: p.info["cmdline"] or [] for p in psutil.process_iter(["cmdline"])}
-        cores = [p for p, cmd in cmds.items() if "--pid" in cmd[:-1] and "wandb-core" in cmd[0]
-                 and cmd[cmd.index("--pid") + 1] in pids]
+        cores = [
+            p
+            for p, cmd in cmds.items()
+            if "--pid" in cmd[:-1] and "wandb-core" in cmd[0] and cmd[cmd.index("--pid") + 1] in pids
+        ]
         for core in cores:
             with contextlib.suppress(psutil.Error):
                 self.survivors += core.status() != psutil.STATUS_ZOMBIE  # killed, not yet reaped by init
@@ -370,25 +414,35 @@ def _assert_every_record_once(job_dir: Path, events: list[TrackingEvent]) -> Non
         run = runs[site]
         mine = [e for e in events if e.site == site and e.kind in HISTORY]
         want = {(e.key, e.step or 0): (i, e.value) for i, e in enumerate(mine)}  # (key, step) -> (order, value)
-        got = [[(k, row["fl_step"], v) for k, v in row.items() if k[0] != "_" and k != "fl_step"]
-               for row in run.history]
+        got = [
+            [(k, row["fl_step"], v) for k, v in row.items() if k[0] != "_" and k != "fl_step"] for row in run.history
+        ]
         counts = Counter((k, s) for row in got for k, s, _ in row)
         twice = sorted(item for item, n in counts.items() if n > 1)
         missing = sorted(set(want) - set(counts))
-        assert not twice and not missing, \
+        assert not twice and not missing, (
             f"{site}: {len(twice)} twice {twice[:5]}, {len(missing)} missing {missing[:5]}"
+        )
         # in delivery order (W&B keeps no order of the keys within a row)
         assert [i for row in got for i in sorted(want[k, s][0] for k, s, _ in row)] == list(range(len(want)))
         assert all(v == want[k, s][1] for row in got for k, s, v in row if isinstance(v, float))
         assert [row["_step"] for row in run.history] == list(range(len(run.history)))
-        config = {(e.key if e.kind == P else f"tags/{e.key}"): e.value for e in events
-                  if e.site == site and e.kind in (P, G)}
+        config = {
+            (e.key if e.kind == P else f"tags/{e.key}"): e.value for e in events if e.site == site and e.kind in (P, G)
+        }
         assert run.config == config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, how", [("after_write", "sigkill"), ("after_flush", "left_running"),
-                                        ("during_flush", "sigkill"), ("during_close", "left_running")])
+@pytest.mark.parametrize(
+    "point, how",
+    [
+        ("after_write", "sigkill"),
+        ("after_flush", "left_running"),
+        ("during_flush", "sigkill"),
+        ("during_close", "left_running"),
+    ],
+)
 def test_crash_then_resume_writes_every_record_once(wandb_env, tmp_path, point, how):
     """A receiver abandoned at ``point`` (its site processes killed or left running) and a new one resumed
     from the last checkpoint: each site's one run holds every metric and text once, in order; the records
@@ -421,8 +475,13 @@ def test_repeated_crashes_at_random_points_under_heavy_logging(wandb_env, tmp_pa
         for _ in range(rng.randrange(0, 4)):
             hub.deliver(rx, rng.randrange(50, 600))
         how = rng.choice(["sigkill", "left_running"])
-        hub.crash(rx, how, rng.choice(["after_write", "after_flush", "during_flush", "during_close"]),
-                  rng.randrange(50, 600), rng)
+        hub.crash(
+            rx,
+            how,
+            rng.choice(["after_write", "after_flush", "during_flush", "during_close"]),
+            rng.randrange(50, 600),
+            rng,
+        )
     summary = hub.finish(hub.receiver(), 600)
     assert hub.mark == len(events)
     _assert_every_record_once(tmp_path, events)

@@ -43,27 +43,37 @@ def test_log_metric_appends_one_event_with_site_seq_and_client_timestamp(sender)
     w.log_metric("loss", np.float32(0.25), step=4)
     w.log_metric("loss", torch.tensor(0.125), step=5)
     e0, e1, e2 = events(sender)
-    assert (e0.site, e0.seq, e0.kind, e0.key, e0.value, e0.step, e0.timestamp) == \
-        ("site-1", 0, EventKind.METRIC, "loss", 0.5, 3, 1_700_000_000_000)
+    assert (e0.site, e0.seq, e0.kind, e0.key, e0.value, e0.step, e0.timestamp) == (
+        "site-1",
+        0,
+        EventKind.METRIC,
+        "loss",
+        0.5,
+        3,
+        1_700_000_000_000,
+    )
     assert (e1.seq, e1.value, e1.step) == (1, 0.25, 4) and isinstance(e1.value, float)
     assert (e2.seq, e2.value, e2.step) == (2, 0.125, 5)
     assert e1.timestamp > 1_700_000_000_000
 
 
-@pytest.mark.parametrize("call, error, words", [
-    (lambda w: w.log_metric("acc", "high"), TypeError, ["'acc'", "'high'", "real number"]),
-    (lambda w: w.log_metric("acc", None), TypeError, ["'acc'", "None"]),
-    (lambda w: w.log_metric("acc", [1.0]), TypeError, ["'acc'", "[1.0]"]),
-    (lambda w: w.log_metric("bad key!", 1.0), ValueError, ["'bad key!'", "not a valid name"]),
-    (lambda w: w.log_metric("a/../b", 1.0), ValueError, ["'a/../b'"]),
-    (lambda w: w.log_metric("x" * 251, 1.0), ValueError, ["1-250 characters"]),
-    (lambda w: w.log_metric(7, 1.0), TypeError, ["metric name", "7"]),
-    (lambda w: w.log_metric("acc", 1.0, step=-1), ValueError, ["'acc'", "-1", "non-negative"]),
-    (lambda w: w.log_metric("acc", 1.0, step=1.5), TypeError, ["'acc'", "1.5"]),
-    (lambda w: w.log_params({"p": {"nested": 1}}), TypeError, ["'p'", "scalar"]),
-    (lambda w: w.set_tag("t", "v" * 9000), ValueError, ["'t'", "9000 characters"]),
-    (lambda w: w.log_text(b"bytes", "a.txt"), TypeError, ["'a.txt'", "string"]),
-])
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda w: w.log_metric("acc", "high"), TypeError, ["'acc'", "'high'", "real number"]),
+        (lambda w: w.log_metric("acc", None), TypeError, ["'acc'", "None"]),
+        (lambda w: w.log_metric("acc", [1.0]), TypeError, ["'acc'", "[1.0]"]),
+        (lambda w: w.log_metric("bad key!", 1.0), ValueError, ["'bad key!'", "not a valid name"]),
+        (lambda w: w.log_metric("a/../b", 1.0), ValueError, ["'a/../b'"]),
+        (lambda w: w.log_metric("x" * 251, 1.0), ValueError, ["1-250 characters"]),
+        (lambda w: w.log_metric(7, 1.0), TypeError, ["metric name", "7"]),
+        (lambda w: w.log_metric("acc", 1.0, step=-1), ValueError, ["'acc'", "-1", "non-negative"]),
+        (lambda w: w.log_metric("acc", 1.0, step=1.5), TypeError, ["'acc'", "1.5"]),
+        (lambda w: w.log_params({"p": {"nested": 1}}), TypeError, ["'p'", "scalar"]),
+        (lambda w: w.set_tag("t", "v" * 9000), ValueError, ["'t'", "9000 characters"]),
+        (lambda w: w.log_text(b"bytes", "a.txt"), TypeError, ["'a.txt'", "string"]),
+    ],
+)
 def test_invalid_calls_raise_at_the_call_naming_key_and_value(sender, call, error, words):
     """Bad input raises TypeError/ValueError at the call, naming what was wrong; nothing is buffered."""
     w = MLflowWriter(sender)
@@ -109,9 +119,13 @@ def test_tags_params_and_text_events(sender):
     w.set_tags({"role": "client", "n": 3})
     w.log_text("hello", "notes/hello.txt")
     got = [(e.kind, e.key, e.value, e.step) for e in events(sender)]
-    assert got == [(EventKind.PARAM, "bs", "32", None), (EventKind.PARAM, "opt", "sgd", None),
-                   (EventKind.TAG, "role", "client", None), (EventKind.TAG, "n", "3", None),
-                   (EventKind.TEXT, "notes/hello.txt", "hello", None)]
+    assert got == [
+        (EventKind.PARAM, "bs", "32", None),
+        (EventKind.PARAM, "opt", "sgd", None),
+        (EventKind.TAG, "role", "client", None),
+        (EventKind.TAG, "n", "3", None),
+        (EventKind.TEXT, "notes/hello.txt", "hello", None),
+    ]
 
 
 def test_default_steps_continue_per_key(sender):
@@ -122,10 +136,17 @@ def test_default_steps_continue_per_key(sender):
     w.log_metric("acc", 1.0)
     w.log_metric("loss", 1.0, step=10)
     w.log_metric("loss", 1.0)
-    w.log_metric("loss", 1.0, step=2)   # an explicit lower step is kept as given ...
-    w.log_metric("loss", 1.0)           # ... and does not pull the counter back
+    w.log_metric("loss", 1.0, step=2)  # an explicit lower step is kept as given ...
+    w.log_metric("loss", 1.0)  # ... and does not pull the counter back
     assert [(e.key, e.step) for e in events(sender)] == [
-        ("loss", 0), ("loss", 1), ("acc", 0), ("loss", 10), ("loss", 11), ("loss", 2), ("loss", 12)]
+        ("loss", 0),
+        ("loss", 1),
+        ("acc", 0),
+        ("loss", 10),
+        ("loss", 11),
+        ("loss", 2),
+        ("loss", 12),
+    ]
 
 
 def test_sender_resumes_the_state_it_is_given():
@@ -149,8 +170,12 @@ def test_summary_writer_maps_scalars_and_text(sender):
     w.add_scalars("acc", {"train": 0.9, "val": 0.8}, global_step=2)
     w.add_text("note", "hi", global_step=3)
     got = [(e.kind, e.key, e.value, e.step, e.group) for e in events(sender)]
-    assert got == [(EventKind.METRIC, "loss", 0.5, 1, None), (EventKind.METRIC, "acc/train", 0.9, 2, "acc"),
-                   (EventKind.METRIC, "acc/val", 0.8, 2, "acc"), (EventKind.TEXT, "note", "hi", 3, None)]
+    assert got == [
+        (EventKind.METRIC, "loss", 0.5, 1, None),
+        (EventKind.METRIC, "acc/train", 0.9, 2, "acc"),
+        (EventKind.METRIC, "acc/val", 0.8, 2, "acc"),
+        (EventKind.TEXT, "note", "hi", 3, None),
+    ]
     assert events(sender)[0].timestamp == 1_700_000_000_250
     with pytest.raises(TypeError, match="'acc/x'"):
         w.add_scalars("acc", {"x": "nope"})
@@ -167,8 +192,15 @@ def test_wandb_writer_follows_wandb_step_semantics(sender):
     w.log({"a": 6}, step=3)
     w.log({"nested": {"x": 7}})
     got = [(e.key, e.value, e.step) for e in events(sender)]
-    assert got == [("a", 1.0, 0), ("a", 2.0, 1), ("b", 3.0, 1), ("a", 4.0, 10), ("b", 5.0, 10), ("a", 6.0, 3),
-                   ("nested/x", 7.0, 11)]
+    assert got == [
+        ("a", 1.0, 0),
+        ("a", 2.0, 1),
+        ("b", 3.0, 1),
+        ("a", 4.0, 10),
+        ("b", 5.0, 10),
+        ("a", 6.0, 3),
+        ("nested/x", 7.0, 11),
+    ]
 
 
 def test_wandb_config_logs_params(sender):
@@ -177,4 +209,7 @@ def test_wandb_config_logs_params(sender):
     w.config.update({"lr": 0.1, "opt": {"name": "sgd"}})
     w.config["epochs"] = 2
     assert [(e.kind, e.key, e.value) for e in events(sender)] == [
-        (EventKind.PARAM, "lr", "0.1"), (EventKind.PARAM, "opt.name", "sgd"), (EventKind.PARAM, "epochs", "2")]
+        (EventKind.PARAM, "lr", "0.1"),
+        (EventKind.PARAM, "opt.name", "sgd"),
+        (EventKind.PARAM, "epochs", "2"),
+    ]

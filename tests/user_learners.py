@@ -54,12 +54,20 @@ class KnownValuesLearner(UntrainedLearner):
             w.log_param("lr", 0.1)
             w.log_params({"bs": 32, "site_name": site})
             w.set_tag("role", "client")
-            w.set_tags({"site_no": site_number(site), "credentials_seen": ",".join(
-                k for k in CREDENTIAL_VARS if k in os.environ) or "none"})
+            w.set_tags(
+                {
+                    "site_no": site_number(site),
+                    "credentials_seen": ",".join(k for k in CREDENTIAL_VARS if k in os.environ) or "none",
+                }
+            )
             w.log_text(f"hello from {site}", "notes/hello.txt")
             raised = 0
-            for bad in (lambda: w.log_metric("known", "not a number"), lambda: w.log_metric("bad key!", 1.0),
-                        lambda: w.log_metric("known", 1.0, step=-1), lambda: w.log_param("lr", 0.2)):
+            for bad in (
+                lambda: w.log_metric("known", "not a number"),
+                lambda: w.log_metric("bad key!", 1.0),
+                lambda: w.log_metric("known", 1.0, step=-1),
+                lambda: w.log_param("lr", 0.2),
+            ):
                 try:
                     bad()
                 except (TypeError, ValueError):
@@ -102,8 +110,9 @@ def stream_value(site: str, round_: int, i: int) -> float:
 
 def expected_stream(site: str, rounds: int, points: int, sign: float = 1.0) -> list[tuple[int, float]]:
     """``(step, value)`` of every ``stream`` point (``stream_neg`` with ``sign=-1``) a site logs in ``rounds``."""
-    return [((r - 1) * points + i, sign * stream_value(site, r, i))
-            for r in range(1, rounds + 1) for i in range(points)]
+    return [
+        ((r - 1) * points + i, sign * stream_value(site, r, i)) for r in range(1, rounds + 1) for i in range(points)
+    ]
 
 
 class StreamLearner(UntrainedLearner):
@@ -130,7 +139,6 @@ class StreamLearner(UntrainedLearner):
         return {"loss": 1.0 / ctx.round}
 
 
-
 SYNTAXES = ("mlflow", "tensorboard", "wandb")
 SYNTAX_PARAMS = {"lr": "0.125", "optimizer": "sgd"}
 
@@ -141,8 +149,13 @@ def logged_in_round(site: str, round_: int) -> dict[str, list[tuple[int, float]]
     Values are exact in float32 (TensorBoard stores scalars as float32), so every back end reads them back equal.
     """
     n, r = site_number(site), round_
-    return {"loss": [(2 * r - 2, n + r / 4), (2 * r - 1, n + r / 4 + 1 / 8)], "acc": [(r, n / 2 + r / 16)],
-            "pair/a": [(r, r / 2)], "pair/b": [(r, -n * r / 2)], "fl_step": [(r, float(r))]}
+    return {
+        "loss": [(2 * r - 2, n + r / 4), (2 * r - 1, n + r / 4 + 1 / 8)],
+        "acc": [(r, n / 2 + r / 16)],
+        "pair/a": [(r, r / 2)],
+        "pair/b": [(r, -n * r / 2)],
+        "fl_step": [(r, float(r))],
+    }
 
 
 def expected_series(site: str, rounds: int) -> dict[str, list[tuple[int, float]]]:
@@ -197,7 +210,7 @@ class SyntaxLearner(UntrainedLearner):
         return TrainResult({"w": np.asarray(weights["w"]) + 1}, num_samples=10)
 
     def evaluate(self, weights, ctx):
-        return {"loss": 2.0 ** -ctx.round}
+        return {"loss": 2.0**-ctx.round}
 
 
 class CountingLearner(UntrainedLearner):

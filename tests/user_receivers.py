@@ -15,8 +15,11 @@ class CredentialProbe(MemoryReceiver):
     """Keeps events in memory and reports, at close, which credential variables its process holds."""
 
     def close(self, status):
-        return {"events": len(self.events), "status": status,
-                "credentials": sorted(k for k in CREDENTIAL_VARS if k in os.environ)}
+        return {
+            "events": len(self.events),
+            "status": status,
+            "credentials": sorted(k for k in CREDENTIAL_VARS if k in os.environ),
+        }
 
 
 class FlakyReceiver(MemoryReceiver):

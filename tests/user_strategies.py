@@ -7,8 +7,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from fl_ray.fedavg import StreamingAverage
-from fl_ray.strategies.base import (Aggregation, FitResult, Strategy, Weights, cast_like, check_float, check_result,
-                                    update_norm)
+from fl_ray.strategies.base import (
+    Aggregation,
+    FitResult,
+    Strategy,
+    Weights,
+    cast_like,
+    check_float,
+    check_result,
+    update_norm,
+)
 
 
 class ClippedMean(Strategy):
@@ -46,8 +54,10 @@ class ClippedMeanAggregation(Aggregation):
         check_result(result, self.weights)  # keys, shapes, finite values, sample count: raises StrategyError
         norm = update_norm(result.weights, self.weights)
         scale = min(1.0, self.strategy.max_norm / norm) if norm > 0 else 1.0
-        self.mean.add({k: (np.asarray(v, np.float64) - self.weights[k]) * scale for k, v in result.weights.items()},
-                      result.num_samples)
+        self.mean.add(
+            {k: (np.asarray(v, np.float64) - self.weights[k]) * scale for k, v in result.weights.items()},
+            result.num_samples,
+        )
         self.clipped += scale < 1
 
     @property

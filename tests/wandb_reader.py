@@ -53,7 +53,7 @@ class WandbRun:
 def iter_records(path: Path) -> Iterator[pb.Record]:
     """Yield every record of a ``.wandb`` file, checking each chunk's CRC."""
     data = Path(path).read_bytes()
-    if data[:len(_FILE_HEADER)] != _FILE_HEADER:
+    if data[: len(_FILE_HEADER)] != _FILE_HEADER:
         raise ValueError(f"{path}: not a W&B run file (header {data[:7]!r})")
     pos, pending = len(_FILE_HEADER), bytearray()
     while pos + _CHUNK_HEADER.size <= len(data):
@@ -62,7 +62,7 @@ def iter_records(path: Path) -> Iterator[pb.Record]:
             pos += room
             continue
         crc, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
-        payload = data[pos + _CHUNK_HEADER.size:pos + _CHUNK_HEADER.size + length]
+        payload = data[pos + _CHUNK_HEADER.size : pos + _CHUNK_HEADER.size + length]
         pos += _CHUNK_HEADER.size + length
         if kind == 0 and length == 0:  # preallocated, never written
             continue

@@ -27,16 +27,18 @@ class ClientActor:
     """A site: local training each round it is sampled."""
 
     def __init__(self, site: str, site_index: int, config: dict[str, Any], receiver_name: str) -> None:
-        self.ctx, self.tracking = make_context(site, site_index, config, receiver_name,
-                                               config["resources"]["client_cpus"])
+        self.ctx, self.tracking = make_context(
+            site, site_index, config, receiver_name, config["resources"]["client_cpus"]
+        )
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)
         self.system_metrics = None
         tracking_cfg = self.ctx.config.tracking
         if tracking_cfg.system_metrics:
             self.tracking.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
-            self.system_metrics = SystemMetricsSampler(self.tracking.mlflow, tracking_cfg.system_metrics_interval,
-                                                       warn_no_gpu=False).start()
+            self.system_metrics = SystemMetricsSampler(
+                self.tracking.mlflow, tracking_cfg.system_metrics_interval, warn_no_gpu=False
+            ).start()
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays]) -> dict[str, Any]:
         """Train or evaluate the round's global ``weights`` as ``task`` says; the site's tracking records of
@@ -44,16 +46,24 @@ class ClientActor:
         start = time.perf_counter()
         result = run_task(self.learner, self.ctx, task, weights, payload)
         self.tracking.flush()
-        return {**result, "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.ctx.device),
-                "seconds": time.perf_counter() - start}
+        return {
+            **result,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.ctx.device),
+            "seconds": time.perf_counter() - start,
+        }
 
     def info(self) -> dict[str, Any]:
         """Where this site runs: node, device, which tracking credentials it holds (names), and why it
         samples no GPU metrics ("" when it does, or samples none)."""
-        return {"site": self.ctx.site, "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(self.ctx.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "credentials": [k for k in CREDENTIAL_VARS if k in os.environ],
-                "no_gpu_metrics": self.system_metrics.no_gpu if self.system_metrics is not None else ""}
+        return {
+            "site": self.ctx.site,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.ctx.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "credentials": [k for k in CREDENTIAL_VARS if k in os.environ],
+            "no_gpu_metrics": self.system_metrics.no_gpu if self.system_metrics is not None else "",
+        }
 
     def close(self, timeout: float) -> dict[str, int]:
         """Take a last system sample, deliver every tracking record and stop; returns the sender's counters."""

@@ -21,8 +21,9 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_context(site: str, site_index: int | None, config: dict[str, Any], receiver_name: str,
-                 cpus: float) -> tuple[LearnerContext, SiteTracking]:
+def make_context(
+    site: str, site_index: int | None, config: dict[str, Any], receiver_name: str, cpus: float
+) -> tuple[LearnerContext, SiteTracking]:
     """Shared start-up of client and server actors: no credentials, threads, data, device, tracking.
 
     The receiver actor is found by name (a handle as a constructor argument would keep Ray from
@@ -33,7 +34,15 @@ def make_context(site: str, site_index: int | None, config: dict[str, Any], rece
     cfg = JobConfig.model_validate(config)
     data, dataset = site_data(cfg.dataset, cfg.seed, len(cfg.site_names), site_index)
     tracking = SiteTracking(site, ray.get_actor(receiver_name), cfg.tracking)
-    ctx = LearnerContext(site=site, device=select_device(), config=cfg, data=data, num_classes=dataset.num_classes,
-                         input_shape=dataset.input_shape, mlflow=tracking.mlflow, tensorboard=tracking.tensorboard,
-                         wandb=tracking.wandb)
+    ctx = LearnerContext(
+        site=site,
+        device=select_device(),
+        config=cfg,
+        data=data,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        mlflow=tracking.mlflow,
+        tensorboard=tracking.tensorboard,
+        wandb=tracking.wandb,
+    )
     return ctx, tracking

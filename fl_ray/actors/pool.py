@@ -57,9 +57,15 @@ class PoolExecutor(Executor):
         self.deaths = [0] * len(self.workers)  # tasks in a row that each worker died under
         self.dropped: set[int] = set()
 
-    def run(self, tasks: list[Task], weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays],
-            failed: dict[str, str]) -> Running:
-        opened = ray.get(ray.get_actor(self.receiver_name).open_sites.remote(sorted({t.site for t in tasks})))
+    def run(
+        self,
+        tasks: list[Task],
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        failed: dict[str, str],
+    ) -> Running:
+        receiver = ray.get_actor(self.receiver_name)
+        opened: Any = ray.get(receiver.open_sites.remote(sorted({t.site for t in tasks})))
         return _PoolRunning(self, tasks, ray.put(dict(weights)), ray.put(dict(payload)), opened)
 
     def live_workers(self) -> list[int]:
@@ -76,8 +82,14 @@ class PoolExecutor(Executor):
 
 
 class _PoolRunning(Running):
-    def __init__(self, pool: PoolExecutor, tasks: list[Task], weights_ref: Any, payload_ref: Any,
-                 opened: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        pool: PoolExecutor,
+        tasks: list[Task],
+        weights_ref: Any,
+        payload_ref: Any,
+        opened: dict[str, dict[str, Any]],
+    ) -> None:
         self._pool = pool
         self._opened = opened  # each site's tracking stream, for the first time its task is sent
         self._queue: deque[tuple[Task, int]] = deque((t, 1) for t in tasks)
@@ -91,8 +103,9 @@ class _PoolRunning(Running):
             worker = self._free.pop(0)
             task, attempt = self._queue.popleft()
             opened = self._opened.pop(task.site, None)  # once: a task sent again opens a fresh stream
-            ref = self._pool.workers[worker].run.remote(task.site, self._pool.index[task.site], task, *self._refs,
-                                                        opened)
+            ref = self._pool.workers[worker].run.remote(
+                task.site, self._pool.index[task.site], task, *self._refs, opened
+            )
             self._busy[ref] = (task, attempt, worker)
 
     def _probe(self, worker: int) -> None:
@@ -107,8 +120,10 @@ class _PoolRunning(Running):
             if not self._busy and not self._probing:
                 if self._queue:
                     task, _ = self._queue.popleft()
-                    return task.site, RuntimeError("no pool worker is left to run the task: each died more times "
-                                                   "than resources.max_client_restarts lets Ray restart it")
+                    return task.site, RuntimeError(
+                        "no pool worker is left to run the task: each died more times "
+                        "than resources.max_client_restarts lets Ray restart it"
+                    )
                 return None
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait([*self._busy, *self._probing], num_returns=1, timeout=left)
@@ -130,7 +145,9 @@ class _PoolRunning(Running):
             except ray.exceptions.RayActorError as exc:  # the worker died under the task: run it elsewhere
                 self._pool.worker_died(worker, exc)
                 self._probe(worker)
-                if isinstance(exc, ray.exceptions.ActorUnavailableError):  # refused by a restarting worker: no attempt spent
+                if isinstance(
+                    exc, ray.exceptions.ActorUnavailableError
+                ):  # refused by a restarting worker: no attempt spent
                     self._queue.appendleft((task, attempt))
                     continue
                 if attempt < MAX_ATTEMPTS:
@@ -164,7 +181,13 @@ def start_workers(cfg: JobConfig, job_id: str, count: int, parts_ref: Any, recei
     res, config = cfg.resources, cfg.to_dict()
     strategy = "SPREAD" if res.placement == "spread" else "DEFAULT"
     names = [f"worker-{i}" for i in range(1, count + 1)]
-    return {name: WorkerActor.options(num_cpus=res.client_cpus, num_gpus=res.client_gpus,
-                                      max_restarts=res.max_client_restarts, scheduling_strategy=strategy,
-                                      name=f"fl_ray-{job_id}-{name}").remote(name, config, receiver_name, [parts_ref])
-            for name in names}
+    return {
+        name: WorkerActor.options(  # type: ignore[attr-defined]
+            num_cpus=res.client_cpus,
+            num_gpus=res.client_gpus,
+            max_restarts=res.max_client_restarts,
+            scheduling_strategy=strategy,
+            name=f"fl_ray-{job_id}-{name}",
+        ).remote(name, config, receiver_name, [parts_ref])
+        for name in names
+    }

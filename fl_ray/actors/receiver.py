@@ -66,8 +66,9 @@ class ReceiverActor:
         that logs files."""
         return self.hub.log_artifact(local_path, artifact_path, timeout)
 
-    def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
-                  timeout: float) -> dict[str, Any]:
+    def log_model(
+        self, site: str, model: BestModel, registered_model_name: str | None, timeout: float
+    ) -> dict[str, Any]:
         """Log the best global ``model`` into ``site``'s run: here, where credentials are."""
         return self.hub.log_model(site, model, registered_model_name, timeout)
 
@@ -77,9 +78,13 @@ def receiver_actor_name(job_id: str) -> str:
     return f"fl_ray-receiver-{job_id}"
 
 
-def start_receiver(ctx: ReceiverContext, specs: list[dict[str, Any]],
-                   credentials: ReceiverCredentials | Mapping[str, str], placement: NodeAffinitySchedulingStrategy,
-                   max_restarts: int = 5) -> Any:
+def start_receiver(
+    ctx: ReceiverContext,
+    specs: list[dict[str, Any]],
+    credentials: ReceiverCredentials | Mapping[str, str],
+    placement: NodeAffinitySchedulingStrategy,
+    max_restarts: int = 5,
+) -> Any:
     """Start the job's receiver actor where ``placement`` says (the driver's node). ``credentials`` (or a
     plain mapping of credential variables) go as a constructor argument, which Ray keeps for restarts
     but neither logs nor shows, unlike ``runtime_env``."""

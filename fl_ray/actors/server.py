@@ -33,12 +33,18 @@ class RayExecutor(Executor):
     def __init__(self, clients: Mapping[str, Any]) -> None:
         self.clients = clients
 
-    def run(self, tasks: list[Task], weights: Mapping[str, np.ndarray], payload: Mapping[str, Arrays],
-            failed: dict[str, str]) -> Running:
+    def run(
+        self,
+        tasks: list[Task],
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        failed: dict[str, str],
+    ) -> Running:
         weights_ref, payload_ref = ray.put(dict(weights)), ray.put(dict(payload))
         alive = set(self._reachable([t.site for t in tasks], failed))
-        return _RayRunning({self.clients[t.site].run.remote(t, weights_ref, payload_ref): t.site
-                            for t in tasks if t.site in alive})
+        return _RayRunning(
+            {self.clients[t.site].run.remote(t, weights_ref, payload_ref): t.site for t in tasks if t.site in alive}
+        )
 
     def _reachable(self, sites: list[str], failed: dict[str, str]) -> list[str]:
         """The sites that answer; waits (up to RESTART_GRACE seconds) for those Ray is restarting."""
@@ -96,13 +102,13 @@ class ServerActor:
     """The server of one job."""
 
     def __init__(self, config: dict[str, Any], receiver_name: str, executor: Executor, checkpoint_dir: str) -> None:
-        self.ctx, self.tracking = make_context("server", None, config, receiver_name,
-                                               config["resources"]["server_cpus"])
+        self.ctx, self.tracking = make_context(
+            "server", None, config, receiver_name, config["resources"]["server_cpus"]
+        )
         cfg = self.ctx.config
         learner = load_learner(cfg.learner, cfg.learner_args)
         learner.setup(self.ctx)
-        self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), executor,
-                                  Path(checkpoint_dir))
+        self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), executor, Path(checkpoint_dir))
 
     def completed_rounds(self) -> int:
         """How many rounds are completed so far (from the checkpoint when the job resumed)."""

@@ -58,11 +58,19 @@ class WorkerActor:
         self.tracking = SiteTracking(self.name, self.receiver, self.cfg.tracking)
         if self.cfg.tracking.system_metrics:
             self.tracking.mlflow.log_text(gpu_description(), "system/gpu_info.txt")
-            self.system_metrics = SystemMetricsSampler(self.tracking.mlflow,
-                                                       self.cfg.tracking.system_metrics_interval).start()
+            self.system_metrics = SystemMetricsSampler(
+                self.tracking.mlflow, self.cfg.tracking.system_metrics_interval
+            ).start()
 
-    def run(self, site: str, index: int, task: Task, weights: Mapping[str, np.ndarray],
-            payload: Mapping[str, Arrays], opened: dict[str, Any] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        site: str,
+        index: int,
+        task: Task,
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        opened: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Run ``task`` for the site at ``index`` of the configured sites, on the tracking stream ``opened`` for
         it (else opened here); its tracking records are delivered before it returns."""
         start = time.perf_counter()
@@ -72,30 +80,48 @@ class WorkerActor:
         try:
             tracking.mlflow.set_tag(WORKER_TAG, self.name)
             ds = self.dataset
-            ctx = LearnerContext(site=site, device=self.device, config=self.cfg,
-                                 data=ds.train.subset(self.parts[index]), num_classes=ds.num_classes,
-                                 input_shape=ds.input_shape, mlflow=tracking.mlflow,
-                                 tensorboard=tracking.tensorboard, wandb=tracking.wandb)
+            ctx = LearnerContext(
+                site=site,
+                device=self.device,
+                config=self.cfg,
+                data=ds.train.subset(self.parts[index]),
+                num_classes=ds.num_classes,
+                input_shape=ds.input_shape,
+                mlflow=tracking.mlflow,
+                tensorboard=tracking.tensorboard,
+                wandb=tracking.wandb,
+            )
             learner = load_learner(self.cfg.learner, self.cfg.learner_args)
             learner.setup(ctx)
             result = run_task(learner, ctx, task, weights, payload)
         finally:
             for key, value in tracking.close(self.cfg.tracking.close_timeout).items():
                 self.sent[key] += value
-        return {**result, "worker": self.name, "node_id": ray.get_runtime_context().get_node_id(),
-                "device": str(self.device), "seconds": time.perf_counter() - start}
+        return {
+            **result,
+            "worker": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.device),
+            "seconds": time.perf_counter() - start,
+        }
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: node, device, process id, and which tracking credentials it holds (names)."""
-        return {"worker": self.name, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "credentials": [k for k in CREDENTIAL_VARS if k in os.environ]}
+        return {
+            "worker": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "credentials": [k for k in CREDENTIAL_VARS if k in os.environ],
+        }
 
     def close(self, timeout: float) -> dict[str, int]:
         """Take a last system sample and deliver the worker's own records; returns the counters of its own
         stream and, under ``sites_*``, of the site streams it ran (this life of the worker)."""
         if self.tracking is None:  # no task since it started (or Ray restarted it): still one sample
             self._open_tracking()
+        assert self.tracking is not None
         if self.system_metrics is not None:
             self.system_metrics.stop()
         return {**self.tracking.close(timeout), **{f"sites_{k}": v for k, v in self.sent.items()}}

@@ -173,8 +173,10 @@ def build_receivers(specs: list[dict[str, Any]]) -> list[tuple[str, Receiver]]:
     classes = [receiver_class(spec["type"], f"tracking.receivers.{i}.type") for i, spec in enumerate(specs)]
     for cls in dict.fromkeys(classes):
         cls.prepare_process()
-    return [(name, build_receiver(spec["type"], receiver_params(spec), f"tracking.receivers.{i}"))
-            for i, (name, spec) in enumerate(zip(receiver_names(specs), specs))]
+    return [
+        (name, build_receiver(spec["type"], receiver_params(spec), f"tracking.receivers.{i}"))
+        for i, (name, spec) in enumerate(zip(receiver_names(specs), specs))
+    ]
 
 
 def build_receiver(type_: str, params: dict[str, Any], field: str = "tracking.receivers[]") -> Receiver:

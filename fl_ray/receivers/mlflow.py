@@ -67,9 +67,13 @@ PATH_CLASHES = (NotADirectoryError, IsADirectoryError, FileExistsError)
 
 # MLflow's HTTP client retries for minutes by default; the pumps retry on their own, without blocking.
 # And a receiver has no one to show MLflow's "View run at" links to. Set where not set already.
-PROCESS_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-                        "MLFLOW_LOGGING_LEVEL": "WARNING"}
+PROCESS_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
 
 
 def default_tracking_uri(workspace: Path) -> str:
@@ -163,8 +167,9 @@ class MLflowReceiver(Receiver):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
-    def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None,
-                 buffer_flush_time: float = 1.0) -> None:
+    def __init__(
+        self, tracking_uri: str | None = None, experiment_name: str | None = None, buffer_flush_time: float = 1.0
+    ) -> None:
         if buffer_flush_time < 0:
             raise ValueError(f"buffer_flush_time must be >= 0 seconds, got {buffer_flush_time}")
         self.tracking_uri = tracking_uri
@@ -180,8 +185,9 @@ class MLflowReceiver(Receiver):
         from mlflow.tracking import MlflowClient
 
         self._ctx = ctx
-        self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            default_tracking_uri(ctx.workspace)
+        self.tracking_uri = (
+            self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ctx.workspace)
+        )
         store = sqlite_path(self.tracking_uri)
         if store is not None:
             prepare_sqlite_store(store, Path(ctx.workspace) / "mlartifacts")
@@ -204,8 +210,11 @@ class MLflowReceiver(Receiver):
             self.parent_run_id = self._find_or_create_runs([None])[None]
             self._save_runs()  # before anything else, so a retried open reuses this parent run
         else:
-            self.parent_run_id, self.run_ids, self._complete = \
-                saved["parent_run_id"], dict(saved["run_ids"]), saved.get("complete", True)
+            self.parent_run_id, self.run_ids, self._complete = (
+                saved["parent_run_id"],
+                dict(saved["run_ids"]),
+                saved.get("complete", True),
+            )
             for run_id in (self.parent_run_id, *self.run_ids.values()):
                 self.client.update_run(run_id, status="RUNNING")
         if not self._complete:
@@ -226,8 +235,12 @@ class MLflowReceiver(Receiver):
     def _save_runs(self) -> None:
         saved = read_json(self._runs_path, {})
         saved = saved if isinstance(saved, dict) else {}
-        saved[self.tracking_uri] = {"experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
-                                    "run_ids": self.run_ids, "complete": self._complete}
+        saved[self.tracking_uri] = {
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "run_ids": self.run_ids,
+            "complete": self._complete,
+        }
         write_json_atomic(self._runs_path, saved)
 
     def _set_up_runs(self, ctx: ReceiverContext) -> None:
@@ -269,8 +282,9 @@ class MLflowReceiver(Receiver):
         runs: dict[str | None, list[Run]] = {}
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id], query, ViewType.ACTIVE_ONLY, max_results=1000,
-                                           page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id], query, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
             for run in page:
                 site = run.data.tags.get(SITE_TAG)
                 if site is None or run.data.tags.get(PARENT_TAG) == self.parent_run_id:
@@ -281,8 +295,9 @@ class MLflowReceiver(Receiver):
 
     def _create_run(self, role: str | None) -> tuple[str | None, Run]:
         if role is None:
-            run = self.client.create_run(self.experiment_id, run_name=self._ctx.job_id,
-                                         tags={JOB_TAG: self._ctx.job_id, **self._ctx.tags})
+            run = self.client.create_run(
+                self.experiment_id, run_name=self._ctx.job_id, tags={JOB_TAG: self._ctx.job_id, **self._ctx.tags}
+            )
         else:
             tags = {PARENT_TAG: self.parent_run_id, SITE_TAG: role, JOB_TAG: self._ctx.job_id}
             run = self.client.create_run(self.experiment_id, run_name=role, tags=tags)
@@ -293,8 +308,12 @@ class MLflowReceiver(Receiver):
         keep, *extras = sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
         for extra in extras:
             if extra.data.metrics or extra.data.params:
-                log.warning("MLflow run %s is a second run for %s of job %s but holds data; it is left as it is",
-                            extra.info.run_id, role or "the parent run", self._ctx.job_id)
+                log.warning(
+                    "MLflow run %s is a second run for %s of job %s but holds data; it is left as it is",
+                    extra.info.run_id,
+                    role or "the parent run",
+                    self._ctx.job_id,
+                )
                 continue
             self.client.set_terminated(extra.info.run_id, KILLED)
             self.client.delete_run(extra.info.run_id)
@@ -313,8 +332,11 @@ class MLflowReceiver(Receiver):
             elif e.kind == EventKind.PARAM:
                 first = batch.params.setdefault(e.key, _Record(e, Param(e.key, e.value)))
                 if first.entity.value != e.value:  # type: ignore[union-attr]
-                    self._give_up(e, f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "  # type: ignore[union-attr]
-                                       "same batch: MLflow keeps a param's first value")
+                    self._give_up(
+                        e,
+                        f"param {e.key!r} was logged as {first.entity.value!r:.80} earlier in the "  # type: ignore[union-attr]
+                        "same batch: MLflow keeps a param's first value",
+                    )
             elif e.kind == EventKind.TAG:
                 batch.tags[e.key] = _Record(e, RunTag(e.key, e.value))
             else:
@@ -327,9 +349,11 @@ class MLflowReceiver(Receiver):
                 self._site_runs(list(pending))
             except Exception as exc:  # the batch is written again and flushed after a back-off
                 first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-                raise DeliveryError(f"MLflow at {self.tracking_uri} takes no writes now: the runs of "
-                                    f"{sorted(s for s in pending if s not in self.run_ids)} could not be made "
-                                    f"({type(exc).__name__}: {first})") from exc
+                raise DeliveryError(
+                    f"MLflow at {self.tracking_uri} takes no writes now: the runs of "
+                    f"{sorted(s for s in pending if s not in self.run_ids)} could not be made "
+                    f"({type(exc).__name__}: {first})"
+                ) from exc
             delivery = _Delivery(self._probe_write)
             runs = [(delivery, self.run_ids[site], batch) for site, batch in pending.items()]
             if self._pool is None or len(runs) < 2:
@@ -380,9 +404,12 @@ class MLflowReceiver(Receiver):
             else:
                 from mlflow.entities import Metric, Param, RunTag
 
-                self.client.log_batch(run_id, metrics=[r.entity for r in records if type(r.entity) is Metric],
-                                      params=[r.entity for r in records if type(r.entity) is Param],
-                                      tags=[r.entity for r in records if type(r.entity) is RunTag])
+                self.client.log_batch(
+                    run_id,
+                    metrics=[r.entity for r in records if type(r.entity) is Metric],
+                    params=[r.entity for r in records if type(r.entity) is Param],
+                    tags=[r.entity for r in records if type(r.entity) is RunTag],
+                )
         except Exception as exc:
             answer = _answer(exc)
             if answer is None:
@@ -407,8 +434,10 @@ class MLflowReceiver(Receiver):
             return
         if not delivery.takes_writes():
             first = delivery.failures[0]
-            raise DeliveryError(f"MLflow at {self.tracking_uri} takes no writes now: every request failed, e.g. "
-                                f"{_describe(first.records[0].event)} with {first.error}")
+            raise DeliveryError(
+                f"MLflow at {self.tracking_uri} takes no writes now: every request failed, e.g. "
+                f"{_describe(first.records[0].event)} with {first.error}"
+            )
         retry: list[_Failure] = []
         for failure in delivery.failures:
             if len(failure.records) > 1:  # no splits left: try again next time
@@ -428,9 +457,11 @@ class MLflowReceiver(Receiver):
                 retry.append(failure)
         if retry:
             first = retry[0]
-            raise DeliveryError(f"{sum(len(f.records) for f in retry)} record(s) failed in MLflow at "
-                                f"{self.tracking_uri} and are sent again, e.g. {_describe(first.records[0].event)}: "
-                                f"{first.error}")
+            raise DeliveryError(
+                f"{sum(len(f.records) for f in retry)} record(s) failed in MLflow at "
+                f"{self.tracking_uri} and are sent again, e.g. {_describe(first.records[0].event)}: "
+                f"{first.error}"
+            )
 
     def _give_up(self, event: TrackingEvent, reason: str) -> None:
         self._given_up.add((event.site, event.seq))
@@ -442,11 +473,15 @@ class MLflowReceiver(Receiver):
             self._pool = None
         for run_id in (*self.run_ids.values(), self.parent_run_id):
             self.client.set_terminated(run_id, status)
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
-                "parent_run_id": self.parent_run_id, "run_ids": dict(self.run_ids),
-                "ui": ui_command(str(self.tracking_uri)),
-                "view": f"experiment {self.experiment_id}, run {self.parent_run_id}; view with: "
-                        f"{ui_command(str(self.tracking_uri))}"}
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "run_ids": dict(self.run_ids),
+            "ui": ui_command(str(self.tracking_uri)),
+            "view": f"experiment {self.experiment_id}, run {self.parent_run_id}; view with: "
+            f"{ui_command(str(self.tracking_uri))}",
+        }
 
     def log_table(self, artifact_file: str, table: dict[str, list]) -> dict[str, Any]:
         """Log ``table`` (columns) as an MLflow table artifact of the job's parent run."""
@@ -479,21 +514,34 @@ class MLflowReceiver(Receiver):
         mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
-                best.model, name="model", input_example=best.input_example.copy(),  # writable: Ray hands arrays over read-only
+                best.model,
+                name="model",
+                input_example=best.input_example.copy(),  # writable: Ray hands arrays over read-only
                 step=best.round,
                 registered_model_name=registered_model_name,
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                tags={"fl_ray.job_id": self._ctx.job_id, "fl_ray.round": str(best.round),
-                      "fl_ray.key_metric": best.key_metric, "fl_ray.key_value": str(best.score)},
-                metadata={"fl_ray": {"job_id": self._ctx.job_id, "round": best.round, "key_metric": best.key_metric,
-                                     "key_mode": best.key_mode, "metrics": best.metrics}},
+                tags={
+                    "fl_ray.job_id": self._ctx.job_id,
+                    "fl_ray.round": str(best.round),
+                    "fl_ray.key_metric": best.key_metric,
+                    "fl_ray.key_value": str(best.score),
+                },
+                metadata={
+                    "fl_ray": {
+                        "job_id": self._ctx.job_id,
+                        "round": best.round,
+                        "key_metric": best.key_metric,
+                        "key_mode": best.key_mode,
+                        "metrics": best.metrics,
+                    }
+                },
             )
         report = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": run_id}
         if registered_model_name:
-            report.update(registered_model_name=registered_model_name,
-                          registered_model_version=info.registered_model_version)
+            report.update(
+                registered_model_name=registered_model_name, registered_model_version=info.registered_model_version
+            )
         return report
-
 
 
 class DeliveryError(RuntimeError):

@@ -99,7 +99,8 @@ class TensorBoardReceiver(Receiver):
                     self._scalar(e)
                 elif kind is EventKind.TEXT:
                     self._file(e.site).add(
-                        Event(wall_time=e.timestamp / 1000, step=e.step or 0, summary=text_pb(e.key, e.value)))
+                        Event(wall_time=e.timestamp / 1000, step=e.step or 0, summary=text_pb(e.key, e.value))
+                    )
                     self._texts += 1
                 else:
                     self._file(e.site)  # the site's run exists from its first record on
@@ -138,8 +139,12 @@ class TensorBoardReceiver(Receiver):
         if not self._closed and self._base is not None:
             self.flush()
         self._closed = True
-        return {"log_dir": str(self._base), "sites": sorted(self._sites),
-                "scalars": self._scalars, "texts": self._texts}
+        return {
+            "log_dir": str(self._base),
+            "sites": sorted(self._sites),
+            "scalars": self._scalars,
+            "texts": self._texts,
+        }
 
     def _check_open(self) -> None:
         if self._base is None:
@@ -150,7 +155,7 @@ class TensorBoardReceiver(Receiver):
     def _scalar(self, e: TrackingEvent) -> None:
         if e.group:
             # add_scalars: series ``main_tag/k`` lives in sub-run ``<main_tag>_<k>`` under tag main_tag
-            series = e.key[len(e.group) + 1:] if e.key.startswith(e.group + "/") else e.key
+            series = e.key[len(e.group) + 1 :] if e.key.startswith(e.group + "/") else e.key
             file, tag = self._file(e.site, f"{e.group.replace('/', '_')}_{series}"), e.group
         else:
             file, tag = self._file(e.site), e.key
@@ -171,8 +176,11 @@ class TensorBoardReceiver(Receiver):
             while (self._base / run / self._file_name(stamp)).exists():  # a file of an earlier life, not resumed
                 stamp += 1
             file = self._files[run] = _EventFile(f"{run}/{self._file_name(stamp)}", 0, on_disk=False)
-            file.add(Event(wall_time=time.time(), file_version="brain.Event:2",
-                           source_metadata=SourceMetadata(writer="fl_ray")))
+            file.add(
+                Event(
+                    wall_time=time.time(), file_version="brain.Event:2", source_metadata=SourceMetadata(writer="fl_ray")
+                )
+            )
         return file
 
     def _file_name(self, stamp: int) -> str:
@@ -206,8 +214,13 @@ class TensorBoardReceiver(Receiver):
         tables: dict[str, dict[str, Any]] = {}
         for (site, tag), rows in sorted(self._tables.items()):
             tables.setdefault(site, {})[tag] = {"version": self._versions.get((site, tag), 0), "rows": dict(rows)}
-        return {"files": {f.path: f.length for f in self._files.values() if f.on_disk}, "tables": tables,
-                "sites": sorted(self._sites), "scalars": self._scalars, "texts": self._texts}
+        return {
+            "files": {f.path: f.length for f in self._files.values() if f.on_disk},
+            "tables": tables,
+            "sites": sorted(self._sites),
+            "scalars": self._scalars,
+            "texts": self._texts,
+        }
 
     def _recover(self) -> None:
         """After a failure (or on resume), make the files and the state what the committed checkpoint says."""
@@ -220,11 +233,15 @@ class TensorBoardReceiver(Receiver):
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
-                raise RuntimeError(f"TensorBoardReceiver: event file {path} is missing, but {length} bytes of "
-                                   "delivered records were flushed to it") from None
+                raise RuntimeError(
+                    f"TensorBoardReceiver: event file {path} is missing, but {length} bytes of "
+                    "delivered records were flushed to it"
+                ) from None
             if size < length:
-                raise RuntimeError(f"TensorBoardReceiver: event file {path} is {size} bytes, shorter than the "
-                                   f"{length} bytes of delivered records flushed to it")
+                raise RuntimeError(
+                    f"TensorBoardReceiver: event file {path} is {size} bytes, shorter than the "
+                    f"{length} bytes of delivered records flushed to it"
+                )
             if size > length:
                 os.truncate(path, length)
         stale = {self._base / f.path for f in self._files.values() if f.path not in state["files"]}
@@ -233,8 +250,10 @@ class TensorBoardReceiver(Receiver):
         for path in stale:
             path.unlink(missing_ok=True)
             _remove_empty_dirs(path.parent, self._base)
-        self._files = {str(PurePosixPath(rel).parent): _EventFile(rel, length, on_disk=True)
-                       for rel, length in state["files"].items()}
+        self._files = {
+            str(PurePosixPath(rel).parent): _EventFile(rel, length, on_disk=True)
+            for rel, length in state["files"].items()
+        }
         self._tables = {(site, tag): dict(t["rows"]) for site, ts in state["tables"].items() for tag, t in ts.items()}
         self._versions = {(site, tag): t["version"] for site, ts in state["tables"].items() for tag, t in ts.items()}
         self._dirty.clear()
@@ -245,8 +264,12 @@ class TensorBoardReceiver(Receiver):
     def _job_files(self) -> list[Path]:
         """Every event file of this job under the base directory."""
         assert self._base is not None and self._own_name is not None
-        return [Path(root, name) for root, _, names in os.walk(self._base) for name in names
-                if self._own_name.fullmatch(name)]
+        return [
+            Path(root, name)
+            for root, _, names in os.walk(self._base)
+            for name in names
+            if self._own_name.fullmatch(name)
+        ]
 
     def _parse(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` checked and completed (``{}``: nothing delivered), or ValueError naming what is wrong."""
@@ -260,24 +283,36 @@ class TensorBoardReceiver(Receiver):
             raise ValueError(f"{where} 'files' must map event file paths to lengths, got {files!r:.200}")
         for rel, length in files.items():
             path = PurePosixPath(rel) if isinstance(rel, str) else None
-            if path is None or path.is_absolute() or ".." in path.parts or len(path.parts) < 2 \
-                    or not self._own_name.fullmatch(path.name):
-                raise ValueError(f"{where} lists {rel!r}, which is not an event file of job {self._job_tag!r} "
-                                 "in a run directory")
+            if (
+                path is None
+                or path.is_absolute()
+                or ".." in path.parts
+                or len(path.parts) < 2
+                or not self._own_name.fullmatch(path.name)
+            ):
+                raise ValueError(
+                    f"{where} lists {rel!r}, which is not an event file of job {self._job_tag!r} in a run directory"
+                )
             if not _count(length):
                 raise ValueError(f"{where}: length of {rel!r} must be an integer >= 0, got {length!r}")
         if not isinstance(tables, dict) or not all(
-                isinstance(ts, dict) and set(ts) <= set(_TABLE_TAGS.values()) and all(
-                    isinstance(t, dict) and _count(t.get("version")) and isinstance(t.get("rows"), dict)
-                    for t in ts.values()) for ts in tables.values()):
-            raise ValueError(f"{where} 'tables' must map sites to {{'params'/'tags': {{'version': int, 'rows': "
-                             f"dict}}}}, got {tables!r:.200}")
+            isinstance(ts, dict)
+            and set(ts) <= set(_TABLE_TAGS.values())
+            and all(
+                isinstance(t, dict) and _count(t.get("version")) and isinstance(t.get("rows"), dict)
+                for t in ts.values()
+            )
+            for ts in tables.values()
+        ):
+            raise ValueError(
+                f"{where} 'tables' must map sites to {{'params'/'tags': {{'version': int, 'rows': "
+                f"dict}}}}, got {tables!r:.200}"
+            )
         if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
             raise ValueError(f"{where} 'sites' must be a list of site names, got {sites!r:.200}")
         if not _count(scalars) or not _count(texts):
             raise ValueError(f"{where} 'scalars' and 'texts' must be integers >= 0, got {scalars!r} and {texts!r}")
-        return {"files": dict(files), "tables": _copy(tables), "sites": list(sites), "scalars": scalars,
-                "texts": texts}
+        return {"files": dict(files), "tables": _copy(tables), "sites": list(sites), "scalars": scalars, "texts": texts}
 
 
 def _append_durably(path: Path, data: bytes, length: int) -> int:
@@ -289,11 +324,13 @@ def _append_durably(path: Path, data: bytes, length: int) -> int:
     try:
         size = os.fstat(fd).st_size
         if size != length:
-            raise RuntimeError(f"TensorBoardReceiver: event file {path} is {size} bytes, expected {length}: "
-                               "it was changed outside this receiver")
+            raise RuntimeError(
+                f"TensorBoardReceiver: event file {path} is {size} bytes, expected {length}: "
+                "it was changed outside this receiver"
+            )
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -89,8 +89,15 @@ _BATCH, _FLUSH, _END, _RESUMED, _ACK, _ERROR, _DONE = "batch", "flush", "end", "
 _HISTORY_KINDS = ("metric", "text")
 # W&B settings for a site's run: system metrics and host metadata would describe the receiver's host,
 # not the site, and console capture or code saving have nothing to show.
-_SETTINGS = {"console": "off", "silent": True, "x_disable_stats": True, "x_disable_meta": True,
-             "x_save_requirements": False, "disable_git": True, "save_code": False}
+_SETTINGS = {
+    "console": "off",
+    "silent": True,
+    "x_disable_stats": True,
+    "x_disable_meta": True,
+    "x_save_requirements": False,
+    "disable_git": True,
+    "save_code": False,
+}
 
 
 def run_id(job_id: str, site: str) -> str:
@@ -145,17 +152,30 @@ class WandBReceiver(Receiver):
     disk with all it was sent; that site's next record starts a process that resumes its run by id.
     """
 
-    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
-                 dir: str | None = None, close_timeout: float = 60.0, buffer_flush_time: float = 30.0,
-                 max_processes: int = 16) -> None:
+    def __init__(
+        self,
+        project: str | None = None,
+        entity: str | None = None,
+        mode: str | None = None,
+        dir: str | None = None,
+        close_timeout: float = 60.0,
+        buffer_flush_time: float = 30.0,
+        max_processes: int = 16,
+    ) -> None:
         if importlib.util.find_spec("wandb") is None:
             raise ImportError("WandBReceiver needs the wandb package, a dependency of fl_ray: pip install wandb")
         if mode is not None and mode not in MODES:
             raise ValueError(f"WandBReceiver: mode must be one of {', '.join(MODES)} or unset, got {mode!r}")
-        for name, value, what in (("close_timeout", close_timeout, "positive"),
-                                  ("buffer_flush_time", buffer_flush_time, "non-negative")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-                    or (value == 0 and what == "positive"):
+        for name, value, what in (
+            ("close_timeout", close_timeout, "positive"),
+            ("buffer_flush_time", buffer_flush_time, "non-negative"),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < 0
+                or (value == 0 and what == "positive")
+            ):
                 raise ValueError(f"WandBReceiver: {name} must be a {what} number of seconds, got {value!r}")
         if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 1:
             raise ValueError(f"WandBReceiver: max_processes must be a whole number >= 1, got {max_processes!r}")
@@ -210,7 +230,7 @@ class WandBReceiver(Receiver):
             self._receive(0)
             self._raise_errors()
             ids = [(e.site, e.seq) for e in events]
-            skip = len(self._unflushed) if ids[:len(self._unflushed)] == self._unflushed else 0
+            skip = len(self._unflushed) if ids[: len(self._unflushed)] == self._unflushed else 0
             batches: dict[str, list[tuple[str, str, Any, int | None]]] = {}
             dropped: list[TrackingEvent] = []
             for e in events[skip:]:
@@ -249,13 +269,15 @@ class WandBReceiver(Receiver):
             self._raise_errors()
             late = [s for s in sites if s.acked < token]
             if late:
-                raise TimeoutError("W&B site process(es) did not write their queued records within "
-                                   f"{self.close_timeout:g} s: "
-                                   + ", ".join(f"{s.name!r} ({s.not_written} pending)" for s in late))
+                raise TimeoutError(
+                    "W&B site process(es) did not write their queued records within "
+                    f"{self.close_timeout:g} s: " + ", ".join(f"{s.name!r} ({s.not_written} pending)" for s in late)
+                )
             self._unflushed.clear()
             for name in {*self._closed, *(site.name for site in sites)}:
-                self._positions[name] = self._history_base(name) + (self._sites[name].history_sent
-                                                                   if name in self._sites else 0)
+                self._positions[name] = self._history_base(name) + (
+                    self._sites[name].history_sent if name in self._sites else 0
+                )
 
     def close(self, status: str) -> dict[str, Any]:
         """Finish every site's run (exit code 0 for FINISHED, else 1) and report what each wrote.
@@ -273,8 +295,7 @@ class WandBReceiver(Receiver):
                 if site.error is None and not site.gone:
                     site.inbox.put((_END, 0 if status == FINISHED else 1))
             deadline = time.monotonic() + self.close_timeout
-            while any(s.done is None and s.error is None and not s.gone for s in sites) \
-                    and time.monotonic() < deadline:
+            while any(s.done is None and s.error is None and not s.gone for s in sites) and time.monotonic() < deadline:
                 self._receive(deadline - time.monotonic())
             for site in sites:
                 site.process.join(max(0.0, deadline - time.monotonic()))
@@ -285,8 +306,10 @@ class WandBReceiver(Receiver):
                 site.inbox.close()
                 site.inbox.cancel_join_thread()
                 site.replies.close()
-            resumed = {**{n: c.resumed for n, c in self._closed.items() if c.resumed},
-                       **{s.name: s.resumed for s in sites if s.resumed and s.name not in self._closed}}
+            resumed = {
+                **{n: c.resumed for n, c in self._closed.items() if c.resumed},
+                **{s.name: s.resumed for s in sites if s.resumed and s.name not in self._closed},
+            }
             written = {n: c.written for n, c in self._closed.items()}
             for s in sites:
                 written[s.name] = written.get(s.name, 0) + s.written.value
@@ -321,13 +344,24 @@ class WandBReceiver(Receiver):
         if len(self._sites) >= self.max_processes:
             self._close_process(min(self._sites.values(), key=lambda s: s.used))
         rid = run_id(self._ctx.job_id, name)
-        init = {"project": self.project or self._ctx.job_name, "entity": self.entity, "group": self._ctx.job_id,
-                "name": name, "id": rid, "resume": "allow", "dir": str(self._dir), "mode": self._mode,
-                "settings": _SETTINGS}
+        init = {
+            "project": self.project or self._ctx.job_name,
+            "entity": self.entity,
+            "group": self._ctx.job_id,
+            "name": name,
+            "id": rid,
+            "resume": "allow",
+            "dir": str(self._dir),
+            "mode": self._mode,
+            "settings": _SETTINGS,
+        }
         inbox, (replies, reply_end), written = self._mp.Queue(), self._mp.Pipe(duplex=False), self._mp.RawValue("q", 0)
-        process = self._mp.Process(target=_site_main, args=(name, init, self._history_base(name), self._generation,
-                                                            inbox, reply_end, written),
-                                   name=f"fl_ray-wandb-{name}", daemon=True)
+        process = self._mp.Process(
+            target=_site_main,
+            args=(name, init, self._history_base(name), self._generation, inbox, reply_end, written),
+            name=f"fl_ray-wandb-{name}",
+            daemon=True,
+        )
         process.start()
         reply_end.close()  # the child holds the only write end: its exit reads as EOF here
         site = self._sites[name] = _Site(name, process, inbox, replies, written)
@@ -346,8 +380,10 @@ class WandBReceiver(Receiver):
             self._receive(deadline - time.monotonic())
         if site.done is None:
             self._raise_errors()
-            raise RuntimeError(f"W&B site process failed: site {site.name!r}: did not finish its run within "
-                               f"{self.close_timeout:g} s to make room (max_processes={self.max_processes})")
+            raise RuntimeError(
+                f"W&B site process failed: site {site.name!r}: did not finish its run within "
+                f"{self.close_timeout:g} s to make room (max_processes={self.max_processes})"
+            )
         site.process.join(max(0.0, deadline - time.monotonic()))
         if site.process.is_alive():
             _stop(site.process)
@@ -362,9 +398,15 @@ class WandBReceiver(Receiver):
     def _drop(self, e: TrackingEvent) -> None:
         """Count a record W&B cannot hold; name its key in a warning the first time."""
         if not any(e.key in keys for keys in self._dropped.values()):
-            log.warning("W&B receiver: %s %r (first from site %r) is not written: W&B fills the history column "
-                        "%r itself. Rename it; the records left out are counted per site under 'dropped' in the "
-                        "receiver's summary in result.json", EventKind(e.kind).value, e.key, e.site, e.key)
+            log.warning(
+                "W&B receiver: %s %r (first from site %r) is not written: W&B fills the history column "
+                "%r itself. Rename it; the records left out are counted per site under 'dropped' in the "
+                "receiver's summary in result.json",
+                EventKind(e.kind).value,
+                e.key,
+                e.site,
+                e.key,
+            )
         keys = self._dropped.setdefault(e.site, {})
         keys[e.key] = keys.get(e.key, 0) + 1
 
@@ -382,10 +424,15 @@ class WandBReceiver(Receiver):
                     elif tag == _RESUMED:
                         site.resumed = payload
                         if payload["on_disk"] < payload["base"]:
-                            log.warning("W&B receiver: the run of site %r holds %d metric/text records, %d fewer "
-                                        "than its checkpoint counts (a segment under %s removed?); they are lost "
-                                        "and counted under 'lost'", site.name, payload["on_disk"],
-                                        payload["base"] - payload["on_disk"], self._dir)
+                            log.warning(
+                                "W&B receiver: the run of site %r holds %d metric/text records, %d fewer "
+                                "than its checkpoint counts (a segment under %s removed?); they are lost "
+                                "and counted under 'lost'",
+                                site.name,
+                                payload["on_disk"],
+                                payload["base"] - payload["on_disk"],
+                                self._dir,
+                            )
                     elif tag == _ERROR:
                         site.error = payload
                     else:
@@ -399,8 +446,10 @@ class WandBReceiver(Receiver):
     def _raise_errors(self) -> None:
         failed = [s for s in self._sites.values() if s.error]
         if failed:
-            raise RuntimeError("W&B site process failed: " + "; ".join(
-                f"site {s.name!r}: {s.error} ({s.not_written} record(s) not written)" for s in failed))
+            raise RuntimeError(
+                "W&B site process failed: "
+                + "; ".join(f"site {s.name!r}: {s.error} ({s.not_written} record(s) not written)" for s in failed)
+            )
 
 
 def _stop(process: Any) -> None:
@@ -414,8 +463,15 @@ def _stop(process: Any) -> None:
 # ---- the site process -------------------------------------------------------------------------------
 
 
-def _site_main(site: str, init: dict[str, Any], base: int, generation: tuple[str, int], inbox: Any,
-               replies: Connection, written: Any) -> None:
+def _site_main(
+    site: str,
+    init: dict[str, Any],
+    base: int,
+    generation: tuple[str, int],
+    inbox: Any,
+    replies: Connection,
+    written: Any,
+) -> None:
     """Own one site's W&B run: take it over, log each batch in order, finish it at each flush and on END.
 
     If the parent process dies, the run is finished with exit code 1 and the process exits.
@@ -456,8 +512,7 @@ def _site_main(site: str, init: dict[str, Any], base: int, generation: tuple[str
 class _RunWriter:
     """The site's run, seen from its process: segments opened on demand, finished (on disk) at each flush."""
 
-    def __init__(self, wandb: Any, init: dict[str, Any], base: int, generation: tuple[str, int],
-                 written: Any) -> None:
+    def __init__(self, wandb: Any, init: dict[str, Any], base: int, generation: tuple[str, int], written: Any) -> None:
         self.wandb, self.init, self.written = wandb, init, written
         self.lock = _take_over(Path(init["dir"]) / "wandb" / f"fl_ray-{init['id']}.lock", generation)  # for life
         held = scan_run(Path(init["dir"]) / "wandb", init["id"]) if init["mode"] != "disabled" else RunContents()
@@ -604,9 +659,13 @@ def _kill_wandb_core_of(owner: dict[str, Any]) -> None:
     pid, cores = owner["pid"], []
     for process in psutil.process_iter(["cmdline", "ppid"]):
         cmd = process.info["cmdline"] or []
-        if cmd and Path(cmd[0]).name.startswith("wandb-core") and "--pid" in cmd[:-1] \
-                and cmd[cmd.index("--pid") + 1] == str(pid) \
-                and (process.info["ppid"] != pid or _process(owner) is not None):
+        if (
+            cmd
+            and Path(cmd[0]).name.startswith("wandb-core")
+            and "--pid" in cmd[:-1]
+            and cmd[cmd.index("--pid") + 1] == str(pid)
+            and (process.info["ppid"] != pid or _process(owner) is not None)
+        ):
             with contextlib.suppress(psutil.Error):
                 process.kill()
                 cores.append(process)
@@ -688,10 +747,14 @@ def read_records(path: Path) -> Iterator[Any]:
         if kind == 0 and length == 0 and crc == 0:  # zero padding to the end of the block
             pos += room
             continue
-        payload = data[pos + _CHUNK_HEADER.size:pos + _CHUNK_HEADER.size + length]
+        payload = data[pos + _CHUNK_HEADER.size : pos + _CHUNK_HEADER.size + length]
         pos += _CHUNK_HEADER.size + length
-        if len(payload) != length or zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc \
-                or kind not in (_FULL, _FIRST, _MIDDLE, _LAST) or (kind in (_MIDDLE, _LAST)) != inside:
+        if (
+            len(payload) != length
+            or zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc
+            or kind not in (_FULL, _FIRST, _MIDDLE, _LAST)
+            or (kind in (_MIDDLE, _LAST)) != inside
+        ):
             return
         pending += payload
         inside = kind in (_FIRST, _MIDDLE)

@@ -15,8 +15,9 @@ from fl_ray.importing import import_object
 from fl_ray.plugins import BUILTINS, PluginError, check_arguments, plugin_class
 from fl_ray.strategies.base import Aggregation, FitResult, RoundPlan, Strategy, StrategyError
 
-STRATEGIES: dict[str, type[Strategy]] = {name: import_object(path, "strategy.name")
-                                         for name, path in BUILTINS["strategy"].items()}
+STRATEGIES: dict[str, type[Strategy]] = {
+    name: import_object(path, "strategy.name") for name, path in BUILTINS["strategy"].items()
+}
 
 __all__ = ["Aggregation", "FitResult", "RoundPlan", "STRATEGIES", "Strategy", "StrategyError", "build_strategy"]
 
@@ -24,12 +25,16 @@ __all__ = ["Aggregation", "FitResult", "RoundPlan", "STRATEGIES", "Strategy", "S
 def build_strategy(spec: Mapping[str, Any]) -> Strategy:
     """The strategy ``spec`` names (``name`` or ``class``), built with the rest of ``spec`` as arguments."""
     if not isinstance(spec, Mapping):
-        raise StrategyError(f"strategy: expected a mapping with 'name' (one of {', '.join(STRATEGIES)}) or "
-                            f"'class' (package.module:Class), got {spec!r}")
+        raise StrategyError(
+            f"strategy: expected a mapping with 'name' (one of {', '.join(STRATEGIES)}) or "
+            f"'class' (package.module:Class), got {spec!r}"
+        )
     args = {str(k): v for k, v in spec.items() if k not in ("name", "class")}
     if ("name" in spec) == ("class" in spec):
-        raise StrategyError(f"strategy: expected exactly one of 'name' (one of {', '.join(STRATEGIES)}) or "
-                            f"'class' (package.module:Class), got keys {sorted(map(str, spec))}")
+        raise StrategyError(
+            f"strategy: expected exactly one of 'name' (one of {', '.join(STRATEGIES)}) or "
+            f"'class' (package.module:Class), got keys {sorted(map(str, spec))}"
+        )
     field = "strategy.name" if "name" in spec else "strategy.class"
     label = spec["name"] if "name" in spec else spec["class"]
     if "name" in spec and label not in STRATEGIES:

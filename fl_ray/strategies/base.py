@@ -93,8 +93,9 @@ class Strategy(ABC):
     def initialize(self, weights: Weights, sites: Sequence[str]) -> None:
         """Called once, with the initial global weights and every site, when a job starts (not on resume)."""
 
-    def configure_round(self, round_: int, weights: Weights, sites: Sequence[str], count: int,
-                        rng: np.random.Generator) -> RoundPlan:
+    def configure_round(
+        self, round_: int, weights: Weights, sites: Sequence[str], count: int, rng: np.random.Generator
+    ) -> RoundPlan:
         """Which sites train in round ``round_`` and what they receive; by default ``count`` sites sampled
         with ``rng`` (in their configured order), no config and no payload."""
         return RoundPlan(sample_sites(sites, count, rng))
@@ -153,12 +154,14 @@ def update_norm(new: Weights, old: Weights) -> float:
 def check_arrays(site: str, what: str, arrays: Any, like: Weights) -> None:
     """Raise StrategyError unless ``arrays`` has exactly the keys and shapes of ``like`` (naming the key)."""
     if not isinstance(arrays, Mapping):
-        raise StrategyError(f"site {site!r}: {what} must be a dict of arrays keyed like the weights, "
-                            f"got {type(arrays).__name__}")
+        raise StrategyError(
+            f"site {site!r}: {what} must be a dict of arrays keyed like the weights, got {type(arrays).__name__}"
+        )
     if set(arrays) != set(like):
         missing, extra = sorted(set(like) - set(arrays)), sorted(set(arrays) - set(like))
-        raise StrategyError(f"site {site!r}: {what} keys differ from the global weights: missing {missing}, "
-                            f"unexpected {extra}")
+        raise StrategyError(
+            f"site {site!r}: {what} keys differ from the global weights: missing {missing}, unexpected {extra}"
+        )
     for key, ref in like.items():
         shape = np.shape(arrays[key])
         if shape != np.shape(ref):
@@ -176,8 +179,15 @@ def check_result(result: FitResult, weights: Weights) -> None:
     check_arrays(result.site, "weights", result.weights, weights)
 
 
-def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """``value`` as a float, or StrategyError naming ``strategy.<name>``, the value and the expected range.
 
     Ints are accepted; bools, strings and non-finite numbers are not.

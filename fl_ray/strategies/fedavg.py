@@ -12,8 +12,16 @@ from typing import Callable
 import numpy as np
 
 from fl_ray.fedavg import StreamingAverage
-from fl_ray.strategies.base import (Aggregation, FitResult, Strategy, StrategyError, Weights, cast_like,
-                                    check_result, update_norm)
+from fl_ray.strategies.base import (
+    Aggregation,
+    FitResult,
+    Strategy,
+    StrategyError,
+    Weights,
+    cast_like,
+    check_result,
+    update_norm,
+)
 
 ServerStep = Callable[[Weights, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], dict[str, float]]]
 
@@ -49,7 +57,8 @@ class FedAvg(Strategy):
     def aggregation(self, round_: int, weights: Weights) -> Aggregation:
         return MeanAggregation(weights, self.server_step)
 
-    def server_step(self, weights: Weights, average: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                                      dict[str, float]]:
+    def server_step(
+        self, weights: Weights, average: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The new global weights from the round's weighted ``average``: the average itself for FedAvg."""
         return average, {"update_norm": update_norm(average, weights)}

@@ -20,8 +20,9 @@ from fl_ray.strategies.fedavg import FedAvg
 log = logging.getLogger(__name__)
 
 
-def server_momentum_step(weights: np.ndarray, average: np.ndarray, momentum_buffer: np.ndarray,
-                         server_lr: float, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+def server_momentum_step(
+    weights: np.ndarray, average: np.ndarray, momentum_buffer: np.ndarray, server_lr: float, momentum: float
+) -> tuple[np.ndarray, np.ndarray]:
     """One FedAvgM step on one entry, in float64: the new weights and the new momentum buffer."""
     weights = np.asarray(weights, np.float64)
     buffer = momentum * np.asarray(momentum_buffer, np.float64) + (weights - average)
@@ -41,8 +42,9 @@ class FedAvgM(FedAvg):
         if self.momentum == 0 and self.server_lr == 1:
             log.warning("strategy fedavgm with momentum=0 and server_lr=1 is fedavg")
 
-    def server_step(self, weights: Weights, average: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                                      dict[str, float]]:
+    def server_step(
+        self, weights: Weights, average: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         new, buffer = dict(average), {}
         for key, w in weights.items():
             if is_float(w):
@@ -50,8 +52,12 @@ class FedAvgM(FedAvg):
                 step, m = server_momentum_step(w, average[key], previous, self.server_lr, self.momentum)
                 new[key], buffer[key] = step.astype(w.dtype), m.astype(state_dtype(w))
         self.momentum_buffer = buffer
-        return new, {"pseudo_gradient_norm": update_norm(average, weights), "momentum_norm": global_norm(buffer),
-                     "server_lr": self.server_lr, "update_norm": update_norm(new, weights)}
+        return new, {
+            "pseudo_gradient_norm": update_norm(average, weights),
+            "momentum_norm": global_norm(buffer),
+            "server_lr": self.server_lr,
+            "update_norm": update_norm(new, weights),
+        }
 
     def state(self) -> dict[str, Any]:
         return {"momentum_buffer": self.momentum_buffer}

@@ -13,8 +13,16 @@ from typing import Callable
 
 import numpy as np
 
-from fl_ray.strategies.base import (Aggregation, FitResult, Strategy, StrategyError, Weights, cast_like,
-                                    check_result, update_norm)
+from fl_ray.strategies.base import (
+    Aggregation,
+    FitResult,
+    Strategy,
+    StrategyError,
+    Weights,
+    cast_like,
+    check_result,
+    update_norm,
+)
 
 # A coordinate-wise statistic over stacked results (axis 0), and how many results it left out.
 Statistic = Callable[[np.ndarray], tuple[np.ndarray, int]]

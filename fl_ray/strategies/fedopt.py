@@ -20,8 +20,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fl_ray.strategies.base import (RoundPlan, Weights, check_float, copy_arrays, global_norm, is_float, state_dtype,
-                                    update_norm)
+from fl_ray.strategies.base import (
+    RoundPlan,
+    Weights,
+    check_float,
+    copy_arrays,
+    global_norm,
+    is_float,
+    state_dtype,
+    update_norm,
+)
 from fl_ray.strategies.fedavg import FedAvg
 
 
@@ -53,27 +61,32 @@ class FedOpt(FedAvg):
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """The new second moment from the previous ``v`` and this round's ``delta``."""
 
-    def configure_round(self, round_: int, weights: Weights, sites: Sequence[str], count: int,
-                        rng: np.random.Generator) -> RoundPlan:
+    def configure_round(
+        self, round_: int, weights: Weights, sites: Sequence[str], count: int, rng: np.random.Generator
+    ) -> RoundPlan:
         plan = super().configure_round(round_, weights, sites, count, rng)
         if self.eta_l is not None:
             plan.config = {site: {"lr": self.eta_l} for site in plan.sites}
         return plan
 
-    def server_step(self, weights: Weights, average: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                                      dict[str, float]]:
+    def server_step(
+        self, weights: Weights, average: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         new, ms, vs, deltas = dict(average), {}, {}, {}
         for key, x in weights.items():
             if not is_float(x):
                 continue
             delta = deltas[key] = np.asarray(average[key], np.float64) - x
             m = first_moment(self.m[key] if self.m else np.zeros_like(delta), delta, self.beta_1)
-            v = self.second_moment(self.v[key] if self.v else np.full_like(delta, self.tau ** 2), delta)
+            v = self.second_moment(self.v[key] if self.v else np.full_like(delta, self.tau**2), delta)
             new[key] = fedopt_update(np.asarray(x, np.float64), m, v, self.eta, self.tau).astype(x.dtype)
             ms[key], vs[key] = m.astype(state_dtype(x)), v.astype(state_dtype(x))
         self.m, self.v = ms, vs
-        return new, {"pseudo_gradient_norm": global_norm(deltas), "server_lr": self.eta,
-                     "update_norm": update_norm(new, weights)}
+        return new, {
+            "pseudo_gradient_norm": global_norm(deltas),
+            "server_lr": self.eta,
+            "update_norm": update_norm(new, weights),
+        }
 
     def state(self) -> dict[str, Any]:
         return {"m": self.m, "v": self.v}

@@ -28,8 +28,9 @@ class FedProx(FedAvg):
         if self.mu == 0:
             log.warning("strategy fedprox with mu=0 adds no proximal term: it is fedavg")
 
-    def configure_round(self, round_: int, weights: Weights, sites: Sequence[str], count: int,
-                        rng: np.random.Generator) -> RoundPlan:
+    def configure_round(
+        self, round_: int, weights: Weights, sites: Sequence[str], count: int, rng: np.random.Generator
+    ) -> RoundPlan:
         plan = super().configure_round(round_, weights, sites, count, rng)
         plan.config = {site: {"mu": self.mu} for site in plan.sites}
         return plan

@@ -27,7 +27,7 @@ def trimmed_mean(stacked: np.ndarray, beta: float) -> tuple[np.ndarray, int]:
     smallest per coordinate, and how many results that drops (``2 * floor(beta * n)``)."""
     n = stacked.shape[0]
     k = min(math.floor(beta * n + 1e-9), (n - 1) // 2)  # the tolerance: 0.29 * 100 is 28.999999999999996
-    return np.sort(stacked, axis=0)[k:n - k].mean(axis=0), 2 * k
+    return np.sort(stacked, axis=0)[k : n - k].mean(axis=0), 2 * k
 
 
 class FedTrimmedAvg(Strategy):

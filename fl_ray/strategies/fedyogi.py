@@ -22,8 +22,14 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
 
-    def __init__(self, eta: float = 0.01, eta_l: float | None = None, beta_1: float = 0.9, beta_2: float = 0.99,
-                 tau: float = 0.001) -> None:
+    def __init__(
+        self,
+        eta: float = 0.01,
+        eta_l: float | None = None,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 0.001,
+    ) -> None:
         super().__init__(eta, eta_l, beta_1, tau)
         self.beta_2 = check_float("beta_2", beta_2, low=0, high=1, high_open=True)
 

@@ -24,9 +24,23 @@ from typing import Any, Mapping, Sequence, cast
 import numpy as np
 
 from fl_ray.fedavg import StreamingAverage
-from fl_ray.strategies.base import (Aggregation, FitResult, RoundPlan, Strategy, StrategyError, Weights, cast_like,
-                                    check_arrays, check_float, check_result, copy_arrays, global_norm, is_float,
-                                    state_dtype, update_norm)
+from fl_ray.strategies.base import (
+    Aggregation,
+    FitResult,
+    RoundPlan,
+    Strategy,
+    StrategyError,
+    Weights,
+    cast_like,
+    check_arrays,
+    check_float,
+    check_result,
+    copy_arrays,
+    global_norm,
+    is_float,
+    state_dtype,
+    update_norm,
+)
 
 
 def initial_control(weights: Weights) -> dict[str, np.ndarray]:
@@ -43,8 +57,9 @@ def gradient_correction(control: Weights, site_control: Weights) -> dict[str, np
     return {key: np.asarray(c) - site_control[key] for key, c in control.items()}
 
 
-def site_control_update(site_control: Weights, control: Weights, global_weights: Weights, local_weights: Weights,
-                        steps: int, lr: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def site_control_update(
+    site_control: Weights, control: Weights, global_weights: Weights, local_weights: Weights, steps: int, lr: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Option II's new site control after ``steps`` local SGD steps with learning rate ``lr``.
 
     ``c_i+ = c_i - c + (x - y_i) / (steps * lr)`` per entry of ``control``, with ``x`` the round's
@@ -66,9 +81,15 @@ def site_control_update(site_control: Weights, control: Weights, global_weights:
     return new, delta
 
 
-def scaffold_server_step(weights: np.ndarray, mean_weights: np.ndarray, control: np.ndarray,
-                         mean_control_delta: np.ndarray, eta_g: float, sampled: int,
-                         total: int) -> tuple[np.ndarray, np.ndarray]:
+def scaffold_server_step(
+    weights: np.ndarray,
+    mean_weights: np.ndarray,
+    control: np.ndarray,
+    mean_control_delta: np.ndarray,
+    eta_g: float,
+    sampled: int,
+    total: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """One entry's server step, in float64: ``x + eta_g * (mean(y) - x)`` and ``c + sampled/total * mean(dc)``."""
     x = np.asarray(weights, np.float64)
     return x + eta_g * (mean_weights - x), control + sampled / total * np.asarray(mean_control_delta, np.float64)
@@ -87,13 +108,16 @@ class ScaffoldAggregation(Aggregation):
     def add(self, result: FitResult) -> None:
         check_result(result, self._weights)
         if "control_delta" not in result.extras:
-            raise StrategyError(f"site {result.site!r}: scaffold needs extras['control_delta'] (c_i+ - c_i), "
-                                f"got extras {sorted(result.extras)}")
+            raise StrategyError(
+                f"site {result.site!r}: scaffold needs extras['control_delta'] (c_i+ - c_i), "
+                f"got extras {sorted(result.extras)}"
+            )
         delta = cast(dict[str, np.ndarray], result.extras["control_delta"])
         check_arrays(result.site, "extras['control_delta']", delta, self._strategy.ready_control())
         self._params.add({k: v for k, v in result.weights.items() if is_float(self._weights[k])}, 1)
-        self._counters.add({k: v for k, v in result.weights.items() if not is_float(self._weights[k])},
-                           result.num_samples)
+        self._counters.add(
+            {k: v for k, v in result.weights.items() if not is_float(self._weights[k])}, result.num_samples
+        )
         self._deltas.add(delta, 1)
 
     @property
@@ -108,13 +132,22 @@ class ScaffoldAggregation(Aggregation):
         new = {k: cast_like(v, self._weights[k]) for k, v in self._counters.result().items()}
         control = {}
         for key, c in strategy.ready_control().items():
-            x, c_new = scaffold_server_step(self._weights[key], mean_params[key], c, mean_deltas[key],
-                                            strategy.eta_g, self.count, int(strategy.num_sites or 0))
+            x, c_new = scaffold_server_step(
+                self._weights[key],
+                mean_params[key],
+                c,
+                mean_deltas[key],
+                strategy.eta_g,
+                self.count,
+                int(strategy.num_sites or 0),
+            )
             new[key], control[key] = x.astype(self._weights[key].dtype), c_new.astype(c.dtype)
         strategy.control = control
-        return {k: new[k] for k in self._weights}, {"update_norm": update_norm(new, self._weights),
-                                                    "control_norm": global_norm(control),
-                                                    "server_lr": strategy.eta_g}
+        return {k: new[k] for k in self._weights}, {
+            "update_norm": update_norm(new, self._weights),
+            "control_norm": global_norm(control),
+            "server_lr": strategy.eta_g,
+        }
 
 
 class Scaffold(Strategy):
@@ -132,8 +165,9 @@ class Scaffold(Strategy):
         self.control = initial_control(weights)
         self.num_sites = len(sites)
 
-    def configure_round(self, round_: int, weights: Weights, sites: Sequence[str], count: int,
-                        rng: np.random.Generator) -> RoundPlan:
+    def configure_round(
+        self, round_: int, weights: Weights, sites: Sequence[str], count: int, rng: np.random.Generator
+    ) -> RoundPlan:
         plan = super().configure_round(round_, weights, sites, count, rng)
         plan.payload = {"control": self.ready_control()}
         return plan
@@ -142,8 +176,10 @@ class Scaffold(Strategy):
         control = self.ready_control()
         params = {k for k, w in weights.items() if is_float(w)}
         if set(control) != params:
-            raise StrategyError(f"scaffold: the server control covers {sorted(control)}, but the weights' "
-                                f"floating entries are {sorted(params)}")
+            raise StrategyError(
+                f"scaffold: the server control covers {sorted(control)}, but the weights' "
+                f"floating entries are {sorted(params)}"
+            )
         return ScaffoldAggregation(self, weights)
 
     def ready_control(self) -> dict[str, np.ndarray]:

@@ -90,8 +90,10 @@ def read_credentials_file(path: str) -> dict[str, str]:
                 value = value[1:-1]
             values[name] = value
     if problems:
-        raise ValueError(f"tracking.credentials_file {path}: {'; '.join(problems)}; "
-                         f"expected NAME=value lines with NAME one of {', '.join(CREDENTIAL_VARS)}")
+        raise ValueError(
+            f"tracking.credentials_file {path}: {'; '.join(problems)}; "
+            f"expected NAME=value lines with NAME one of {', '.join(CREDENTIAL_VARS)}"
+        )
     return values
 
 

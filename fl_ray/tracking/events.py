@@ -93,13 +93,17 @@ def check_step(key: str, step: Any) -> int:
 
 def check_timestamp(key: str, timestamp: Any) -> int:
     """Return ``timestamp`` (milliseconds since the epoch) as an int, else raise naming the metric."""
-    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or \
-            (not isinstance(timestamp, numbers.Integral) and not math.isfinite(timestamp)):
+    if (
+        isinstance(timestamp, bool)
+        or not isinstance(timestamp, numbers.Real)
+        or (not isinstance(timestamp, numbers.Integral) and not math.isfinite(timestamp))
+    ):
         raise TypeError(f"metric {key!r}: timestamp must be milliseconds since the epoch, got {timestamp!r:.80}")
     value = cast(float, timestamp)  # a real number, checked above
     if not 0 <= value <= MAX_INT64:
-        raise ValueError(f"metric {key!r}: timestamp must be a non-negative 64-bit integer of milliseconds, "
-                         f"got {timestamp!r:.80}")
+        raise ValueError(
+            f"metric {key!r}: timestamp must be a non-negative 64-bit integer of milliseconds, got {timestamp!r:.80}"
+        )
     return int(value)
 
 
@@ -110,8 +114,10 @@ def check_text_value(what: str, key: str, value: Any, max_length: int) -> str:
     try:
         text = str(value)
     except Exception as exc:  # a user object whose __str__ fails
-        raise TypeError(f"{what} {key!r}: value of type {type(value).__name__} cannot be turned into a string "
-                        f"({type(exc).__name__}: {exc})") from None
+        raise TypeError(
+            f"{what} {key!r}: value of type {type(value).__name__} cannot be turned into a string "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if len(text) > max_length:
         raise ValueError(f"{what} {key!r}: value is {len(text)} characters, more than the {max_length} allowed")
     return check_unicode(what, key, text)
@@ -124,8 +130,10 @@ def check_unicode(what: str, key: str, text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} {key!r}: value is not valid Unicode text (character {text[exc.start]!r} at "
-                         f"position {exc.start} cannot be stored as UTF-8)") from None
+        raise ValueError(
+            f"{what} {key!r}: value is not valid Unicode text (character {text[exc.start]!r} at "
+            f"position {exc.start} cannot be stored as UTF-8)"
+        ) from None
     return text
 
 

@@ -68,8 +68,16 @@ class DeliveryPump:
     tracking URI, say) still all reach this destination, once.
     """
 
-    def __init__(self, name: str, receiver: Receiver, ctx: ReceiverContext, spool: Spool,
-                 dead_letters: DeadLetters, max_batch: int = 10_000, max_backoff: float = 30.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        receiver: Receiver,
+        ctx: ReceiverContext,
+        spool: Spool,
+        dead_letters: DeadLetters,
+        max_batch: int = 10_000,
+        max_backoff: float = 30.0,
+    ) -> None:
         self.name = name
         self.receiver = receiver
         self.flush_time = float(receiver.buffer_flush_time or 0)
@@ -102,7 +110,9 @@ class DeliveryPump:
         with spool.changed:
             while not self._abandon.is_set():
                 if not self.opened:
-                    return True  # open at once (store, runs), while the sites start; the mark may be another destination's
+                    return (
+                        True  # open at once (store, runs), while the sites start; the mark may be another destination's
+                    )
                 if self.offset < spool.end:
                     due = last_start + self.flush_time - time.monotonic()
                     if self._draining or due <= 0 or spool.events - self.delivered >= self._max_batch:
@@ -133,10 +143,15 @@ class DeliveryPump:
                 self.error = _describe(exc)
                 if not self.warned:  # one warning per outage, not one per attempt
                     self.warned = True
-                    log.warning("tracking receiver %r cannot deliver (%s); nothing else waits for it: records are "
-                                "kept in the spool %s and delivery is retried with back-off. Whatever is still "
-                                "undelivered at the end can be sent later with: python scripts/replay_spool.py %s",
-                                self.name, self.error, self._spool.directory, self._ctx.job_dir)
+                    log.warning(
+                        "tracking receiver %r cannot deliver (%s); nothing else waits for it: records are "
+                        "kept in the spool %s and delivery is retried with back-off. Whatever is still "
+                        "undelivered at the end can be sent later with: python scripts/replay_spool.py %s",
+                        self.name,
+                        self.error,
+                        self._spool.directory,
+                        self._ctx.job_dir,
+                    )
                 self._wake.wait(min(self._max_backoff, 0.5 * 2 ** min(self.failures - 1, 6)))
                 self._wake.clear()
                 continue
@@ -171,8 +186,9 @@ class DeliveryPump:
         self.receiver.write([event for event, _ in letters])
         self.receiver.flush()
         again = self.receiver.take_set_aside()
-        self._spool.save_progress(self.mark, self.offset, self.delivered, self.receiver.destination,
-                                  self.receiver.checkpoint())
+        self._spool.save_progress(
+            self.mark, self.offset, self.delivered, self.receiver.destination, self.receiver.checkpoint()
+        )
         return again
 
     def drain(self, deadline: float) -> bool:
@@ -237,16 +253,24 @@ class DeadLetters:
                 os.fsync(f.fileno())
             for event, reason in letters:
                 if (receiver, event.site, event.seq) not in self.entries:
-                    log.warning("tracking receiver %r refused a record for good; it is kept in %s: %s %r of site "
-                                "%r (%s)", receiver, self.path, EventKind(event.kind).value, event.key, event.site,
-                                reason)
+                    log.warning(
+                        "tracking receiver %r refused a record for good; it is kept in %s: %s %r of site %r (%s)",
+                        receiver,
+                        self.path,
+                        EventKind(event.kind).value,
+                        event.key,
+                        event.site,
+                        reason,
+                    )
                 self.entries[(receiver, event.site, event.seq)] = (event, reason)
 
     def of(self, receiver: str) -> list[tuple[TrackingEvent, str]]:
         """The records ``receiver`` set aside, in spool order."""
         with self._lock:
-            return sorted(((e, r) for (name, _, _), (e, r) in self.entries.items() if name == receiver),
-                          key=lambda item: (item[0].site, item[0].seq))
+            return sorted(
+                ((e, r) for (name, _, _), (e, r) in self.entries.items() if name == receiver),
+                key=lambda item: (item[0].site, item[0].seq),
+            )
 
     def replace(self, receiver: str, letters: list[tuple[TrackingEvent, str]]) -> None:
         """Keep only ``letters`` for ``receiver`` (after a retry) and rewrite the file atomically."""
@@ -267,8 +291,15 @@ class DeadLetters:
 
 
 def _dead_letter_line(receiver: str, event: TrackingEvent, reason: str) -> bytes:
-    entry = {"receiver": receiver, "site": event.site, "seq": event.seq, "kind": EventKind(event.kind).value,
-             "key": event.key, "reason": reason, "event": encode_event(event)[:-1].decode()}
+    entry = {
+        "receiver": receiver,
+        "site": event.site,
+        "seq": event.seq,
+        "kind": EventKind(event.kind).value,
+        "key": event.key,
+        "reason": reason,
+        "event": encode_event(event)[:-1].decode(),
+    }
     return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
 
@@ -366,8 +397,9 @@ class TrackingHub:
             except SpoolError as exc:
                 self._refused.update((e.site, e.seq) for e in fresh)
                 if self.spool_error is None:
-                    log.error("%s; the sites keep these records and send them again until the spool takes them",
-                              exc.strerror)
+                    log.error(
+                        "%s; the sites keep these records and send them again until the spool takes them", exc.strerror
+                    )
                 self.spool_error = {"error": exc.strerror, "path": str(self.spool.path), "waiting": len(self._refused)}
                 raise
             self._refused.difference_update((e.site, e.seq) for e in fresh)
@@ -388,8 +420,10 @@ class TrackingHub:
         deadline = time.monotonic() + timeout
         for pump in self.pumps:
             pump.first_try.wait(max(0.0, deadline - time.monotonic()))
-        return {p.name: {"opened": p.opened, "at": p.opened_at, "destination": p.receiver.destination,
-                         "error": p.error} for p in self.pumps}
+        return {
+            p.name: {"opened": p.opened, "at": p.opened_at, "destination": p.receiver.destination, "error": p.error}
+            for p in self.pumps
+        }
 
     def status(self) -> dict[str, Any]:
         """Counts so far: accepted, duplicates dropped, spool state, and per receiver delivered and last error."""
@@ -397,15 +431,26 @@ class TrackingHub:
             "accepted": self.accepted,
             "duplicates_dropped": self.duplicates,
             "spool": self._spool_report(),
-            "receivers": {p.name: {"delivered": p.delivered, "pending": self.accepted - p.delivered,
-                                   "dead_letters": self.dead_letters.count(p.mark), "error": p.error}
-                          for p in self.pumps},
+            "receivers": {
+                p.name: {
+                    "delivered": p.delivered,
+                    "pending": self.accepted - p.delivered,
+                    "dead_letters": self.dead_letters.count(p.mark),
+                    "error": p.error,
+                }
+                for p in self.pumps
+            },
         }
 
     def _spool_report(self) -> dict[str, Any]:
         spool = self.spool
-        report: dict[str, Any] = {"path": str(spool.path), "records": spool.events, "bytes": spool.end,
-                                  "syncs": spool.syncs, "sync_seconds": round(spool.sync_seconds, 4)}
+        report: dict[str, Any] = {
+            "path": str(spool.path),
+            "records": spool.events,
+            "bytes": spool.end,
+            "syncs": spool.syncs,
+            "sync_seconds": round(spool.sync_seconds, 4),
+        }
         if spool.damaged:
             report["damaged"] = [{"offset": o, "bytes": n} for o, n in spool.damaged]
         if self.spool_error is not None:
@@ -414,26 +459,40 @@ class TrackingHub:
             report["dropped_after_resume"] = self.resumed_duplicates
         return report
 
-    def log_model(self, site: str, model: BestModel, registered_model_name: str | None,
-                  timeout: float) -> dict[str, Any]:
+    def log_model(
+        self, site: str, model: BestModel, registered_model_name: str | None, timeout: float
+    ) -> dict[str, Any]:
         """Have every receiver that logs models (``logs_models``) log ``model`` into ``site``'s run; a report
         per such receiver (see :meth:`_each_open`)."""
-        return self._each_open("the model", timeout, [p for p in self.pumps if p.receiver.logs_models],
-                               lambda r: r.log_model(site, model, registered_model_name))
+        return self._each_open(
+            "the model",
+            timeout,
+            [p for p in self.pumps if p.receiver.logs_models],
+            lambda r: r.log_model(site, model, registered_model_name),
+        )
 
     def log_table(self, artifact_file: str, table: dict[str, list], timeout: float) -> dict[str, Any]:
         """Have every receiver that logs tables (``logs_tables``) log ``table`` (columns) to the job's parent run."""
-        return self._each_open(artifact_file, timeout, [p for p in self.pumps if p.receiver.logs_tables],
-                               lambda r: r.log_table(artifact_file, table))
+        return self._each_open(
+            artifact_file,
+            timeout,
+            [p for p in self.pumps if p.receiver.logs_tables],
+            lambda r: r.log_table(artifact_file, table),
+        )
 
     def log_artifact(self, local_path: str, artifact_path: str | None, timeout: float) -> dict[str, Any]:
         """Have every receiver that logs files (``logs_artifacts``) log the one at ``local_path`` to the job's
         parent run."""
-        return self._each_open(local_path, timeout, [p for p in self.pumps if p.receiver.logs_artifacts],
-                               lambda r: r.log_artifact(local_path, artifact_path))
+        return self._each_open(
+            local_path,
+            timeout,
+            [p for p in self.pumps if p.receiver.logs_artifacts],
+            lambda r: r.log_artifact(local_path, artifact_path),
+        )
 
-    def _each_open(self, what: str, timeout: float, pumps: list[DeliveryPump],
-                   call: Callable[[Receiver], dict[str, Any]]) -> dict[str, Any]:
+    def _each_open(
+        self, what: str, timeout: float, pumps: list[DeliveryPump], call: Callable[[Receiver], dict[str, Any]]
+    ) -> dict[str, Any]:
         """``call`` each of ``pumps``' receivers once it is open (up to ``timeout`` seconds for one that is not
         yet); its report, or its error (reported, never raised)."""
         deadline = time.monotonic() + timeout
@@ -455,23 +514,36 @@ class TrackingHub:
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         """Deliver what is spooled (up to ``timeout`` seconds), end every receiver's runs, and report."""
         deadline = time.monotonic() + timeout
-        report: dict[str, Any] = {"accepted": self.accepted, "duplicates_dropped": self.duplicates,
-                                  "spool": self._spool_report(), "receivers": {}}
+        report: dict[str, Any] = {
+            "accepted": self.accepted,
+            "duplicates_dropped": self.duplicates,
+            "spool": self._spool_report(),
+            "receivers": {},
+        }
         for pump in self.pumps:
             complete = pump.drain(deadline)
             entry: dict[str, Any] = {"delivered": pump.delivered, "undelivered": self.accepted - pump.delivered}
             letters = self.dead_letters.count(pump.mark)
             if letters:
-                entry.update(dead_letters=letters, dead_letter_file=str(self.dead_letters.path),
-                             dead_letter_replay=f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name} "
-                                                "--dead-letters")
+                entry.update(
+                    dead_letters=letters,
+                    dead_letter_file=str(self.dead_letters.path),
+                    dead_letter_replay=f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name} "
+                    "--dead-letters",
+                )
             if not complete:
                 entry["error"] = pump.error or f"delivery did not finish within {timeout:g} s"
                 entry["replay"] = f"python scripts/replay_spool.py {self.ctx.job_dir} --to {pump.name}"
                 if not pump.warned:  # a failing receiver has said so already; a slow one has not
-                    log.warning("tracking receiver %r: %d record(s) not delivered (%s); they stay in %s, "
-                                "send them later with: %s", pump.name, entry["undelivered"], entry["error"],
-                                self.spool.directory, entry["replay"])
+                    log.warning(
+                        "tracking receiver %r: %d record(s) not delivered (%s); they stay in %s, "
+                        "send them later with: %s",
+                        pump.name,
+                        entry["undelivered"],
+                        entry["error"],
+                        self.spool.directory,
+                        entry["replay"],
+                    )
             if pump.busy:  # still inside a back-end call: closing under it would race; runs end at replay
                 entry["close_error"] = "not closed: the receiver was still busy delivering"
             elif pump.opened:

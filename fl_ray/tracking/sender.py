@@ -68,8 +68,9 @@ class EventSender:
         self._thread.start()
 
     # -- hot path -----------------------------------------------------------------------------------
-    def record(self, kind: EventKind, key: str, value: Any, step: int | None, timestamp: int,
-               group: str | None = None) -> None:
+    def record(
+        self, kind: EventKind, key: str, value: Any, step: int | None, timestamp: int, group: str | None = None
+    ) -> None:
         """Append one validated event to the buffer (waits only when the buffer is full)."""
         with self._cond:
             if self._closed:
@@ -77,8 +78,9 @@ class EventSender:
             while len(self._buffer) >= self._max_buffered:
                 self._cond.notify_all()
                 self._cond.wait(0.05)
-            self._buffer.append(TrackingEvent(self.site, self.state.next_seq(), kind, key, value, step, timestamp,
-                                              group))
+            self._buffer.append(
+                TrackingEvent(self.site, self.state.next_seq(), kind, key, value, step, timestamp, group)
+            )
             self.stats.recorded += 1
             if len(self._buffer) == self._batch_size:
                 self._cond.notify_all()
@@ -159,21 +161,28 @@ class EventSender:
         self._in_flight.popleft()
         try:
             ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                ray.exceptions.RayTaskError) as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as exc:
             # The receiver actor died or is restarting: send the same batch again; it drops duplicates.
             self.stats.retries += 1
             self._failures += 1
             if self._failures == 1:  # once per outage, not once per batch
-                log.warning("site %s: a batch of %d events was not acknowledged (%s); the site keeps it and sends "
-                            "it again until the receiver actor stores it", self.site, len(batch), _reason(exc))
+                log.warning(
+                    "site %s: a batch of %d events was not acknowledged (%s); the site keeps it and sends "
+                    "it again until the receiver actor stores it",
+                    self.site,
+                    len(batch),
+                    _reason(exc),
+                )
             time.sleep(min(2.0, 0.1 * self._failures))
             self._in_flight.appendleft((self._receiver.submit.remote(self.site, batch), batch))
             return
         self.stats.acknowledged += len(batch)
         if self._failures:
-            log.warning("site %s: the receiver actor acknowledges again, after %d batch(es) were resent",
-                        self.site, self._failures)
+            log.warning(
+                "site %s: the receiver actor acknowledges again, after %d batch(es) were resent",
+                self.site,
+                self._failures,
+            )
             self._failures = 0
 
 

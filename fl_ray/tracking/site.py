@@ -19,8 +19,13 @@ class SiteTracking:
         """``opened``: what the receiver actor's ``open_site`` gave for this site, if it was asked already."""
         snapshot = opened if opened is not None else ray.get(receiver.open_site.remote(site))
         state = SiteState.from_snapshot(site, snapshot)
-        self.sender = EventSender(state, receiver, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                                  max_in_flight=cfg.max_in_flight)
+        self.sender = EventSender(
+            state,
+            receiver,
+            batch_size=cfg.batch_size,
+            flush_interval=cfg.flush_interval,
+            max_in_flight=cfg.max_in_flight,
+        )
         self.mlflow = MLflowWriter(self.sender)
         self.tensorboard = SummaryWriter(self.sender)
         self.wandb = WandBWriter(self.sender)
@@ -33,5 +38,9 @@ class SiteTracking:
         """Flush and stop; returns the sender's counters and what was left undelivered."""
         left = self.sender.close(timeout)
         stats = self.sender.stats
-        return {"recorded": stats.recorded, "acknowledged": stats.acknowledged, "retries": stats.retries,
-                "undelivered": left}
+        return {
+            "recorded": stats.recorded,
+            "acknowledged": stats.acknowledged,
+            "retries": stats.retries,
+            "undelivered": left,
+        }

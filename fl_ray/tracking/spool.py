@@ -47,8 +47,9 @@ def encode_event(event: TrackingEvent) -> bytes:
     value = event.value
     if isinstance(value, float) and not math.isfinite(value):
         value = {"float": repr(value)}  # strict JSON has no NaN or infinities
-    payload = _ENCODE((event.site, event.seq, event.kind, event.key, value, event.step, event.timestamp,
-                       event.group)).encode()
+    payload = _ENCODE(
+        (event.site, event.seq, event.kind, event.key, value, event.step, event.timestamp, event.group)
+    ).encode()
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
@@ -96,12 +97,20 @@ class Spool:
             self.end = offset
         size = os.fstat(self._fd).st_size
         if size > self.end:  # a last line without its newline: a crash cut it short, it was never acknowledged
-            log.warning("tracking spool %s: cut off %d byte(s) of a record left unfinished at offset %d",
-                        self.path, size - self.end, self.end)
+            log.warning(
+                "tracking spool %s: cut off %d byte(s) of a record left unfinished at offset %d",
+                self.path,
+                size - self.end,
+                self.end,
+            )
             os.ftruncate(self._fd, self.end)
         for offset, length in self.damaged:
-            log.warning("tracking spool %s: damaged record at offset %d (%d bytes) is skipped; the records "
-                        "after it are kept", self.path, offset, length)
+            log.warning(
+                "tracking spool %s: damaged record at offset %d (%d bytes) is skipped; the records after it are kept",
+                self.path,
+                offset,
+                length,
+            )
 
     def append(self, events: list[TrackingEvent]) -> int:
         """Append records and sync them to disk; return the new end offset.
@@ -118,8 +127,11 @@ class Spool:
                 os.fdatasync(self._fd)
             except OSError as exc:
                 _undo(self._fd, self.end)
-                raise SpoolError(exc.errno, f"cannot store {len(events)} tracking record(s) in {self.path} "
-                                 f"({len(data)} bytes): {exc.strerror or exc}") from exc
+                raise SpoolError(
+                    exc.errno,
+                    f"cannot store {len(events)} tracking record(s) in {self.path} "
+                    f"({len(data)} bytes): {exc.strerror or exc}",
+                ) from exc
             self.syncs += 1
             self.sync_seconds += time.perf_counter() - start
             self.end += len(data)
@@ -172,9 +184,17 @@ class Spool:
         if offset == 0 or (offset <= self.end and self._at_boundary(offset)):
             return mark
         fixed, counted = self.position_after(events)
-        log.warning("tracking spool %s: the progress mark of %r (offset %d, %d records) does not fit the spool "
-                    "(%d bytes, %d records); it resumes after record %d instead", self.path, name, offset, events,
-                    self.end, self.events, counted)
+        log.warning(
+            "tracking spool %s: the progress mark of %r (offset %d, %d records) does not fit the spool "
+            "(%d bytes, %d records); it resumes after record %d instead",
+            self.path,
+            name,
+            offset,
+            events,
+            self.end,
+            self.events,
+            counted,
+        )
         return {**mark, "offset": fixed, "events": counted}
 
     def position_after(self, count: int) -> tuple[int, int]:
@@ -192,8 +212,9 @@ class Spool:
     def _at_boundary(self, offset: int) -> bool:
         return os.pread(self._fd, 1, offset - 1) == b"\n"
 
-    def save_progress(self, name: str, offset: int, events: int, destination: str | None = None,
-                      state: dict[str, Any] | None = None) -> None:
+    def save_progress(
+        self, name: str, offset: int, events: int, destination: str | None = None, state: dict[str, Any] | None = None
+    ) -> None:
         """Record atomically and durably that receiver ``name`` has everything before ``offset``, with its
         checkpoint ``state``."""
         mark: dict[str, Any] = {"offset": offset, "events": events}
@@ -213,8 +234,11 @@ def spool_report(directory: Path, receivers: list[str]) -> dict[str, Any]:
     """Counts read from a spool on disk (no receiver running): records accepted, and per receiver how many
     its progress mark says were delivered and how many were not."""
     accepted = len(spooled_events(directory))
-    report: dict[str, Any] = {"accepted": accepted, "spool": {"path": str(Path(directory) / EVENTS_FILE)},
-                              "receivers": {}}
+    report: dict[str, Any] = {
+        "accepted": accepted,
+        "spool": {"path": str(Path(directory) / EVENTS_FILE)},
+        "receivers": {},
+    }
     for name in receivers:
         delivered = min(load_progress(directory, name)["events"], accepted)
         report["receivers"][name] = {"delivered": delivered, "undelivered": accepted - delivered}
@@ -260,8 +284,13 @@ def load_progress(directory: Path, name: str) -> dict[str, Any]:
     """Receiver ``name``'s mark as saved: ``{"offset": bytes, "events": count}`` (zeros if none yet), the
     ``destination`` it was delivering to when the receiver tells one, and its checkpoint ``state``."""
     mark = read_json(progress_path(directory, name), {})
-    if not isinstance(mark, dict) or not isinstance(mark.get("offset"), int) or \
-            not isinstance(mark.get("events"), int) or mark["offset"] < 0 or mark["events"] < 0:
+    if (
+        not isinstance(mark, dict)
+        or not isinstance(mark.get("offset"), int)
+        or not isinstance(mark.get("events"), int)
+        or mark["offset"] < 0
+        or mark["events"] < 0
+    ):
         return {"offset": 0, "events": 0}
     return mark
 

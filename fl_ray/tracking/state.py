@@ -39,14 +39,23 @@ class SiteState:
     def snapshot(self) -> dict[str, Any]:
         """Plain data: the incarnation, steps, params and run step (what the hub sends a restarted site)."""
         with self._lock:
-            return {"incarnation": self.incarnation, "steps": dict(self.steps), "params": dict(self.params),
-                    "run_step": self.run_step}
+            return {
+                "incarnation": self.incarnation,
+                "steps": dict(self.steps),
+                "params": dict(self.params),
+                "run_step": self.run_step,
+            }
 
     @classmethod
     def from_snapshot(cls, site: str, snapshot: dict[str, Any]) -> SiteState:
         """The state a site starts from, given the hub's :meth:`snapshot` for it."""
-        return cls(site, int(snapshot["incarnation"]), dict(snapshot["steps"]), dict(snapshot["params"]),
-                   int(snapshot.get("run_step", 0)))
+        return cls(
+            site,
+            int(snapshot["incarnation"]),
+            dict(snapshot["steps"]),
+            dict(snapshot["params"]),
+            int(snapshot.get("run_step", 0)),
+        )
 
     def observe(self, event: TrackingEvent) -> None:
         """Take in an accepted record (the hub's copy): its metric step, its param."""

@@ -127,8 +127,7 @@ class MLflowWriter(_SiteWriter):
         """Log one metric point; ``timestamp`` in milliseconds since the epoch (default: now)."""
         self._emit_metrics([self._metric(key, value, step, timestamp)])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
-                    timestamp: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None) -> None:
         """Log several metrics at one step; all are checked before any is logged."""
         if not isinstance(metrics, Mapping):
             raise TypeError(f"metrics must be a mapping of name to number, got {type(metrics).__name__}")
@@ -153,8 +152,9 @@ class MLflowWriter(_SiteWriter):
         """Set several tags; all are checked before any is set."""
         if not isinstance(tags, Mapping):
             raise TypeError(f"tags must be a mapping of name to value, got {type(tags).__name__}")
-        checked = [(self._key(k, "tag name"), check_text_value("tag", k, v, MAX_TAG_VALUE_LENGTH))
-                   for k, v in tags.items()]
+        checked = [
+            (self._key(k, "tag name"), check_text_value("tag", k, v, MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()
+        ]
         now = _now_ms()
         for key, text in checked:
             self._sender.record(TAG, key, text, None, now)
@@ -167,22 +167,30 @@ class MLflowWriter(_SiteWriter):
 class SummaryWriter(_SiteWriter):
     """``torch.utils.tensorboard.SummaryWriter``-style logging for one site."""
 
-    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None,
-                   walltime: float | None = None) -> None:
+    def add_scalar(
+        self, tag: str, scalar_value: float, global_step: int | None = None, walltime: float | None = None
+    ) -> None:
         """Log one scalar; ``walltime`` in seconds since the epoch (default: now)."""
         ts = None if walltime is None else _walltime_ms(tag, walltime)
         self._emit_metrics([self._metric(tag, scalar_value, global_step, ts)])
 
-    def add_scalars(self, main_tag: str, tag_scalar_dict: Mapping[str, float], global_step: int | None = None,
-                    walltime: float | None = None) -> None:
+    def add_scalars(
+        self,
+        main_tag: str,
+        tag_scalar_dict: Mapping[str, float],
+        global_step: int | None = None,
+        walltime: float | None = None,
+    ) -> None:
         """Log several related scalars; each becomes the metric ``main_tag/key``."""
         main_tag = self._key(main_tag, "main_tag")
         if not isinstance(tag_scalar_dict, Mapping):
-            raise TypeError(f"add_scalars({main_tag!r}): tag_scalar_dict must be a mapping, "
-                            f"got {type(tag_scalar_dict).__name__}")
+            raise TypeError(
+                f"add_scalars({main_tag!r}): tag_scalar_dict must be a mapping, got {type(tag_scalar_dict).__name__}"
+            )
         ts = None if walltime is None else _walltime_ms(main_tag, walltime)
-        self._emit_metrics([self._metric(f"{main_tag}/{k}", v, global_step, ts, main_tag)
-                            for k, v in tag_scalar_dict.items()])
+        self._emit_metrics(
+            [self._metric(f"{main_tag}/{k}", v, global_step, ts, main_tag) for k, v in tag_scalar_dict.items()]
+        )
 
     def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> None:
         """Log a text under ``tag``."""
