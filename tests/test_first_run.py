@@ -162,11 +162,10 @@ def test_the_summary_commands_work_pasted_into_a_new_shell(piped_job):
     _runs([sync[0], "sync", "--help"])
 
 
-def test_the_job_leaves_a_picture_and_a_participation_table(piped_job):
+def test_the_job_leaves_a_picture_and_a_participation_table(piped_job, monkeypatch):
     """summary.png is a real image in the job directory, its path printed, the same file on the parent run;
     who took part and who failed is in result.json and in the parent run's participation table."""
     import matplotlib.image
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     out, result, _ = piped_job
@@ -181,14 +180,8 @@ def test_the_job_leaves_a_picture_and_a_participation_table(piped_job):
 
     expected = {"rounds": [1, 2], "sites": {"site-1": [TOOK_PART, TOOK_PART], "site-2": [TOOK_PART, FAILED]}}
     assert result["participation"] == expected
-    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(info["tracking_uri"])  # load_table searches runs through the global tracking URI
-    try:
-        table = client.load_table(info["experiment_id"], "participation.json", run_ids=[info["parent_run_id"]])
-    finally:  # as before, for the tests that follow: set_tracking_uri also sets the environment variable
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", info["tracking_uri"])  # load_table searches runs through it
+    table = client.load_table(info["experiment_id"], "participation.json", run_ids=[info["parent_run_id"]])
     assert table.to_dict("list") == {
         "site": ["site-1", "site-2"],
         "round 1": [TOOK_PART, TOOK_PART],

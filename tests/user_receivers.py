@@ -80,24 +80,24 @@ class DiesWhileClosing(EchoReceiver):
 
 
 class FullDiskWindow(EchoReceiver):
-    """A real full disk for the receiver actor: when first opened, it caps the size of every file its process
-    writes (RLIMIT_FSIZE) at the spool's size plus ``room`` bytes, for ``seconds``; appends that do not fit
-    fail for real (EFBIG). Once per job (a marker file), so a restarted actor does not do it again."""
+    """A real full disk for the receiver actor: when the first records reach it (the sites are streaming), it
+    caps the size of every file its process writes (RLIMIT_FSIZE) at the spool's size plus ``room`` bytes, for
+    ``seconds``; appends that do not fit fail for real (EFBIG). Once per job (a marker file), so a restarted
+    actor does not do it again."""
 
     def __init__(self, seconds: float = 4.0, room: int = 20_000) -> None:
         super().__init__()
         self.seconds, self.room = seconds, room
 
-    def open(self, ctx):
-        super().open(ctx)
-        marker = ctx.job_dir / "full-disk-window"
-        if marker.exists():
-            return
-        marker.write_text("")
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        size = (ctx.job_dir / "spool" / "events.jsonl").stat().st_size
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size + self.room, hard))
-        threading.Timer(self.seconds, resource.setrlimit, (resource.RLIMIT_FSIZE, (soft, hard))).start()
+    def write(self, events):
+        marker = self.ctx.job_dir / "full-disk-window"
+        if not marker.exists():
+            marker.write_text("")
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            size = (self.ctx.job_dir / "spool" / "events.jsonl").stat().st_size
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + self.room, hard))
+            threading.Timer(self.seconds, resource.setrlimit, (resource.RLIMIT_FSIZE, (soft, hard))).start()
+        super().write(events)
 
 
 class RefusesKey(EchoReceiver):
