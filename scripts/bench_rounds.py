@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from sequential_baseline import sequential_rounds
+
 from fl_ray.config import JobConfig
 from fl_ray.data import site_data
-from fl_ray.fedavg import StreamingAverage
 from fl_ray.job import run_job
 from fl_ray.learners import ImageClassificationLearner, LearnerContext
 
@@ -66,19 +67,7 @@ def sequential_baseline(cfg: JobConfig) -> list[float]:
 
     clients = [learner(s, i) for i, s in enumerate(sites)]
     server, server_ctx = learner("server", None)
-    weights = server.get_weights()
-    times = []
-    for r in range(1, cfg.num_rounds + 1):
-        start = time.perf_counter()
-        avg = StreamingAverage()
-        for lrn, ctx in clients:
-            ctx.round = r
-            result = lrn.train(weights, ctx)
-            avg.add(result.weights, result.num_samples)
-        weights = avg.result()
-        server.evaluate(weights, server_ctx)
-        times.append(time.perf_counter() - start)
-    return times
+    return sequential_rounds(clients, server, server_ctx, cfg.num_rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

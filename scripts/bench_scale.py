@@ -34,9 +34,10 @@ import torch
 from rich.console import Console
 
 import fl_ray.job as job_module
+from sequential_baseline import sequential_rounds
+
 from fl_ray.config import JobConfig
 from fl_ray.data import load_dataset, partition
-from fl_ray.fedavg import StreamingAverage
 from fl_ray.learners import ImageClassificationLearner, LearnerContext
 from fl_ray.progress import RoundProgress
 
@@ -184,18 +185,7 @@ def sequential_baseline(cfg: JobConfig, sites: list[str], rounds: int) -> list[f
 
     clients = [learner(s) for s in sites]
     server, server_ctx = learner("server")
-    weights, times = server.get_weights(), []
-    for r in range(1, rounds + 1):
-        start = time.perf_counter()
-        avg = StreamingAverage()
-        for lrn, ctx in clients:
-            ctx.round = r
-            result = lrn.train(weights, ctx)
-            avg.add(result.weights, result.num_samples)
-        weights = avg.result()
-        server.evaluate(weights, server_ctx)
-        times.append(time.perf_counter() - start)
-    return times
+    return sequential_rounds(clients, server, server_ctx, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

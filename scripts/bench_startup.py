@@ -252,7 +252,7 @@ def baseline_rounds(name: str) -> dict[str, Any]:
 
     from fl_ray.config import JobConfig
     from fl_ray.data import site_data
-    from fl_ray.fedavg import StreamingAverage
+    from sequential_baseline import sequential_rounds
     from fl_ray.learners import LearnerContext, load_learner
 
     torch.set_num_threads(1)
@@ -275,19 +275,8 @@ def baseline_rounds(name: str) -> dict[str, Any]:
 
     clients = [learner(s, i) for i, s in enumerate(sites)]
     server, server_ctx = learner("server", None)
-    weights = server.get_weights()
     start = time.perf_counter()
-    times = []
-    for r in range(1, cfg.num_rounds + 1):
-        round_start = time.perf_counter()
-        avg = StreamingAverage()
-        for lrn, ctx in clients:
-            ctx.round = r
-            result = lrn.train(weights, ctx)
-            avg.add(result.weights, result.num_samples)
-        weights = avg.result()
-        server.evaluate(weights, server_ctx)
-        times.append(time.perf_counter() - round_start)
+    times = sequential_rounds(clients, server, server_ctx, cfg.num_rounds)
     return {
         "rounds_seconds": round(time.perf_counter() - start, 3),
         "round_median": round(statistics.median(times[1:] or times), 4),
