@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"ray_session", "mlflow_server", "wandb_env"} & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+def start_job_process(workspace, *args):
+    """run_fedavg.py in its own process (so it can get a SIGINT), on the session's Ray instance."""
+    import ray
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "run_fedavg.py"),
+            "--workspace",
+            str(workspace),
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            "--quiet",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -6,8 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -19,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from fl_ray.actors.receiver import receiver_actor_name
 from fl_ray.tracking.spool import load_progress, spooled_events
 
-from conftest import NO_DATA, REPO, new_workspace
+from conftest import NO_DATA, new_workspace, start_job_process
 from test_delivery_faults import (
     JobThread,
     SITES,
@@ -182,27 +180,6 @@ def test_a_full_disk_under_the_spool_loses_nothing(ray_session, workspace, capfd
     assert all(s["undelivered"] == 0 for s in senders.values())
 
 
-def _start_job(workspace, *args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "run_fedavg.py"),
-            "--workspace",
-            str(workspace),
-            "--address",
-            ray.get_runtime_context().gcs_address,
-            "--quiet",
-            *args,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, tmp_path, mlflow_store):
     """The driver is killed with SIGKILL in the middle of round 2, then the job is resumed: the cut-off round
     runs again with the same explicit steps, and each (key, step) of every site is in MLflow, TensorBoard
@@ -225,7 +202,7 @@ def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, t
             }
         )
     )
-    proc = _start_job(ws, "--config", str(config))
+    proc = start_job_process(ws, "--config", str(config))
     wait_for(lambda: any(ws.glob("*/spool/events.jsonl")), 180, "the job's spool")
     spool = next(ws.glob("*/spool"))
     job_dir = spool.parent
@@ -240,7 +217,7 @@ def test_kill_9_then_resume_records_no_step_twice_in_any_back_end(ray_session, t
     name = receiver_actor_name(job_dir.name)
     wait_for(lambda: not _actor_exists(name), 60, "Ray to remove the killed job's actors")
 
-    resumed = _start_job(ws, "--resume", str(job_dir))
+    resumed = start_job_process(ws, "--resume", str(job_dir))
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     final = json.loads((job_dir / "result.json").read_text())

@@ -1,10 +1,7 @@
 """Client failures, stragglers, failed rounds, Ctrl+C and resume."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from fl_ray import JobConfig, run_job
 from fl_ray.rounds import RoundError
 
-from conftest import NO_DATA, REPO, new_workspace
+from conftest import NO_DATA, new_workspace, start_job_process
 
 
 def faulty_config(faults, **overrides):
@@ -106,30 +103,6 @@ def test_below_min_clients_the_round_is_retried_then_the_job_fails(ray_session, 
     assert client.get_run(info["run_ids"]["server"]).info.status == "FAILED"
 
 
-def _start_job(workspace, *args):
-    """run_fedavg.py in its own process (so it can get a SIGINT), on the session's Ray instance."""
-    import ray
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "run_fedavg.py"),
-            "--workspace",
-            str(workspace),
-            "--address",
-            ray.get_runtime_context().gcs_address,
-            "--quiet",
-            *args,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _wait_for(predicate, timeout):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -160,7 +133,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     Steps continue for every metric: training metrics, and system metrics (sampled once per life here,
     at the end: step 0 before the Ctrl+C, step 1 after the resume)."""
     ws = new_workspace(tmp_path / "ws", mlflow_store)
-    proc = _start_job(
+    proc = start_job_process(
         ws,
         *DIGITS,
         "--set",
@@ -184,7 +157,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(ray_session, tmp_path, 
     client = MlflowClient(mlflow["tracking_uri"])
     assert client.get_run(mlflow["parent_run_id"]).info.status == "KILLED"
 
-    resumed = _start_job(ws, "--resume", str(job_dir))
+    resumed = start_job_process(ws, "--resume", str(job_dir))
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     final = json.loads((job_dir / "result.json").read_text())
@@ -218,7 +191,7 @@ def test_a_second_ctrl_c_exits_at_once(ray_session, tmp_path):
     """While the first Ctrl+C waits on a tracking server that is down, a second one exits at once."""
     ws = tmp_path / "ws"
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
-    proc = _start_job(
+    proc = start_job_process(
         ws,
         *DIGITS,
         "--set",
