@@ -506,7 +506,6 @@ class MLflowReceiver(Receiver):
         import mlflow
         import mlflow.pytorch
 
-        best = model
         if site not in self._ctx.sites and site != SERVER_RUN:
             raise KeyError(f"no MLflow run for {site!r} in this job")
         self._site_runs([site])
@@ -514,25 +513,25 @@ class MLflowReceiver(Receiver):
         mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
-                best.model,
+                model.model,
                 name="model",
-                input_example=best.input_example.copy(),  # writable: Ray hands arrays over read-only
-                step=best.round,
+                input_example=model.input_example.copy(),  # writable: Ray hands arrays over read-only
+                step=model.round,
                 registered_model_name=registered_model_name,
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                 tags={
                     "fl_ray.job_id": self._ctx.job_id,
-                    "fl_ray.round": str(best.round),
-                    "fl_ray.key_metric": best.key_metric,
-                    "fl_ray.key_value": str(best.score),
+                    "fl_ray.round": str(model.round),
+                    "fl_ray.key_metric": model.key_metric,
+                    "fl_ray.key_value": str(model.score),
                 },
                 metadata={
                     "fl_ray": {
                         "job_id": self._ctx.job_id,
-                        "round": best.round,
-                        "key_metric": best.key_metric,
-                        "key_mode": best.key_mode,
-                        "metrics": best.metrics,
+                        "round": model.round,
+                        "key_metric": model.key_metric,
+                        "key_mode": model.key_mode,
+                        "metrics": model.metrics,
                     }
                 },
             )
