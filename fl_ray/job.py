@@ -496,11 +496,9 @@ def _start_site_receivers(cfg: JobConfig, ctx: ReceiverContext, pooled: bool, re
             f"resources.client_cpus={cfg.resources.client_cpus:g} / client_gpus={cfg.resources.client_gpus:g}"
         )
     try:
-        local = start_site_receivers(cfg, ctx, receiver_name)
+        return start_site_receivers(cfg, ctx, receiver_name)
     except SitePlacementError as exc:
         raise ResourceError(str(exc)) from None
-    assert local is not None
-    return local
 
 
 def _close_site_receivers(local: SiteReceivers, status: str, timeout: float) -> dict[str, Any]:

@@ -10,11 +10,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fl_ray.actors.receiver import receiver_actor_name, start_receiver
-from fl_ray.actors.site_receiver import ShareReceiver
+from fl_ray.actors.site_receiver import SHARED_BLOCK, ShareReceiver
 from fl_ray.config import ConfigError, parse_config
 from fl_ray.job import run_job
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.state import INCARNATION_BITS
 
 HOME = {"site-1": [{"type": "mlflow"}]}
 
@@ -119,5 +120,10 @@ def test_shared_records_reach_the_server_once_after_the_site_hub_crashes(ray_ses
     finally:
         ray.kill(actor, no_restart=True)
     echo = report["receivers"]["user_receivers_EchoReceiver"]["echo"]
-    assert [(e[1], e[3], e[4]) for e in echo] == [(0, "val_loss", 0.0), (1, "val_acc", 2.0), (2, "val_loss", 4.0)]
+    base = SHARED_BLOCK << INCARNATION_BITS
+    assert [(e[1] - base, e[3], e[4]) for e in echo] == [
+        (0, "val_loss", 0.0),
+        (1, "val_acc", 2.0),
+        (2, "val_loss", 4.0),
+    ]
     assert report["accepted"] == 3 and report["duplicates_dropped"] == 2

@@ -29,17 +29,20 @@ from fl_ray.receivers.base import Receiver, ReceiverContext, build_receivers
 from fl_ray.tracking.credentials import drop_credentials, read_credentials_file
 from fl_ray.tracking.events import TrackingEvent
 from fl_ray.tracking.hub import TrackingHub
+from fl_ray.tracking.state import INCARNATION_BITS
 
 SHARE_RECEIVER = "server"  # the name of a site hub's receiver that feeds the server's receiver actor
+SHARED_BLOCK = 1 << 30  # the seq block of shared records at the server: above any incarnation a site gets there
 
 
 class ShareReceiver(Receiver):
     """Sends the site's records whose key matches one of ``patterns`` to the job's receiver actor.
 
-    A shared record is sent with a seq of its own: its place among the shared records of the site's spool.
-    That place never changes, so a record sent again after a failure or a crash has the same ``(site, seq)``
-    and the server's hub drops it, and the server sees one unbroken run of seqs per site. ``checkpoint``
-    keeps how many records were shared before the progress mark.
+    A shared record is sent with a seq of its own: its place among the shared records of the site's spool, in
+    a block of seqs (``SHARED_BLOCK``) that no incarnation of the site uses. That place never changes, so a
+    record sent again after a failure or a crash has the same ``(site, seq)`` and the server's hub drops it,
+    and the server sees one unbroken run of seqs per site. ``checkpoint`` keeps how many records were shared
+    before the progress mark.
     """
 
     def __init__(self, receiver_name: str, patterns: Sequence[str], flush_time: float, batch_size: int) -> None:
@@ -61,7 +64,8 @@ class ShareReceiver(Receiver):
     def write(self, events: Sequence[TrackingEvent]) -> None:
         for e in events:
             if self.shares(e.key):
-                self._pending.append(e._replace(seq=self.shared + len(self._pending)))
+                seq = (SHARED_BLOCK << INCARNATION_BITS) + self.shared + len(self._pending)
+                self._pending.append(e._replace(seq=seq))
 
     def flush(self) -> None:
         """Wait until the server's hub has stored every pending record (an error: all are sent again)."""
@@ -139,7 +143,6 @@ class SiteReceivers:
 
     group: PlacementGroup
     strategies: dict[str, PlacementGroupSchedulingStrategy]  # for the site's client actor
-    nodes: dict[str, str]
     actors: dict[str, Any]
 
     def remove(self) -> None:
@@ -149,14 +152,12 @@ class SiteReceivers:
 
 def start_site_receivers(
     cfg: JobConfig, ctx: ReceiverContext, receiver_name: str, max_restarts: int = 5
-) -> SiteReceivers | None:
+) -> SiteReceivers:
     """Reserve a node for each site of ``tracking.site_receivers`` (one bundle of the site's client resources
     each, spread or packed as ``resources.placement`` says) and start its receiver actor there, whose records
-    ``tracking.share`` selects for the job's receiver actor (``receiver_name``). None when no site has any."""
+    ``tracking.share`` selects for the job's receiver actor (``receiver_name``)."""
     tracking, res = cfg.tracking, cfg.resources
     sites = [s for s in cfg.site_names if s in tracking.site_receivers]
-    if not sites:
-        return None
     bundle = {"CPU": res.client_cpus, **({"GPU": res.client_gpus} if res.client_gpus else {})}
     group = placement_group([dict(bundle) for _ in sites], strategy="SPREAD" if res.placement == "spread" else "PACK")
     ready, _ = ray.wait([group.ready()], timeout=res.schedule_timeout)
@@ -167,7 +168,8 @@ def start_site_receivers(
             f"resources.schedule_timeout={res.schedule_timeout:g} s; each asks for {bundle}; free now: "
             f"{ray.available_resources()}"
         )
-    nodes = {site: placement_group_table(group)["bundles_to_node_id"][i] for i, site in enumerate(sites)}
+    bundle_nodes = placement_group_table(group)["bundles_to_node_id"]
+    nodes = {site: bundle_nodes[i] for i, site in enumerate(sites)}
     actors = {
         site: SiteReceiverActor.options(  # type: ignore[attr-defined]
             num_cpus=0,
@@ -187,4 +189,4 @@ def start_site_receivers(
     strategies = {
         site: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i, site in enumerate(sites)
     }
-    return SiteReceivers(group, strategies, nodes, actors)
+    return SiteReceivers(group, strategies, actors)
