@@ -507,11 +507,19 @@ def _close_site_receivers(local: SiteReceivers, status: str, timeout: float) -> 
     refs = {site: actor.close.remote(status, timeout) for site, actor in local.actors.items()}
     reports: dict[str, Any] = {}
     for site, ref in refs.items():
-        try:
-            reports[site] = ray.get(ref, timeout=timeout + 60)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            reports[site] = {"error": f"{type(exc).__name__}: the site's receiver actor did not close"}
-            log.warning("site %s: its own tracking was not closed (%s); its records stay in its spool", site, exc)
+        for attempt in range(1, CLOSE_ATTEMPTS + 1):
+            try:
+                reports[site] = ray.get(ref, timeout=timeout + 60)
+                break
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                reports[site] = {"error": f"{type(exc).__name__}: the site's receiver actor did not close"}
+                if isinstance(exc, ray.exceptions.GetTimeoutError) or attempt == CLOSE_ATTEMPTS:
+                    log.warning(
+                        "site %s: its own tracking was not closed (%s); its records stay in its spool", site, exc
+                    )
+                    break
+                time.sleep(0.5)  # it died while closing: Ray restarts it (it recovers from its spool); ask again
+                ref = local.actors[site].close.remote(status, timeout)
     for actor in local.actors.values():
         ray.kill(actor, no_restart=True)
     return reports

@@ -4,6 +4,7 @@ once. The whole path on two nodes (the site's store, the server's store, credent
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -16,6 +17,8 @@ from fl_ray.job import run_job
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.state import INCARNATION_BITS
+
+from conftest import NO_DATA
 
 HOME = {"site-1": [{"type": "mlflow"}]}
 
@@ -127,3 +130,40 @@ def test_shared_records_reach_the_server_once_after_the_site_hub_crashes(ray_ses
         (2, "val_loss", 4.0),
     ]
     assert report["accepted"] == 3 and report["duplicates_dropped"] == 2
+
+
+def test_a_site_receiver_actor_that_dies_while_closing_loses_and_repeats_nothing(ray_session, workspace, tmp_path):
+    """site-1's own receiver actor is killed inside its close (a real SIGKILL): Ray restarts it on its node, it
+    recovers from the site's spool and is asked to close again; its receiver got every record, and the
+    server's receivers got site-1's shared keys once each, besides all of site-2's."""
+    cfg = parse_config(
+        {
+            "name": "site-dies",
+            "num_rounds": 2,
+            "sites": 2,
+            "min_clients": 2,
+            "learner": "user_learners:KnownValuesLearner",
+            "dataset": NO_DATA,
+            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
+            "tracking": {
+                "receivers": [{"type": "user_receivers:EchoReceiver"}],
+                "site_receivers": {"site-1": [{"type": "user_receivers:DiesWhileClosing"}]},
+                "share": ["known", "pair_*"],
+                "site_workspace": str(tmp_path / "home"),
+                "system_metrics": False,
+                "log_model": False,
+            },
+        }
+    )
+    result = run_job(cfg, workspace=workspace, show_progress=False)
+
+    assert result.status == "FINISHED", result.error
+    local = result.tracking["site_receivers"]["site-1"]
+    assert (Path(local["job_dir"]) / "died-while-closing").exists(), "the site's receiver actor should have died"
+    home = local["receivers"]["user_receivers_DiesWhileClosing"]
+    assert home["status"] == "FINISHED" and home["delivered"] == local["accepted"] > 6 and home["undelivered"] == 0
+    assert local["receivers"]["server"]["shared"] == 6
+    echo = [TrackingEvent(*e) for e in result.tracking["receivers"]["user_receivers_EchoReceiver"]["echo"]]
+    shared = sorted((e.key, e.step) for e in echo if e.site == "site-1")
+    assert shared == [(key, r) for key in ("known", "pair_a", "pair_b") for r in (1, 2)]
+    assert {e.key for e in echo if e.site == "site-2"} >= {"known", "auto", "pair_a", "pair_b", "lr"}
