@@ -503,22 +503,31 @@ def _start_site_receivers(cfg: JobConfig, ctx: ReceiverContext, pooled: bool, re
 
 def _close_site_receivers(local: SiteReceivers, status: str, timeout: float) -> dict[str, Any]:
     """Have each site's own receiver actor deliver its spool and share what it shares, then end it; a report
-    per site (its receivers, what it shared, where its spool is)."""
+    per site (its receivers, what it shared, where its spool is). One that dies while closing is asked again
+    once Ray has restarted it (it recovers from its spool), up to ``CLOSE_ATTEMPTS`` times."""
+    deadline = time.monotonic() + timeout + 60
     refs = {site: actor.close.remote(status, timeout) for site, actor in local.actors.items()}
     reports: dict[str, Any] = {}
     for site, ref in refs.items():
-        for attempt in range(1, CLOSE_ATTEMPTS + 1):
+        deaths = 0
+        while True:
             try:
-                reports[site] = ray.get(ref, timeout=timeout + 60)
+                reports[site] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 break
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
                 reports[site] = {"error": f"{type(exc).__name__}: the site's receiver actor did not close"}
-                if isinstance(exc, ray.exceptions.GetTimeoutError) or attempt == CLOSE_ATTEMPTS:
+                unavailable = isinstance(exc, ray.exceptions.ActorUnavailableError)  # restarting, or unreachable
+                deaths += isinstance(exc, ray.exceptions.RayActorError) and not unavailable
+                if (
+                    not isinstance(exc, ray.exceptions.RayActorError)
+                    or deaths >= CLOSE_ATTEMPTS
+                    or time.monotonic() >= deadline
+                ):
                     log.warning(
                         "site %s: its own tracking was not closed (%s); its records stay in its spool", site, exc
                     )
                     break
-                time.sleep(0.5)  # it died while closing: Ray restarts it (it recovers from its spool); ask again
+                time.sleep(0.5)
                 ref = local.actors[site].close.remote(status, timeout)
     for actor in local.actors.values():
         ray.kill(actor, no_restart=True)

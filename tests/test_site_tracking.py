@@ -3,18 +3,21 @@ once. The whole path on two nodes (the site's store, the server's store, credent
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
 
 from fl_ray.actors.receiver import receiver_actor_name, start_receiver
 from fl_ray.actors.site_receiver import SHARED_BLOCK, ShareReceiver
 from fl_ray.config import ConfigError, parse_config
 from fl_ray.job import run_job
 from fl_ray.receivers.base import ReceiverContext
+from fl_ray.replay import replay
 from fl_ray.tracking.events import EventKind, TrackingEvent
 from fl_ray.tracking.state import INCARNATION_BITS
 
@@ -167,3 +170,7 @@ def test_a_site_receiver_actor_that_dies_while_closing_loses_and_repeats_nothing
     shared = sorted((e.key, e.step) for e in echo if e.site == "site-1")
     assert shared == [(key, r) for key in ("known", "pair_a", "pair_b") for r in (1, 2)]
     assert {e.key for e in echo if e.site == "site-2"} >= {"known", "auto", "pair_a", "pair_b", "lr"}
+    # the site's job directory replays on its node (its own receivers), and sends nothing twice
+    replayed = replay(Path(local["job_dir"]), console=Console(file=io.StringIO()))
+    assert list(replayed["receivers"]) == ["user_receivers_DiesWhileClosing"]
+    assert replayed["receivers"]["user_receivers_DiesWhileClosing"]["replayed"] == 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ray
+import yaml
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -109,6 +110,7 @@ class SiteReceiverActor:
         home = Path(site_workspace).expanduser().resolve() / site
         ctx = dataclasses.replace(ctx, job_dir=home / ctx.job_id, workspace=home, sites=(site,))
         ctx.job_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.job_dir / "config.yaml").write_text(yaml.safe_dump(site_job_config(ctx.config, specs), sort_keys=False))
         self.hub = TrackingHub(ctx, [*build_receivers(specs), (SHARE_RECEIVER, share)])
 
     def open_site(self, site: str) -> dict[str, Any]:
@@ -126,6 +128,14 @@ class SiteReceiverActor:
         end its runs, and report, with the job directory and node it wrote on."""
         report = self.hub.close(status, timeout)
         return {**report, "job_dir": str(self.hub.ctx.job_dir), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def site_job_config(config: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's ``config`` as a site's job directory keeps it: the site's receivers are its receivers, so that
+    ``fl-ray replay`` run on the site's node delivers what they did not get (what the site shares goes to the
+    job's receiver actor only while the job runs)."""
+    site_tracking = {"receivers": specs, "site_receivers": {}, "share": [], "site_credentials_file": {}}
+    return {**config, "tracking": {**config.get("tracking", {}), **site_tracking}}
 
 
 def site_receiver_name(job_id: str, site: str) -> str:
