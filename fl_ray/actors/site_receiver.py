@@ -86,7 +86,7 @@ class ShareReceiver(Receiver):
         self.shared = int(state.get("shared", 0))
 
 
-@ray.remote(concurrency_groups={"watch": 2})  # type: ignore[call-overload]  # status answers while close works
+@ray.remote
 class SiteReceiverActor:
     """One site's receiver actor, on the site's node: its spool, its receivers, and what it shares."""
 
@@ -118,10 +118,6 @@ class SiteReceiverActor:
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         return self.hub.submit(site, events)
-
-    @ray.method(concurrency_group="watch")
-    def status(self) -> dict[str, Any]:
-        return self.hub.status()
 
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         """Deliver the site's spool to its receivers and share what it shares (up to ``timeout`` seconds),
