@@ -73,7 +73,14 @@ def test_scalars_per_site_with_step_and_walltime(tmp_path):
     summary = rx.close(FINISHED)
 
     base = tmp_path / "job" / "tb_events"
-    assert summary == {"log_dir": str(base), "sites": ["site-1", "site-2"], "scalars": 5, "texts": 0}
+    assert summary == {
+        "log_dir": str(base),
+        "sites": ["site-1", "site-2"],
+        "scalars": 5,
+        "texts": 0,
+        "images": 0,
+        "skipped": 0,
+    }
     s1, s2 = _load(base / "site-1"), _load(base / "site-2")
     assert _scalars(s1, "loss") == [(0, 0.875, 1_700_000_000.0), (5, 0.5, 1_700_000_001.0), (3, 0.75, 1_700_000_002.0)]
     assert _scalars(s2, "loss") == [(0, 0.625, 1_700_000_000.0)]
@@ -308,7 +315,15 @@ def test_checkpoint_lists_flushed_lengths_and_resume_appends_to_the_same_files(t
     batches = _three_batches()
     d = Delivery(tmp_path, batches)
     rx = d.life()
-    assert rx.checkpoint() == {"files": {}, "tables": {}, "sites": [], "scalars": 0, "texts": 0}
+    assert rx.checkpoint() == {
+        "files": {},
+        "tables": {},
+        "sites": [],
+        "scalars": 0,
+        "texts": 0,
+        "images": 0,
+        "skipped": 0,
+    }
     d.deliver(rx)
     rx.write(batches[1])  # not flushed: not in the checkpoint
     base = tmp_path / "job" / "tb_events"
@@ -320,9 +335,18 @@ def test_checkpoint_lists_flushed_lengths_and_resume_appends_to_the_same_files(t
         "sites": ["site-1"],
         "scalars": 1,
         "texts": 1,
+        "images": 0,
+        "skipped": 0,
     }
 
-    assert d.finish() == {"log_dir": str(base), "sites": ["site-1", "site-2"], "scalars": 6, "texts": 2}
+    assert d.finish() == {
+        "log_dir": str(base),
+        "sites": ["site-1", "site-2"],
+        "scalars": 6,
+        "texts": 2,
+        "images": 0,
+        "skipped": 0,
+    }
     assert [p.name for p in (base / "site-1").iterdir() if p.is_file()] == [name]
     _check_once(tmp_path, batches)
     acc = _load(base / "site-1")
