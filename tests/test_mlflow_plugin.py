@@ -119,12 +119,20 @@ def test_tensorboard_shows_texts_and_images_of_files(job):
 
 
 def test_wandb_runs_hold_the_files(job):
+    """Each file is in the run's files/ of the segment (delivery) that logged it: once a round when logged
+    each round."""
+
+    def copies(run, relative):
+        return [p.parent / "files" / relative for p in run.segments if (p.parent / "files" / relative).exists()]
+
     runs = read_runs(job.job_dir / "wandb")
     for site in SITES:
         run = runs[site]
-        assert run.file("notes/hello.txt").read_text() == f"hello from {site}"
-        assert run.file("tree/sub/leaf.bin").read_bytes() == bytes(range(256)) * 4
-        assert run.file("writer_model/MLmodel").is_file()
+        hello = copies(run, "notes/hello.txt")
+        assert hello and all(p.read_text() == f"hello from {site}" for p in hello)
+        leaf = copies(run, "tree/sub/leaf.bin")
+        assert leaf and all(p.read_bytes() == bytes(range(256)) * 4 for p in leaf)
+        assert len(copies(run, "writer_model/MLmodel")) == 1 and len(copies(run, "writer/data.csv")) == 1
 
 
 def test_the_spool_keeps_files_only_until_every_receiver_has_them(job):

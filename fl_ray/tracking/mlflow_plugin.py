@@ -244,8 +244,12 @@ class SiteStore(AbstractStore):
         return Run(run.info, RunData(params=params))
 
     def update_run_info(self, run_id: str, run_status: Any, end_time: int | None, run_name: str | None) -> RunInfo:
-        """Nothing changes: the server ends the job's runs (a child run's stream is closed with the site's work)."""
-        return self._run(run_id).info
+        """Nothing changes: the server ends the job's runs. Ending a child run delivers its records (its stream
+        is closed with the site's work)."""
+        run = self._run(run_id)
+        if run.tracking is not None and RunStatus.is_terminated(run_status):  # MLflow passes the status as an int
+            run.tracking.flush()
+        return run.info
 
     def log_metric(self, run_id: str, metric: Any) -> None:
         self._call(self._run(run_id).writer.log_metric, metric.key, metric.value, metric.step, metric.timestamp)
