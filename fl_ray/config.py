@@ -283,6 +283,10 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
+        script = self.learner_args.get("script") if self.learner == "script" else None
+        if isinstance(script, str) and not Path(script).expanduser().is_absolute():
+            # the actors do not run in the driver's working directory: the path is taken from it here
+            self.learner_args["script"] = str(Path.cwd() / script)
         if self.tracking.register_model_name and not self.tracking.log_model:
             raise ValueError(
                 f"tracking.register_model_name: {self.tracking.register_model_name!r} needs "

@@ -34,8 +34,8 @@ class ScriptLearner(Learner):
         path = Path(script).expanduser()
         if not path.is_file():
             raise ValueError(
-                f"learner_args.script: {script!r} is not a file (looked at {path.absolute()}); expected the path "
-                "of a Python training script, absolute or relative to the directory the job starts in"
+                f"learner_args.script: {script!r} is not a file; expected the path of a Python training script, "
+                "absolute or relative to the directory the job starts in"
             )
         self.path = str(path.resolve())
         self.model_name = model

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from fl_ray.config import ConfigError, JobConfig, parse_config
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.receivers.mlflow import MLflowReceiver
 from fl_ray.tracking.events import EventKind, TrackingEvent
@@ -37,6 +38,12 @@ def test_chunks_are_stored_once_by_hash_and_checked(tmp_path):
         spool.put_chunk("../x", 0, b"", 0)
     spool.remove_blobs()
     assert not (spool.directory / "blobs").exists()
+
+
+def test_max_artifact_mb_is_a_validated_field():
+    assert JobConfig().tracking.max_artifact_mb == 100
+    with pytest.raises(ConfigError, match=r"tracking.max_artifact_mb: .*greater than 0.*got 0"):
+        parse_config({"tracking": {"max_artifact_mb": 0}})
 
 
 def test_a_file_over_the_limit_fails_at_the_call(tmp_path):

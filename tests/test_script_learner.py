@@ -71,6 +71,13 @@ def test_the_script_trains_from_the_global_weights_each_round(tmp_path):
     assert set(learner.evaluate(start, context())) == {"loss", "accuracy"}
 
 
+def test_a_relative_script_path_is_taken_from_the_directory_the_job_starts_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = JobConfig(learner="script", learner_args={"script": "train.py"})
+    assert cfg.learner_args["script"] == str(tmp_path / "train.py")
+    assert JobConfig.model_validate(cfg.model_dump()).learner_args == cfg.learner_args  # as the actors get it
+
+
 def test_mistakes_say_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match=r"learner_args.script: 'nowhere.py' is not a file"):
         load_learner("script", {"script": "nowhere.py"})
