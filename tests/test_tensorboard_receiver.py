@@ -596,3 +596,45 @@ def test_randomized_crashes_under_heavy_logging(tmp_path, seed):
     params = {e.key: e.value for b in batches for e in b if e.site == "site-2" and e.kind is P}
     last = max((k for k in stored if k[:2] == ("site-2", "params")), key=lambda k: k[2])
     assert last[3] == HEADER + "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+
+
+def test_files_become_texts_and_images_and_a_missing_file_is_set_aside(tmp_path):
+    """A text file is a text summary, an image an image summary, a model and other files are skipped, and a
+    record whose file is not in the spool is set aside (a replay after the files were removed)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from fl_ray.tracking.spool import Spool
+
+    spool = Spool(tmp_path / "job" / "spool")
+    png = io.BytesIO()
+    Image.new("RGB", (3, 2), "red").save(png, format="PNG")
+    blobs = {}
+    for name, data in {"notes.md": b"# hi", "plot.png": png.getvalue(), "data.bin": b"\0"}.items():
+        blobs[name] = hashlib.sha256(data).hexdigest()
+        spool.put_chunk(blobs[name], 0, data, len(data))
+    rx = TensorBoardReceiver(flush_secs=0)
+    rx.open(_ctx(tmp_path))
+    gone = _ev("site-1", 3, EventKind.ARTIFACT, "old.txt", "0" * 64)
+    rx.write(
+        [
+            _ev("site-1", 0, EventKind.ARTIFACT, "docs/notes.md", blobs["notes.md"]),
+            _ev("site-1", 1, EventKind.ARTIFACT, "plots/plot.png", blobs["plot.png"]),
+            _ev("site-1", 2, EventKind.ARTIFACT, "data.bin", blobs["data.bin"]),
+            gone,
+            _ev("site-1", 4, EventKind.MODEL, "model", json.dumps({"files": {}})),
+        ]
+    )
+    rx.flush()
+    assert [(e, reason.split(" (")[0]) for e, reason in rx.take_set_aside()] == [
+        (gone, f"file {'0' * 64} is not in the job's spool")
+    ]
+    summary = rx.close(FINISHED)
+    assert (summary["texts"], summary["images"], summary["skipped"]) == (1, 1, 2)
+    acc = EventAccumulator(str(tmp_path / "job" / "tb_events" / "site-1"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    assert acc.Tags()["tensors"] == ["docs/notes.md"] and acc.Tags()["images"] == ["plots/plot.png"]
+    [image] = acc.Images("plots/plot.png")
+    assert (image.width, image.height, image.encoded_image_string) == (3, 2, png.getvalue())

@@ -177,7 +177,11 @@ class TensorBoardReceiver(Receiver):
             self._skipped += 1
             return
         assert self._blobs is not None
-        data = blob_path(self._blobs, e.value).read_bytes()
+        path = blob_path(self._blobs, e.value)
+        if not path.is_file():
+            self.set_aside(e, f"file {e.value} is not in the job's spool ({path})")
+            return
+        data = path.read_bytes()
         if suffix in TEXT_FILES:
             summary = text_pb(e.key, data.decode("utf-8", errors="replace"))
             self._texts += 1

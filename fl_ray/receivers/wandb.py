@@ -248,12 +248,18 @@ class WandBReceiver(Receiver):
                 kind = EventKind(e.kind)
                 if e.key in RESERVED_KEYS and kind in (EventKind.METRIC, EventKind.TEXT):
                     dropped.append(e)
-                elif kind is EventKind.ARTIFACT:
-                    batches.setdefault(e.site, []).append((_FILE, e.key, str(self._blob(e.value)), None))
-                elif kind is EventKind.MODEL:  # the model's files, under its name
-                    files = json.loads(e.value)["files"]
+                elif kind in (EventKind.ARTIFACT, EventKind.MODEL):  # a model's files go under its name
+                    files = (
+                        {e.key: e.value}
+                        if kind is EventKind.ARTIFACT
+                        else {f"{e.key}/{rel}": sha for rel, sha in sorted(json.loads(e.value)["files"].items())}
+                    )
+                    missing = [sha for sha in files.values() if not self._blob(sha).is_file()]
+                    if missing:
+                        self.set_aside(e, f"file {missing[0]} is not in the job's spool")
+                        continue
                     batches.setdefault(e.site, []).extend(
-                        (_FILE, f"{e.key}/{rel}", str(self._blob(sha)), None) for rel, sha in sorted(files.items())
+                        (_FILE, key, str(self._blob(sha)), None) for key, sha in files.items()
                     )
                 else:
                     batches.setdefault(e.site, []).append((kind.value, e.key, e.value, e.step))
