@@ -42,8 +42,11 @@ class FluentLearner(_Learner):
         import mlflow
         import mlflow.pytorch
 
+        from mlflow.telemetry.client import get_telemetry_client
+
         r = ctx.round
         assert mlflow.get_tracking_uri() == f"fl-ray://{ctx.site}", mlflow.get_tracking_uri()
+        assert get_telemetry_client() is None  # MLflow's usage telemetry would call out from the site
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
             mlflow.log_param("site_name", ctx.site)
             mlflow.log_params({"lr": 0.1, "layers": 2})

@@ -11,7 +11,9 @@ receivers, and is reported once per outage, not once per attempt. After a flush,
 receiver set aside as refused go to :class:`DeadLetters`, then the mark moves, with the receiver's
 checkpoint. Everything it needs to go on after a crash (accepted seqs, step counters, site
 incarnations, the job's lives) is recovered from the spool directory; what a receiver has not got when
-the hub closes stays there for ``scripts/replay_spool.py``, which runs this same hub outside Ray.
+the hub closes stays there for ``scripts/replay_spool.py``, which runs this same hub outside Ray. Files
+that sites log arrive apart, chunk by chunk (:meth:`TrackingHub.put_chunk`), into the spool's blobs,
+before the record that names them; they are removed when the hub closes with every record delivered.
 """
 
 from __future__ import annotations

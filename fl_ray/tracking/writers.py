@@ -3,8 +3,10 @@
 ``MLflowWriter`` mimics ``mlflow``'s logging functions, ``SummaryWriter`` torch's TensorBoard writer
 and ``WandBWriter`` ``wandb.log`` / ``wandb.config``. None of them talks to a tracking server: each
 call validates its input, raising ``TypeError``/``ValueError`` that names the key and the value, and
-appends events to the site's :class:`~fl_ray.tracking.sender.EventSender`. Any writer can feed any
-receiver; see docs/tracking.md for how each call maps onto MLflow, TensorBoard and W&B.
+appends events to the site's :class:`~fl_ray.tracking.sender.EventSender`; a call that logs a file
+(an artifact, a figure, a model) first waits while the sender hands the file to the receiver actor in
+chunks. Any writer can feed any receiver; see docs/tracking.md for how each call maps onto MLflow,
+TensorBoard and W&B.
 
 Steps: where a call gives no step, MLflow and TensorBoard syntax take a per-site, per-key counter
 one past the largest step logged for that key so far (so curves continue across rounds); W&B syntax
