@@ -9,6 +9,7 @@ exactly-once delivery.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -174,6 +175,15 @@ def flatten(data: Mapping[str, Any], sep: str, prefix: str = "") -> dict[str, An
         else:
             out[name] = value
     return out
+
+
+def event_files(event: TrackingEvent) -> list[str]:
+    """The content hashes of the files a record names: an artifact's one, a model's each (none for others)."""
+    if event.kind is EventKind.ARTIFACT:
+        return [event.value]
+    if event.kind is EventKind.MODEL:
+        return sorted(set(json.loads(event.value)["files"].values()))
+    return []
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
