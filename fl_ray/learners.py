@@ -214,14 +214,14 @@ class ImageClassificationLearner(Learner):
         import torch
         from torch import nn
 
-        from fl_ray.torch_learning import Scaffold, as_input, load_weights, score
+        from fl_ray.torch_learning import SGD, Scaffold, as_input, load_weights, score
 
         cfg = ctx.config
         load_weights(self.model, weights)
         lr = float(ctx.round_config.get("lr", cfg.lr))
         mu = float(ctx.round_config.get("mu", 0.0))
         scaffold = Scaffold(self.model, weights, ctx, lr) if "control" in ctx.payload else None
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.0 if scaffold else self.momentum)
+        optimizer = SGD(self.model.parameters(), lr=lr, momentum=0.0 if scaffold else self.momentum)
         anchor = [p.detach().clone() for p in self.model.parameters()] if mu else []
         loss_fn = nn.CrossEntropyLoss()
         x, y = self.train_data
