@@ -314,3 +314,16 @@ def load_learner(path: str, args: dict[str, Any]) -> Learner:
         return cls(**args)
     except TypeError as exc:
         raise TypeError(f"learner_args: {cls.__name__}(**learner_args) failed: {exc}") from None
+
+
+_TORCH_HELPERS = ("model_weights", "load_weights", "split_validation", "score", "ScaledInputModel")
+
+
+def __getattr__(name: str) -> Any:
+    """The PyTorch helpers that lived here (now in :mod:`fl_ray.torch_learning`), still importable from this
+    module: importing one loads PyTorch then, not when this module is imported."""
+    if name in _TORCH_HELPERS:
+        from fl_ray import torch_learning
+
+        return getattr(torch_learning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
