@@ -10,12 +10,14 @@ its model URI and registered version).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,7 +139,11 @@ def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> 
     if address is None:
         kwargs["include_dashboard"] = False
     entrypoint = subprocess.list2cmdline(masked_argv(psutil.Process().cmdline()))
-    with without_credentials(), mock.patch.object(ray._private.utils, "get_entrypoint_name", lambda: entrypoint):
+    with (
+        without_credentials(),
+        mock.patch.object(ray._private.utils, "get_entrypoint_name", lambda: entrypoint),
+        mock.patch.object(ray._private.utils, "get_dashboard_dependency_error", _dashboard_dependency_error),
+    ):
         context = ray.init(address=address, **kwargs)
     dashboard = getattr(context, "dashboard_url", None)
     have = ray.cluster_resources()
@@ -148,6 +154,17 @@ def _init_ray(address: str | None, phases: JobPhases, verbose: bool = False) -> 
         f"node(s){f'; dashboard http://{dashboard}' if dashboard else ''}",
     )
     return True
+
+
+DASHBOARD_PACKAGES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry", "prometheus_client")
+
+
+def _dashboard_dependency_error() -> ImportError | None:
+    """Ray's own check whether its dashboard's packages are installed (it then starts its dashboard and
+    agent in full rather than minimal mode), answered by finding them instead of importing them: Ray's check
+    imports aiohttp, OpenTelemetry and Prometheus into the driver, 1.5-2 s of CPU before Ray starts."""
+    missing = [name for name in DASHBOARD_PACKAGES if importlib.util.find_spec(name) is None]
+    return ImportError(f"missing {', '.join(missing)}") if missing else None
 
 
 def _check_resources(cfg: JobConfig, n: int) -> None:
@@ -434,6 +451,7 @@ def run_job(
                 phases.mark("first_round_done")
                 start_up.check_receiver(0)
         phases.mark("last_round_done")
+        start_up.check_receiver(cfg.tracking.close_timeout)  # its line before delivery (rounds may outrun it)
         if cfg.cross_site_evaluation:
             cross_site = _cross_site_evaluation(cfg, server, receiver)
         status = FINISHED
@@ -451,10 +469,11 @@ def run_job(
             phases.mark("picture", "drawing the job's picture")
             rounds = _completed_rounds(job_dir)
             table = participation(sites, rounds)
-            picture = _draw_picture(
-                job_dir, f"{job_id} ({status})", rounds, {site: len(idx) for site, idx in zip(sites, parts)}, table
-            )
-            tracking = _close(cfg, receiver, server, clients, local, status, job_dir, table, picture, phases)
+            samples = {site: len(idx) for site, idx in zip(sites, parts)}
+            with ThreadPoolExecutor(1, thread_name_prefix="fl_ray-picture") as drawing:  # while the actors flush
+                drawn = drawing.submit(_draw_picture, job_dir, f"{job_id} ({status})", rounds, samples, table)
+                tracking = _close(cfg, receiver, server, clients, local, status, job_dir, table, drawn, phases)
+                picture = drawn.result()
             phases.mark("results", "writing results")
             result = JobResult(
                 job_id,
@@ -560,11 +579,12 @@ def _draw_picture(
         return None
 
 
-def _log_summary(cfg: JobConfig, receiver: Any, table: dict[str, Any], picture: Path | None) -> dict[str, Any]:
-    """Have the receiver actor log the participation table and the picture to the parent run."""
+def _log_summary(cfg: JobConfig, receiver: Any, table: dict[str, Any], drawn: Future[Path | None]) -> dict[str, Any]:
+    """Have the receiver actor log the participation table and, once ``drawn``, the picture to the parent run."""
     timeout = cfg.tracking.close_timeout
     logged: dict[str, Any] = {}
     calls = {"participation": receiver.log_table.remote("participation.json", participation_columns(table), timeout)}
+    picture = drawn.result()
     if picture is not None:
         calls["picture"] = receiver.log_artifact.remote(str(picture), None, timeout)
     for what, ref in calls.items():
@@ -584,12 +604,12 @@ def _close(
     status: str,
     job_dir: Path,
     table: dict[str, Any],
-    picture: Path | None,
+    drawn: Future[Path | None],
     phases: JobPhases,
 ) -> dict[str, Any]:
     """Flush every site's tracking, close the sites' own receiver actors (``local``: what they share reaches
     the job's receiver actor), have the receiver actor log the best model, the participation table and the
-    picture, then deliver and end the runs."""
+    picture (``drawn`` meanwhile), then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
     phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
@@ -620,7 +640,7 @@ def _close(
         return {"senders": senders}
     try:
         model = _log_best_model(cfg, receiver, job_dir, status, best)
-        summary = _log_summary(cfg, receiver, table, picture)
+        summary = _log_summary(cfg, receiver, table, drawn)
         report = _close_receiver(cfg, receiver, status, job_dir, phases)
     finally:
         ray.kill(receiver, no_restart=True)

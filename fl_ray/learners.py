@@ -35,19 +35,19 @@ import hashlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from fl_ray.data import ArrayData
-from fl_ray.models import build_model, check_model_name
+from fl_ray.model_names import check_model_name
 from fl_ray.plugins import plugin_class
 from fl_ray.strategies.base import Arrays
-from fl_ray.strategies.scaffold import gradient_correction, initial_control, site_control_update
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from fl_ray.config import JobConfig
     from fl_ray.tracking.writers import MLflowWriter, SummaryWriter, WandBWriter
 
@@ -112,28 +112,6 @@ class Learner(ABC):
         return None
 
 
-def model_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """A module's state dict as NumPy arrays (on the CPU)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
-    """Load NumPy ``weights`` into ``model`` (read-only arrays from the object store are fine)."""
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-
-
-def split_validation(
-    ctx: LearnerContext,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``ctx.data`` as (train, validation) tensor pairs: a seeded ``dataset.val_fraction`` share is held out
-    on a site; the server keeps all of its data (the test split) on the training side."""
-    x = torch.from_numpy(np.array(ctx.data.x))
-    y = torch.from_numpy(np.array(ctx.data.y))
-    n_val = int(len(y) * ctx.config.dataset.val_fraction) if ctx.site != "server" else 0
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
-    return (x[order[n_val:]], y[order[n_val:]]), (x[order[:n_val]], y[order[:n_val]])
-
-
 W = TypeVar("W")
 
 
@@ -149,12 +127,6 @@ def _site_number(site: str) -> int:
     return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
 
 
-def _as_input(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.uint8:  # CIFAR-10 images: to [-1, 1], as hello-pt normalizes them
-        return (x.float() / 255.0 - 0.5) / 0.5
-    return x
-
-
 LOG_SYNTAXES = ("mlflow", "tensorboard", "wandb")
 
 
@@ -168,6 +140,9 @@ class ImageClassificationLearner(Learner):
     hyper-parameters as a markdown table with ``add_text("hparams", ...)``, then ``add_scalar``) or
     ``wandb`` (``config.update``, then ``log`` with a step counted per metric). Every configured
     receiver gets the records whatever the syntax.
+
+    Building one imports no PyTorch (the driver checks ``learner_args`` by building one); its methods
+    import it when a model is set up, in the actors.
     """
 
     def __init__(
@@ -181,6 +156,11 @@ class ImageClassificationLearner(Learner):
         self.log_syntax = log_syntax
 
     def setup(self, ctx: LearnerContext) -> None:
+        import torch
+
+        from fl_ray.models import build_model
+        from fl_ray.torch_learning import split_validation
+
         torch.manual_seed(ctx.config.seed)  # every site and the server start from the same weights
         self.device = ctx.device
         self.model = build_model(self.model_name, ctx.input_shape, ctx.num_classes).to(self.device)
@@ -223,18 +203,25 @@ class ImageClassificationLearner(Learner):
             wandb.log({key: value}, step=wandb.state.auto_step(key))
 
     def get_weights(self) -> dict[str, np.ndarray]:
+        from fl_ray.torch_learning import model_weights
+
         return model_weights(self.model)
 
     def train(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> TrainResult:
         """Local SGD from the global ``weights``. What the strategy sends is applied: ``lr`` replaces the
         job's learning rate, ``mu`` adds FedProx's proximal term, and SCAFFOLD's ``control`` (payload)
         corrects each gradient by the site's control variate kept in ``ctx.site_state``."""
+        import torch
+        from torch import nn
+
+        from fl_ray.torch_learning import SGD, Scaffold, as_input, load_weights, score
+
         cfg = ctx.config
         load_weights(self.model, weights)
         lr = float(ctx.round_config.get("lr", cfg.lr))
         mu = float(ctx.round_config.get("mu", 0.0))
-        scaffold = _Scaffold(self.model, weights, ctx, lr) if "control" in ctx.payload else None
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.0 if scaffold else self.momentum)
+        scaffold = Scaffold(self.model, weights, ctx, lr) if "control" in ctx.payload else None
+        optimizer = SGD(self.model.parameters(), lr=lr, momentum=0.0 if scaffold else self.momentum)
         anchor = [p.detach().clone() for p in self.model.parameters()] if mu else []
         loss_fn = nn.CrossEntropyLoss()
         x, y = self.train_data
@@ -245,7 +232,7 @@ class ImageClassificationLearner(Learner):
         for _ in range(cfg.local_epochs):
             running = 0.0
             for i, idx in enumerate(torch.randperm(len(y), generator=gen).split(cfg.batch_size)):
-                xb, yb = _as_input(x[idx]).to(self.device), y[idx].to(self.device)
+                xb, yb = as_input(x[idx]).to(self.device), y[idx].to(self.device)
                 optimizer.zero_grad()
                 loss = loss_fn(self.model(xb), yb)
                 objective = (
@@ -275,6 +262,8 @@ class ImageClassificationLearner(Learner):
         return TrainResult(new_weights, len(y), metrics, extras)
 
     def evaluate(self, weights: Mapping[str, np.ndarray], ctx: LearnerContext) -> dict[str, float]:
+        from fl_ray.torch_learning import load_weights, score
+
         load_weights(self.model, weights)
         return score(self.model, self.train_data if ctx.site == "server" else self.val, self.device)
 
@@ -284,71 +273,14 @@ class ImageClassificationLearner(Learner):
         The module takes inputs as the dataset holds them: CIFAR-10's uint8 images are scaled inside it
         (as training does), so the logged model needs no preprocessing.
         """
+        from fl_ray.torch_learning import ScaledInputModel, load_weights
+
         model = copy.deepcopy(self.model).cpu()
         load_weights(model, weights)
         example = np.ascontiguousarray(self.train_data[0][:8].numpy())
         if example.dtype == np.uint8:
             model = ScaledInputModel(model)
         return model.eval(), example
-
-
-@torch.no_grad()
-def score(
-    model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, scale_uint8: bool = True
-) -> dict[str, float]:
-    """Cross-entropy ``loss`` and ``accuracy`` of ``model``'s class logits on ``data`` (in eval mode, in batches
-    of 1024); with ``scale_uint8``, uint8 images are scaled to [-1, 1] first, as the built-in learner trains."""
-    model.eval()
-    x, y = data
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), 1024):
-        xb = x[start : start + 1024]
-        xb, yb = (_as_input(xb) if scale_uint8 else xb).to(device), y[start : start + 1024].to(device)
-        out = model(xb)
-        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    n = max(1, len(y))
-    return {"loss": loss_sum / n, "accuracy": correct / n}
-
-
-class _Scaffold:
-    """SCAFFOLD on a site (Karimireddy et al. 2020, option II): each gradient gets ``c - c_i``; after
-    training the site's control ``c_i`` is updated in ``ctx.site_state`` and its change returned."""
-
-    def __init__(self, model: nn.Module, weights: Mapping[str, np.ndarray], ctx: LearnerContext, lr: float) -> None:
-        control = cast(dict[str, np.ndarray], ctx.payload["control"])
-        site_control = cast(dict[str, np.ndarray], ctx.site_state.get("control") or initial_control(control))
-        self.model, self.weights, self.ctx, self.lr = model, weights, ctx, lr
-        self.control, self.site_control = control, site_control
-        names = dict(model.named_parameters())
-        self.corrections = [
-            (names[k], torch.as_tensor(v, dtype=names[k].dtype, device=names[k].device))
-            for k, v in gradient_correction(control, site_control).items()
-            if k in names
-        ]
-
-    def correct(self) -> None:
-        for param, correction in self.corrections:
-            if param.grad is not None:
-                param.grad.add_(correction)
-
-    def finish(self, new_weights: Mapping[str, np.ndarray], steps: int) -> dict[str, Any]:
-        site_control, delta = site_control_update(
-            self.site_control, self.control, self.weights, new_weights, max(steps, 1), self.lr
-        )
-        self.ctx.site_state["control"] = site_control
-        return {"control_delta": delta}
-
-
-class ScaledInputModel(nn.Module):
-    """A model that takes uint8 images and scales them to [-1, 1] first, as the built-in learner trains."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(_as_input(x))
 
 
 def learner_class(name: str) -> type[Learner]:
@@ -382,3 +314,16 @@ def load_learner(path: str, args: dict[str, Any]) -> Learner:
         return cls(**args)
     except TypeError as exc:
         raise TypeError(f"learner_args: {cls.__name__}(**learner_args) failed: {exc}") from None
+
+
+_TORCH_HELPERS = ("model_weights", "load_weights", "split_validation", "score", "ScaledInputModel")
+
+
+def __getattr__(name: str) -> Any:
+    """The PyTorch helpers that lived here (now in :mod:`fl_ray.torch_learning`), still importable from this
+    module: importing one loads PyTorch then, not when this module is imported."""
+    if name in _TORCH_HELPERS:
+        from fl_ray import torch_learning
+
+        return getattr(torch_learning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

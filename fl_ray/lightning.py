@@ -34,16 +34,9 @@ except ImportError as exc:
     ) from exc
 
 from fl_ray.importing import import_object
-from fl_ray.learners import (
-    Learner,
-    LearnerContext,
-    TrainResult,
-    load_weights,
-    model_weights,
-    score,
-    split_validation,
-)
+from fl_ray.learners import Learner, LearnerContext, TrainResult
 from fl_ray.models import DigitsCNN
+from fl_ray.torch_learning import load_weights, model_weights, score, split_validation
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, flatten
 
 if TYPE_CHECKING:

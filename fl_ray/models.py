@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_ray.model_names import check_model_name
+
 
 class HelloPtCNN(nn.Module):
     """The classic hello-pt CIFAR-10 network: two conv layers, three fully connected."""
@@ -63,13 +65,6 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "digits_cnn": lambda shape, n: DigitsCNN(n),
     "mlp": lambda shape, n: MLP(int(torch.tensor(shape).prod()), n),
 }
-
-
-def check_model_name(name: str) -> str:
-    """``name`` if it is a model of :data:`MODELS`; ValueError naming ``learner_args.model`` if not."""
-    if name not in MODELS:
-        raise ValueError(f"learner_args.model: unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}")
-    return name
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

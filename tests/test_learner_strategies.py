@@ -99,3 +99,27 @@ def test_site_seeds_depend_on_the_whole_site_name(digits):
     assert a.seed != b.seed
     b.site = "eu-west-site-1"
     assert a.seed == b.seed
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_built_in_sgd_steps_exactly_as_torch_optim(momentum):
+    """fl_ray's SGD (which spares each process torch._dynamo's import) gives bit for bit torch.optim.SGD's
+    weights over several steps of a digits CNN, with and without momentum."""
+    from fl_ray.models import build_model
+    from fl_ray.torch_learning import SGD
+
+    torch.manual_seed(0)
+    models = [build_model("digits_cnn", (1, 8, 8), 10) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        torch.optim.SGD(models[0].parameters(), lr=0.05, momentum=momentum),
+        SGD(models[1].parameters(), lr=0.05, momentum=momentum),
+    ]
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
+    for model, optimizer in zip(models, optimizers):
+        for x, y in batches:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name

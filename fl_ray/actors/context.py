@@ -1,11 +1,15 @@
-"""What client and server actors share at start-up: no credentials, threads, data, device, tracking."""
+"""What client and server actors share at start-up: no credentials, threads, data, device, tracking.
+
+PyTorch is imported when an actor starts, not with this module: the driver imports the actor classes
+without it."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
 from fl_ray.config import JobConfig
 from fl_ray.data import site_data
@@ -13,12 +17,27 @@ from fl_ray.learners import LearnerContext
 from fl_ray.tracking.credentials import drop_credentials
 from fl_ray.tracking.site import SiteTracking
 
+if TYPE_CHECKING:
+    import torch
+
 
 def select_device() -> torch.device:
     """CUDA when Ray assigned this worker a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import torch
+
     if ray.get_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def set_threads(cpus: float) -> None:
+    """PyTorch's intra-op threads: the CPUs Ray gave this actor (at least one); set now if PyTorch is loaded,
+    else through ``OMP_NUM_THREADS``, which it reads when a learner first imports it (a learner that trains
+    no PyTorch model never loads it)."""
+    threads = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def make_context(
@@ -30,7 +49,7 @@ def make_context(
     restarting the actor safely).
     """
     drop_credentials()
-    torch.set_num_threads(max(1, int(cpus)))
+    set_threads(cpus)
     cfg = JobConfig.model_validate(config)
     data, dataset = site_data(cfg.dataset, cfg.seed, len(cfg.site_names), site_index)
     tracking = SiteTracking(site, ray.get_actor(receiver_name), cfg.tracking)

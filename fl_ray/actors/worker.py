@@ -21,9 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import ray
-import torch
 
-from fl_ray.actors.context import select_device
+from fl_ray.actors.context import select_device, set_threads
 from fl_ray.config import JobConfig
 from fl_ray.data import load_dataset
 from fl_ray.learners import LearnerContext, load_learner
@@ -44,7 +43,7 @@ class WorkerActor:
     def __init__(self, name: str, config: dict[str, Any], receiver_name: str, parts: list[Any]) -> None:
         drop_credentials()
         self.cfg = JobConfig.model_validate(config)
-        torch.set_num_threads(max(1, int(self.cfg.resources.client_cpus)))
+        set_threads(self.cfg.resources.client_cpus)
         self.name = name
         self.parts: list[np.ndarray] = ray.get(parts[0])  # every site's indices, in configured order
         self.dataset = load_dataset(self.cfg.dataset, self.cfg.seed)
