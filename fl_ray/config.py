@@ -165,6 +165,27 @@ class TrackingConfig(_Strict):
         min_length=1,
         description="also register the logged model under this name in the MLflow model registry",
     )
+    site_receivers: dict[str, list[ReceiverConfig]] = Field(
+        default_factory=dict,
+        description="per site, receivers that run on the site's own node (entries as in receivers): that site's "
+        "records are delivered there, and only keys matching share reach the server's receivers",
+    )
+    share: list[str] = Field(
+        default_factory=list,
+        description="glob patterns (fnmatch: *, ?, [seq]) of metric, param, tag and text keys that a site with "
+        "site_receivers also sends to the server's receivers; empty: it sends none",
+    )
+    site_workspace: str = Field(
+        default="~/fl_ray_sites",
+        min_length=1,
+        description="on each site's node, where a site with site_receivers keeps its tracking: <site_workspace>/"
+        "<site>/ holds its default MLflow store and <job_id>/ its spool; an absolute path or one starting with ~",
+    )
+    site_credentials_file: dict[str, str] = Field(
+        default_factory=dict,
+        description="per site with site_receivers, a file of NAME=value lines on that site's node that only the "
+        "site's own receiver actor reads; an absolute path or one starting with ~",
+    )
 
     @field_validator("credentials")
     @classmethod
@@ -174,15 +195,92 @@ class TrackingConfig(_Strict):
             raise ValueError(f"unknown credential(s) {unknown}; expected some of {list(CREDENTIAL_VARS)}")
         return v
 
-    @field_validator("credentials_file")
+    @field_validator("credentials_file", "site_workspace")
     @classmethod
     def _absolute_file(cls, v: str | None) -> str | None:
-        if v is not None and not (v.startswith("~") or Path(v).is_absolute()):
+        if v is not None and not _absolute(v):
             raise ValueError(
                 "expected an absolute path (or one starting with ~): the receiver actor does not "
                 "run in the driver's working directory"
             )
         return v
+
+    @field_validator("site_credentials_file")
+    @classmethod
+    def _absolute_site_files(cls, v: dict[str, str]) -> dict[str, str]:
+        for site, path in v.items():
+            if not _absolute(path):
+                raise ValueError(
+                    f"{site}: {path!r} is not an absolute path (nor one starting with ~): the site's receiver "
+                    "actor does not run in the driver's working directory"
+                )
+        return v
+
+    @field_validator("site_receivers")
+    @classmethod
+    def _some_site_receivers(cls, v: dict[str, list[ReceiverConfig]]) -> dict[str, list[ReceiverConfig]]:
+        empty = [site for site, receivers in v.items() if not receivers]
+        if empty:
+            raise ValueError(f"{empty[0]}: expected a list of one or more receivers, got []")
+        return v
+
+    @field_validator("share")
+    @classmethod
+    def _glob_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            problem = _pattern_problem(pattern)
+            if problem:
+                raise ValueError(f"{pattern!r} is not a key pattern: {problem}")
+        return v
+
+    def check_sites(self, sites: list[str], workers: int | None) -> None:
+        """Raise ValueError, naming the field and value, if the site-local settings name a site that is not
+        one of ``sites`` or cannot be kept (``workers``: ``resources.workers``, a pool of fewer actors than sites)."""
+        for field, names in (
+            ("tracking.site_receivers", self.site_receivers),
+            ("tracking.site_credentials_file", self.site_credentials_file),
+        ):
+            for name in names:
+                if name not in sites:
+                    close = difflib.get_close_matches(name, sites, n=1, cutoff=0.6)
+                    hint = f"did you mean {close[0]!r}?" if close else f"expected one of {sites[:10]}"
+                    raise ValueError(f"{field}: {name!r} is not a site of this job; {hint}")
+        for name in self.site_credentials_file:
+            if name not in self.site_receivers:
+                raise ValueError(
+                    f"tracking.site_credentials_file: site {name!r} has no tracking.site_receivers, "
+                    "so nothing of it would read the file"
+                )
+        if self.share and not self.site_receivers:
+            raise ValueError(
+                f"tracking.share: {self.share!r} applies to sites with tracking.site_receivers, and none are set "
+                "(without them every key goes to the server's receivers)"
+            )
+        if self.site_receivers and workers is not None and workers < len(sites):
+            raise ValueError(
+                f"tracking.site_receivers needs one actor per site (a site's receivers run on its node), but "
+                f"resources.workers: {workers} runs the {len(sites)} sites on a pool; leave resources.workers unset "
+                f"or set it to at least {len(sites)}"
+            )
+
+
+def _absolute(path: str) -> bool:
+    return path.startswith("~") or Path(path).is_absolute()
+
+
+def _pattern_problem(pattern: str) -> str:
+    """Why ``pattern`` is no usable key glob ("" if it is one)."""
+    if not pattern.strip():
+        return "expected a glob such as 'val_*' or 'system/*'"
+    depth = 0
+    for char in pattern:
+        if char == "[" and depth == 0:
+            depth = 1
+        elif char == "]" and depth == 1:
+            depth = 0
+    if depth:
+        return "a '[' is not closed by ']' (write '[[]' for a literal '[')"
+    return ""
 
 
 class ServerConfig(_Strict):
@@ -288,6 +386,7 @@ class JobConfig(_Strict):
         n = len(self.site_names)
         if self.min_clients > n:
             raise ValueError(f"min_clients: {self.min_clients} is more than the {n} site(s) configured")
+        self.tracking.check_sites(self.site_names, self.resources.workers)
         return self
 
     @property

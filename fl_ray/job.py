@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import psutil
@@ -40,6 +40,9 @@ from fl_ray.strategies import build_strategy
 from fl_ray.strictjson import strict_json
 from fl_ray.tracking.credentials import masked_argv, receiver_credentials, without_credentials
 from fl_ray.tracking.spool import spool_report
+
+if TYPE_CHECKING:
+    from fl_ray.actors.site_receiver import SiteReceivers
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,9 @@ def _check_plugins(cfg: JobConfig) -> list[Any]:
         build_strategy(cfg.strategy)
         for i, spec in enumerate(cfg.tracking.receivers):
             build_receiver(spec.type, spec.params, f"tracking.receivers.{i}")
+        for site, specs in cfg.tracking.site_receivers.items():
+            for i, spec in enumerate(specs):
+                build_receiver(spec.type, spec.params, f"tracking.site_receivers.{site}.{i}")
         dataset = load_dataset(cfg.dataset, cfg.seed)
         return partition(cfg.dataset, dataset.train.y, len(cfg.site_names), cfg.seed)
     except (TypeError, ValueError) as exc:
@@ -180,19 +186,24 @@ def _check_resources(cfg: JobConfig, n: int) -> None:
         )
 
 
-def _start_clients(cfg: JobConfig, job_id: str, config: dict[str, Any], receiver_name: str) -> dict[str, Any]:
-    """One long-lived client actor per site, by site name."""
+def _start_clients(
+    cfg: JobConfig, job_id: str, config: dict[str, Any], receiver_name: str, local: SiteReceivers | None
+) -> dict[str, Any]:
+    """One long-lived client actor per site, by site name; a site with receivers of its own (``local``) runs
+    in its reserved bundle and logs to its own receiver actor."""
     from fl_ray.actors.client import ClientActor
+    from fl_ray.actors.site_receiver import site_receiver_name
 
     strategy = "SPREAD" if cfg.resources.placement == "spread" else "DEFAULT"
+    local_sites = local.strategies if local is not None else {}
     return {
         site: ClientActor.options(  # type: ignore[attr-defined]
             num_cpus=cfg.resources.client_cpus,
             num_gpus=cfg.resources.client_gpus,
             max_restarts=cfg.resources.max_client_restarts,
-            scheduling_strategy=strategy,
+            scheduling_strategy=local_sites.get(site, strategy),
             name=f"fl_ray-{job_id}-{site}",
-        ).remote(site, index, config, receiver_name)
+        ).remote(site, index, config, site_receiver_name(job_id, site) if site in local_sites else receiver_name)
         for index, site in enumerate(cfg.site_names)
     }
 
@@ -358,6 +369,7 @@ def run_job(
     status, error = FAILED, None
     cross_site: dict[str, Any] | None = None
     receiver = server = None
+    local: SiteReceivers | None = None  # the sites with receivers of their own
     clients: dict[str, Any] = {}
     worker_info: dict[str, Any] = {}
     try:
@@ -381,6 +393,8 @@ def run_job(
             receiver_credentials(cfg.tracking.credentials, cfg.tracking.credentials_file),
             here,
         )
+        if cfg.tracking.site_receivers:
+            local = _start_site_receivers(cfg, ctx, pooled, receiver_actor_name(job_id))
         config_dict = cfg.to_dict()
         actors = f"{workers} worker(s) for {len(sites)} sites" if pooled else f"{len(sites)} site(s)"
         phases.mark(
@@ -395,7 +409,7 @@ def run_job(
                 list(clients.values()), sites, cfg.resources.max_client_restarts, receiver_actor_name(job_id)
             )
         else:
-            clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id))
+            clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id), local)
             executor = RayExecutor(clients)
         # the server starts up while the clients do
         server = ServerActor.options(  # type: ignore[attr-defined]
@@ -441,7 +455,7 @@ def run_job(
             picture = _draw_picture(
                 job_dir, f"{job_id} ({status})", rounds, {site: len(idx) for site, idx in zip(sites, parts)}, table
             )
-            tracking = _close(cfg, receiver, server, clients, status, job_dir, table, picture, phases)
+            tracking = _close(cfg, receiver, server, clients, local, status, job_dir, table, picture, phases)
             phases.mark("results", "writing results")
             result = JobResult(
                 job_id,
@@ -470,6 +484,55 @@ def run_job(
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
     return result
+
+
+def _start_site_receivers(cfg: JobConfig, ctx: ReceiverContext, pooled: bool, receiver_name: str) -> SiteReceivers:
+    """Place the sites of ``tracking.site_receivers`` and start their own receiver actors on their nodes."""
+    from fl_ray.actors.site_receiver import SitePlacementError, start_site_receivers
+
+    if pooled:
+        raise ResourceError(
+            f"tracking.site_receivers ({', '.join(cfg.tracking.site_receivers)}) needs one actor per site, but "
+            f"the cluster holds only a pool of workers for the {len(cfg.site_names)} sites at "
+            f"resources.client_cpus={cfg.resources.client_cpus:g} / client_gpus={cfg.resources.client_gpus:g}"
+        )
+    try:
+        return start_site_receivers(cfg, ctx, receiver_name)
+    except SitePlacementError as exc:
+        raise ResourceError(str(exc)) from None
+
+
+def _close_site_receivers(local: SiteReceivers, status: str, timeout: float) -> dict[str, Any]:
+    """Have each site's own receiver actor deliver its spool and share what it shares, then end it; a report
+    per site (its receivers, what it shared, where its spool is). One that dies while closing is asked again
+    once Ray has restarted it (it recovers from its spool), up to ``CLOSE_ATTEMPTS`` times."""
+    deadline = time.monotonic() + timeout + 60
+    refs = {site: actor.close.remote(status, timeout) for site, actor in local.actors.items()}
+    reports: dict[str, Any] = {}
+    for site, ref in refs.items():
+        deaths = 0
+        while True:
+            try:
+                reports[site] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                reports[site] = {"error": f"{type(exc).__name__}: the site's receiver actor did not close"}
+                unavailable = isinstance(exc, ray.exceptions.ActorUnavailableError)  # restarting, or unreachable
+                deaths += isinstance(exc, ray.exceptions.RayActorError) and not unavailable
+                if (
+                    not isinstance(exc, ray.exceptions.RayActorError)
+                    or deaths >= CLOSE_ATTEMPTS
+                    or time.monotonic() >= deadline
+                ):
+                    log.warning(
+                        "site %s: its own tracking was not closed (%s); its records stay in its spool", site, exc
+                    )
+                    break
+                time.sleep(0.5)
+                ref = local.actors[site].close.remote(status, timeout)
+    for actor in local.actors.values():
+        ray.kill(actor, no_restart=True)
+    return reports
 
 
 def _completed_rounds(job_dir: Path) -> list[dict[str, Any]]:
@@ -518,14 +581,16 @@ def _close(
     receiver: Any,
     server: Any,
     clients: dict[str, Any],
+    local: SiteReceivers | None,
     status: str,
     job_dir: Path,
     table: dict[str, Any],
     picture: Path | None,
     phases: JobPhases,
 ) -> dict[str, Any]:
-    """Flush every site's tracking, have the receiver actor log the best model, the participation table and
-    the picture, then deliver and end the runs."""
+    """Flush every site's tracking, close the sites' own receiver actors (``local``: what they share reaches
+    the job's receiver actor), have the receiver actor log the best model, the participation table and the
+    picture, then deliver and end the runs."""
     timeout = cfg.tracking.close_timeout
     phases.mark("tracking", "delivering tracking records" if receiver is not None else "stopping the sites")
     senders: dict[str, Any] = {}
@@ -549,6 +614,9 @@ def _close(
     for actor in [*clients.values(), server]:
         if actor is not None:
             ray.kill(actor, no_restart=True)
+    site_reports = _close_site_receivers(local, status, timeout) if local is not None else None
+    if local is not None:
+        local.remove()
     if receiver is None:
         return {"senders": senders}
     try:
@@ -560,6 +628,8 @@ def _close(
     phases.mark("tracking_drained")
     report["senders"] = senders
     report["summary"] = summary
+    if site_reports is not None:
+        report["site_receivers"] = site_reports
     if model is not None:
         report["model"] = model
     return report

@@ -102,6 +102,8 @@ class LocalCluster:
         gcs, dashboard, client, head_agent, worker_agent = _free_ports(5)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+        # The tests' own learners and receivers, installed on both nodes as a user's would be.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
         self.env = env
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
@@ -202,12 +204,14 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"the cluster did not reach {n} alive nodes in {START_TIMEOUT} s; last: {last}")
 
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of this cluster: members of the `ray start` groups and their descendants."""
+    def processes(self, node: int | None = None) -> list[psutil.Process]:
+        """Every live process of this cluster (or of one node: 0 the head, 1 the worker): members of the
+        `ray start` groups and their descendants."""
+        groups = self.pgids if node is None else [self.pgids[node]]
         found: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) in self.pgids:
+                if os.getpgid(proc.pid) in groups:
                     found[proc.pid] = proc
                     for child in proc.children(recursive=True):
                         found[child.pid] = child
@@ -415,3 +419,123 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_store):
+    """site-1 keeps its tracking at home (tracking.site_receivers): its own receiver actor runs on its node (the
+    worker: the sites ask for a share of its GPU), the site's store gets every record of site-1, the server's
+    store only the keys of tracking.share, and the site's credential, planted in its credentials file, reaches
+    that actor and no other process, file or log; site-2 logs to the server as usual."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from test_secrets import _file_leaks
+
+    planted = {"site credential": f"planted-site-{secrets.token_hex(8)}"}
+    creds = tmp_path / "site-1.env"
+    creds.write_text(f"MLFLOW_TRACKING_PASSWORD={planted['site credential']}\n")
+    creds.chmod(0o600)
+    gate, site_home = tmp_path / "gate", tmp_path / "site-home"
+    gate.mkdir()
+    probe = {"type": "user_receivers:CredentialProbe"}
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "sitelocal",
+                "num_rounds": 1,
+                "sites": 2,
+                "min_clients": 2,
+                "dataset": {"name": "synthetic", "num_samples": 100},
+                "learner": "test_secrets:GatedLearner",  # logs known values; waits in round 1 for the gate
+                "learner_args": {"gate": str(gate)},
+                "resources": {"client_cpus": 0.25, "client_gpus": 0.25, "server_cpus": 0.25},
+                "tracking": {
+                    "receivers": [{"type": "mlflow"}, probe],
+                    "site_receivers": {"site-1": [{"type": "mlflow"}, probe]},
+                    "share": ["known", "pair_*"],
+                    "site_workspace": str(site_home),
+                    "site_credentials_file": {"site-1": str(creds)},
+                    "system_metrics": False,
+                    "log_model": False,
+                },
+            }
+        )
+    )
+    workspace = new_workspace(tmp_path / "workspace", mlflow_store)
+    output = tmp_path / "driver.out"
+    cmd = [sys.executable, "scripts/run_fedavg.py", "--address", cluster.gcs_address, "--config", str(config)]
+    with output.open("wb") as out:
+        driver = subprocess.Popen(
+            [*cmd, "--workspace", str(workspace), "--quiet"], cwd=REPO, env=cluster.env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while len(list(gate.glob("ready-*"))) < 2:  # both sites are in round 1: every actor runs
+            assert driver.poll() is None, f"the job ended early:\n{_tail(output.read_text())}"
+            assert time.monotonic() < deadline, f"the sites did not start:\n{_tail(output.read_text())}"
+            time.sleep(0.2)
+        site_receiver = [p for p in cluster.processes(1) if "SiteReceiverActor" in " ".join(_cmdline(p))]
+        assert len(site_receiver) == 1, "site-1's receiver actor is not one process of the worker node"
+        holders = [
+            f"{p.pid} {' '.join(_cmdline(p))[:80]}"
+            for p in [*cluster.processes(), psutil.Process(driver.pid)]
+            if p.pid != site_receiver[0].pid and _holds(p, planted["site credential"])
+        ]
+        assert not holders, holders
+        (gate / "go").touch()
+        assert driver.wait(JOB_TIMEOUT) == 0, _tail(output.read_text())
+    finally:
+        (gate / "go").touch()
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+    result = json.loads(next(workspace.glob("sitelocal-*/result.json")).read_text())
+    assert result["status"] == "FINISHED"
+    assert {s["node_id"] for s in result["sites"].values()} == {cluster.worker_id}
+    tracking = result["tracking"]
+    local = tracking["site_receivers"]["site-1"]
+    assert local["node_id"] == cluster.worker_id and Path(local["job_dir"]).parent == site_home / "site-1"
+    assert local["receivers"]["user_receivers_CredentialProbe"]["credentials"] == ["MLFLOW_TRACKING_PASSWORD"]
+    assert tracking["receivers"]["user_receivers_CredentialProbe"]["credentials"] == []
+    assert set(tracking["site_receivers"]) == {"site-1"}
+
+    def site_run(receiver: dict[str, Any], site: str) -> Any:
+        return MlflowClient(receiver["tracking_uri"]).get_run(receiver["run_ids"][site])
+
+    home = local["receivers"]["mlflow"]
+    assert home["tracking_uri"] == f"sqlite:///{site_home / 'site-1' / 'mlflow.db'}"
+    at_home = site_run(home, "site-1").data
+    assert set(at_home.metrics) == {"known", "auto", "pair_a", "pair_b"}
+    assert set(at_home.params) == {"lr", "bs", "site_name"}
+    assert at_home.tags["role"] == "client" and at_home.tags["credentials_seen"] == "none"
+    history = MlflowClient(home["tracking_uri"]).get_metric_history(home["run_ids"]["site-1"], "auto")
+    assert sorted(m.value for m in history) == [10, 11, 12]  # each point once
+    server = tracking["receivers"]["mlflow"]
+    shared = site_run(server, "site-1").data
+    assert set(shared.metrics) == {"known", "pair_a", "pair_b"} and shared.params == {}
+    assert "role" not in shared.tags and "credentials_seen" not in shared.tags
+    assert set(site_run(server, "site-2").data.metrics) == {"known", "auto", "pair_a", "pair_b"}
+    assert local["receivers"]["server"]["shared"] == 3
+
+    for root in (workspace, site_home, Path(cluster.temp_dir)):
+        assert not _file_leaks(root, planted), root
+    assert planted["site credential"] not in output.read_text()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _holds(p: psutil.Process, secret: str) -> bool:
+    """Whether ``p``'s environment or command line holds ``secret`` (False for a process that ended)."""
+    try:
+        return (
+            secret.encode() in Path(f"/proc/{p.pid}/environ").read_bytes() + Path(f"/proc/{p.pid}/cmdline").read_bytes()
+        )
+    except OSError:
+        return False
