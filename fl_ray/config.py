@@ -155,6 +155,9 @@ class TrackingConfig(_Strict):
         "only the receiver actor reads; an absolute path or one starting with ~",
     )
     close_timeout: Float = Field(default=120.0, gt=0, description="seconds to wait for receivers at job end")
+    max_artifact_mb: Float = Field(
+        default=100.0, gt=0, description="largest file (MB) a site may log as an artifact or in a model"
+    )
     system_metrics: Bool = Field(default=True, description="sample each site's CPU, memory and GPU use")
     system_metrics_interval: Float = Field(default=10.0, gt=0, description="seconds between system-metric samples")
     log_model: Bool = Field(
@@ -378,6 +381,10 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
+        script = self.learner_args.get("script") if self.learner == "script" else None
+        if isinstance(script, str) and not Path(script).expanduser().is_absolute():
+            # the actors do not run in the driver's working directory: the path is taken from it here
+            self.learner_args["script"] = str(Path.cwd() / script)
         if self.tracking.register_model_name and not self.tracking.log_model:
             raise ValueError(
                 f"tracking.register_model_name: {self.tracking.register_model_name!r} needs "

@@ -38,6 +38,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     "learner": {
         "image_classification": "fl_ray.learners:ImageClassificationLearner",
         "lightning": "fl_ray.lightning:LightningLearner",
+        "script": "fl_ray.script_learner:ScriptLearner",
     },
     "dataset": {
         "digits": "fl_ray.data:Digits",

@@ -5,7 +5,10 @@ Each site is a Ray actor with the real tracking path (MLflowWriter -> EventSende
 spool -> MLflowReceiver -> MLflow), timed from the first writer call until every point is stored
 (the receiver actor has delivered and closed; runs are created before the clock starts). Reports the
 writer call's median cost inside an actor, end-to-end points per second, points lost or duplicated,
-and the cost of the spool's durability (its synced appends: how many, and their time in all).
+and the cost of the spool's durability (its synced appends: how many, and their time in all). Before
+the clock starts, each site also logs ``--fluent-points`` points with MLflow's own ``mlflow.log_metric``
+(through the site's ``fl-ray://`` store): that call's median cost (target: at most 30 µs) and whether
+every point arrived once.
 
 ``--store server`` (the default): into a real `mlflow server` on loopback, started here with its
 default number of workers unless ``--server-workers`` says otherwise; also HTTP requests per 1,000
@@ -21,6 +24,7 @@ MLflow itself can take; fl_ray's target is 0.8 of it. The last line printed is o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -39,8 +43,13 @@ from fl_ray.config import TrackingConfig
 from fl_ray.mlflow_server import LocalMlflowServer
 from fl_ray.mlflow_store import prepare_sqlite_store
 from fl_ray.receivers.base import FINISHED, ReceiverContext
+from fl_ray.tracking.mlflow_plugin import site_scope
 from fl_ray.tracking.site import SiteTracking
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+FLUENT_KEY = "fluent_metric"
+FLUENT_TARGET_US = 30.0
 
 
 @ray.remote(num_cpus=0.1)
@@ -49,6 +58,8 @@ class BenchSite:
 
     def __init__(self, site: str, receiver_name: str) -> None:
         self.tracking = SiteTracking(site, ray.get_actor(receiver_name), TrackingConfig())
+        self.scope = contextlib.ExitStack()  # MLflow's tracking URI is the site's, as in a client actor
+        self.scope.enter_context(site_scope(self.tracking))
 
     def log(self, points: int, key: str = "bench_metric") -> list[int]:
         log_metric, clock = self.tracking.mlflow.log_metric, time.perf_counter_ns
@@ -60,7 +71,22 @@ class BenchSite:
         self.tracking.flush()
         return costs
 
+    def log_fluent(self, points: int, key: str = FLUENT_KEY) -> list[int]:
+        """``mlflow.log_metric`` in a tight loop, in the site's run: each call's cost."""
+        import mlflow
+
+        clock, costs = time.perf_counter_ns, []
+        with mlflow.start_run(log_system_metrics=False):
+            log_metric = mlflow.log_metric
+            for i in range(points):
+                start = clock()
+                log_metric(key, i * 0.5, step=i)
+                costs.append(clock() - start)
+        self.tracking.flush()
+        return costs
+
     def close(self) -> dict[str, int]:
+        self.scope.close()
         return self.tracking.close()
 
 
@@ -103,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sites", type=int, default=8, help="client actors (default %(default)s)")
     parser.add_argument("--points", type=int, default=5000, help="metric points per site (default %(default)s)")
+    parser.add_argument(
+        "--fluent-points",
+        type=int,
+        default=2000,
+        help="points per site logged with mlflow.log_metric before the timed run (default %(default)s)",
+    )
     parser.add_argument(
         "--baseline-sample",
         type=int,
@@ -166,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         f"lost {figures['lost']}, duplicated {figures['duplicated']}"
     )
     console.print(f"writer call: median {figures['writer_call_us_median']} µs, p99 {figures['writer_call_us_p99']} µs")
+    console.print(
+        f"fluent mlflow.log_metric on a site: median {figures['fluent_call_us_median']} µs, p99 "
+        f"{figures['fluent_call_us_p99']} µs (target <= {FLUENT_TARGET_US:g} µs: "
+        f"{'met' if figures['fluent_meets_target'] else 'NOT met'})"
+    )
     if args.store == "server":
         console.print(
             f"HTTP requests: {figures['http_requests']} ({figures['http_requests_per_1000_points']} per 1,000 points)"
@@ -208,6 +245,7 @@ def pipeline(
     receiver = start_receiver(ctx, [{"type": "mlflow", "tracking_uri": uri}], {}, here)
     actors = [BenchSite.remote(s, receiver_actor_name("bench")) for s in sites]
     ray.get([a.log.remote(1, "warmup") for a in actors])  # actors up...
+    fluent = [c for per_site in ray.get([a.log_fluent.remote(args.fluent_points) for a in actors]) for c in per_site]
     deadline = time.monotonic() + 300
     while (status := ray.get(receiver.status.remote())["receivers"]["mlflow"])["pending"]:  # ...runs made
         if time.monotonic() > deadline:
@@ -225,25 +263,35 @@ def pipeline(
     run_ids = report["receivers"]["mlflow"]["run_ids"]
     spool = report["spool"]
     client = MlflowClient(uri)
-    found = dupes = 0
+    found = dupes = fluent_found = fluent_dupes = 0
     for site in sites:
         history = client.get_metric_history(run_ids[site], "bench_metric")
         points = {(m.step, m.value) for m in history}
         found += len(points & {(i, i * 0.5) for i in range(args.points)})
         dupes += len(history) - len(points)
+        history = client.get_metric_history(run_ids[site], FLUENT_KEY)
+        points = {(m.step, m.value) for m in history}
+        fluent_found += len(points & {(i, i * 0.5) for i in range(args.fluent_points)})
+        fluent_dupes += len(history) - len(points)
     ray.shutdown()
+    fluent_median = statistics.median(fluent) / 1000 if fluent else float("nan")
     return {
         "sites": args.sites,
         "points_per_site": args.points,
         "points": total,
         "seconds": round(elapsed, 3),
         "points_per_s": round(total / elapsed, 1),
-        "lost": total - found,
-        "duplicated": dupes,
+        "lost": total - found + args.sites * args.fluent_points - fluent_found,
+        "duplicated": dupes + fluent_dupes,
         "http_requests": requests,
         "http_requests_per_1000_points": round(requests * 1000 / total, 3) if requests is not None else None,
         "writer_call_us_median": round(statistics.median(costs) / 1000, 3),
         "writer_call_us_p99": round(sorted(costs)[int(len(costs) * 0.99)] / 1000, 3),
+        "fluent_points_per_site": args.fluent_points,
+        "fluent_call_us_median": round(fluent_median, 3),
+        "fluent_call_us_p99": round(sorted(fluent)[int(len(fluent) * 0.99)] / 1000, 3) if fluent else None,
+        "fluent_target_us": FLUENT_TARGET_US,
+        "fluent_meets_target": fluent_median <= FLUENT_TARGET_US,
         "spool_syncs": spool["syncs"],
         "spool_sync_seconds": spool["sync_seconds"],
         "spool_sync_share": round(spool["sync_seconds"] / elapsed, 4),

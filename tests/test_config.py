@@ -178,7 +178,7 @@ def test_whole_numbers_still_fill_number_fields():
         ({"sites": [1, 2]}, "sites: expected a number of sites or a list of site names (text), got [1, 2]."),
         (
             {"learner": "x"},
-            "learner: expected one of image_classification, lightning or an import path "
+            "learner: expected one of image_classification, lightning, script or an import path "
             "'package.module:Class', got 'x'.",
         ),
     ],

@@ -3,6 +3,8 @@ once. The whole path on two nodes (the site's store, the server's store, credent
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -19,6 +21,7 @@ from fl_ray.job import run_job
 from fl_ray.receivers.base import ReceiverContext
 from fl_ray.replay import replay
 from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.spool import SPOOL_DIR, blob_path
 from fl_ray.tracking.state import INCARNATION_BITS
 
 from conftest import NO_DATA
@@ -104,24 +107,32 @@ def _metric(seq: int, key: str) -> TrackingEvent:
 
 def test_shared_records_reach_the_server_once_after_the_site_hub_crashes(ray_session, tmp_path):
     """Only records whose key matches ``share`` go to the server's receiver actor, numbered by their place among
-    the shared ones; a site hub that crashed after sending but before its mark moved sends them again from its
-    last mark, and the server's hub drops what it already holds."""
-    ctx = ReceiverContext(f"share-{os.getpid()}", "share", tmp_path, tmp_path, ("site-1",), {})
+    the shared ones, a shared file into the server's spool first; a site hub that crashed after sending but
+    before its mark moved sends them again from its last mark, and the server's hub drops what it already holds."""
+    ctx = ReceiverContext(f"share-{os.getpid()}", "share", tmp_path / "server", tmp_path, ("site-1",), {})
+    site_ctx = dataclasses.replace(ctx, job_dir=tmp_path / "site")
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = start_receiver(ctx, [{"type": "user_receivers:EchoReceiver"}], {}, here)
+    figure = b"\x89PNG a site's figure"
+    sha = hashlib.sha256(figure).hexdigest()
+    site_blob = blob_path(site_ctx.job_dir / SPOOL_DIR, sha)
+    site_blob.parent.mkdir(parents=True)
+    site_blob.write_bytes(figure)  # as the site's hub stored it
     try:
-        events = [_metric(i, key) for i, key in enumerate(["val_loss", "train_loss", "val_acc", "lr", "val_loss"])]
+        events = [_metric(i, key) for i, key in enumerate(["val_loss", "train_loss", "val_acc", "lr"])]
+        events.append(TrackingEvent("site-1", (3 << 32) + 4, EventKind.ARTIFACT, "val_plot.png", sha, None, 1_004))
         first = ShareReceiver(receiver_actor_name(ctx.job_id), ["val_*"], 0.0, batch_size=1)
-        first.open(ctx)
+        first.open(site_ctx)
         first.write(events[:3])
         first.flush()
         assert first.checkpoint() == {"shared": 2}
         again = ShareReceiver(receiver_actor_name(ctx.job_id), ["val_*"], 0.0, batch_size=1)
-        again.open(ctx)
+        again.open(site_ctx)
         again.resume({})  # the mark it restarts from was saved before the first delivery
         again.write(events)
         again.flush()
         assert again.checkpoint() == {"shared": 3}
+        assert blob_path(ctx.job_dir / SPOOL_DIR, sha).read_bytes() == figure  # until the server's hub closes
         report = ray.get(actor.close.remote("FINISHED", 60))
     finally:
         ray.kill(actor, no_restart=True)
@@ -130,7 +141,7 @@ def test_shared_records_reach_the_server_once_after_the_site_hub_crashes(ray_ses
     assert [(e[1] - base, e[3], e[4]) for e in echo] == [
         (0, "val_loss", 0.0),
         (1, "val_acc", 2.0),
-        (2, "val_loss", 4.0),
+        (2, "val_plot.png", sha),
     ]
     assert report["accepted"] == 3 and report["duplicates_dropped"] == 2
 

@@ -73,7 +73,14 @@ def test_scalars_per_site_with_step_and_walltime(tmp_path):
     summary = rx.close(FINISHED)
 
     base = tmp_path / "job" / "tb_events"
-    assert summary == {"log_dir": str(base), "sites": ["site-1", "site-2"], "scalars": 5, "texts": 0}
+    assert summary == {
+        "log_dir": str(base),
+        "sites": ["site-1", "site-2"],
+        "scalars": 5,
+        "texts": 0,
+        "images": 0,
+        "skipped": 0,
+    }
     s1, s2 = _load(base / "site-1"), _load(base / "site-2")
     assert _scalars(s1, "loss") == [(0, 0.875, 1_700_000_000.0), (5, 0.5, 1_700_000_001.0), (3, 0.75, 1_700_000_002.0)]
     assert _scalars(s2, "loss") == [(0, 0.625, 1_700_000_000.0)]
@@ -308,7 +315,15 @@ def test_checkpoint_lists_flushed_lengths_and_resume_appends_to_the_same_files(t
     batches = _three_batches()
     d = Delivery(tmp_path, batches)
     rx = d.life()
-    assert rx.checkpoint() == {"files": {}, "tables": {}, "sites": [], "scalars": 0, "texts": 0}
+    assert rx.checkpoint() == {
+        "files": {},
+        "tables": {},
+        "sites": [],
+        "scalars": 0,
+        "texts": 0,
+        "images": 0,
+        "skipped": 0,
+    }
     d.deliver(rx)
     rx.write(batches[1])  # not flushed: not in the checkpoint
     base = tmp_path / "job" / "tb_events"
@@ -320,9 +335,18 @@ def test_checkpoint_lists_flushed_lengths_and_resume_appends_to_the_same_files(t
         "sites": ["site-1"],
         "scalars": 1,
         "texts": 1,
+        "images": 0,
+        "skipped": 0,
     }
 
-    assert d.finish() == {"log_dir": str(base), "sites": ["site-1", "site-2"], "scalars": 6, "texts": 2}
+    assert d.finish() == {
+        "log_dir": str(base),
+        "sites": ["site-1", "site-2"],
+        "scalars": 6,
+        "texts": 2,
+        "images": 0,
+        "skipped": 0,
+    }
     assert [p.name for p in (base / "site-1").iterdir() if p.is_file()] == [name]
     _check_once(tmp_path, batches)
     acc = _load(base / "site-1")
@@ -572,3 +596,45 @@ def test_randomized_crashes_under_heavy_logging(tmp_path, seed):
     params = {e.key: e.value for b in batches for e in b if e.site == "site-2" and e.kind is P}
     last = max((k for k in stored if k[:2] == ("site-2", "params")), key=lambda k: k[2])
     assert last[3] == HEADER + "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+
+
+def test_files_become_texts_and_images_and_a_missing_file_is_set_aside(tmp_path):
+    """A text file is a text summary, an image an image summary, a model and other files are skipped, and a
+    record whose file is not in the spool is set aside (a replay after the files were removed)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from fl_ray.tracking.spool import Spool
+
+    spool = Spool(tmp_path / "job" / "spool")
+    png = io.BytesIO()
+    Image.new("RGB", (3, 2), "red").save(png, format="PNG")
+    blobs = {}
+    for name, data in {"notes.md": b"# hi", "plot.png": png.getvalue(), "data.bin": b"\0"}.items():
+        blobs[name] = hashlib.sha256(data).hexdigest()
+        spool.put_chunk(blobs[name], 0, data, len(data))
+    rx = TensorBoardReceiver(flush_secs=0)
+    rx.open(_ctx(tmp_path))
+    gone = _ev("site-1", 3, EventKind.ARTIFACT, "old.txt", "0" * 64)
+    rx.write(
+        [
+            _ev("site-1", 0, EventKind.ARTIFACT, "docs/notes.md", blobs["notes.md"]),
+            _ev("site-1", 1, EventKind.ARTIFACT, "plots/plot.png", blobs["plot.png"]),
+            _ev("site-1", 2, EventKind.ARTIFACT, "data.bin", blobs["data.bin"]),
+            gone,
+            _ev("site-1", 4, EventKind.MODEL, "model", json.dumps({"files": {}})),
+        ]
+    )
+    rx.flush()
+    assert [(e, reason.split(" (")[0]) for e, reason in rx.take_set_aside()] == [
+        (gone, f"file {'0' * 64} is not in the job's spool")
+    ]
+    summary = rx.close(FINISHED)
+    assert (summary["texts"], summary["images"], summary["skipped"]) == (1, 1, 2)
+    acc = EventAccumulator(str(tmp_path / "job" / "tb_events" / "site-1"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    assert acc.Tags()["tensors"] == ["docs/notes.md"] and acc.Tags()["images"] == ["plots/plot.png"]
+    [image] = acc.Images("plots/plot.png")
+    assert (image.width, image.height, image.encoded_image_string) == (3, 2, png.getvalue())

@@ -2,11 +2,13 @@
 
 The actor drops every tracking credential from its environment at start, picks CUDA when Ray gave it
 a GPU (else the CPU), samples system metrics (CPU, memory, GPUs via NVML) into its run, and flushes
-its tracking records at the end of each round.
+its tracking records at the end of each round. For its whole life MLflow's tracking URI in it is
+``fl-ray://<site>`` (:mod:`fl_ray.tracking.mlflow_plugin`), so ``import mlflow`` logs into the site's run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Mapping
@@ -20,6 +22,7 @@ from fl_ray.learners import load_learner
 from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
+from fl_ray.tracking.mlflow_plugin import site_scope
 
 
 @ray.remote
@@ -30,6 +33,8 @@ class ClientActor:
         self.ctx, self.tracking = make_context(
             site, site_index, config, receiver_name, config["resources"]["client_cpus"]
         )
+        self.mlflow_scope = contextlib.ExitStack()
+        self.mlflow_scope.enter_context(site_scope(self.tracking))
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)
         self.system_metrics = None
@@ -69,4 +74,5 @@ class ClientActor:
         """Take a last system sample, deliver every tracking record and stop; returns the sender's counters."""
         if self.system_metrics is not None:
             self.system_metrics.stop()
+        self.mlflow_scope.close()
         return self.tracking.close(timeout)

@@ -42,6 +42,9 @@ class ReceiverActor:
     def open_sites(self, sites: list[str]) -> dict[str, dict[str, Any]]:
         return self.hub.open_sites(sites)
 
+    def put_chunk(self, sha: str, offset: int, chunk: bytes, size: int) -> bool:
+        return self.hub.put_chunk(sha, offset, chunk, size)
+
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         return self.hub.submit(site, events)
 

@@ -28,8 +28,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from fl_ray.config import ConfigError, JobConfig
 from fl_ray.receivers.base import Receiver, ReceiverContext, build_receivers
 from fl_ray.tracking.credentials import drop_credentials, read_credentials_file
-from fl_ray.tracking.events import TrackingEvent
+from fl_ray.tracking.events import TrackingEvent, event_files
 from fl_ray.tracking.hub import TrackingHub
+from fl_ray.tracking.sender import send_file
+from fl_ray.tracking.spool import SPOOL_DIR, blob_path
 from fl_ray.tracking.state import INCARNATION_BITS
 
 SHARE_RECEIVER = "server"  # the name of a site hub's receiver that feeds the server's receiver actor
@@ -42,8 +44,9 @@ class ShareReceiver(Receiver):
     A shared record is sent with a seq of its own: its place among the shared records of the site's spool, in
     a block of seqs (``SHARED_BLOCK``) that no incarnation of the site uses. That place never changes, so a
     record sent again after a failure or a crash has the same ``(site, seq)`` and the server's hub drops it,
-    and the server sees one unbroken run of seqs per site. ``checkpoint`` keeps how many records were shared
-    before the progress mark.
+    and the server sees one unbroken run of seqs per site. The files a shared record names (an artifact's, a
+    model's) go to the server's spool first, from the site's. ``checkpoint`` keeps how many records were
+    shared before the progress mark.
     """
 
     def __init__(self, receiver_name: str, patterns: Sequence[str], flush_time: float, batch_size: int) -> None:
@@ -54,6 +57,7 @@ class ShareReceiver(Receiver):
         self.shared = 0  # records shared before the progress mark
         self._pending: list[TrackingEvent] = []
         self._actor: Any = None
+        self._spool = Path()
 
     def shares(self, key: str) -> bool:
         """Whether a record under ``key`` goes to the server."""
@@ -61,6 +65,7 @@ class ShareReceiver(Receiver):
 
     def open(self, ctx: ReceiverContext) -> None:
         self._actor = ray.get_actor(self.receiver_name)
+        self._spool = Path(ctx.job_dir) / SPOOL_DIR
 
     def write(self, events: Sequence[TrackingEvent]) -> None:
         for e in events:
@@ -71,6 +76,8 @@ class ShareReceiver(Receiver):
     def flush(self) -> None:
         """Wait until the server's hub has stored every pending record (an error: all are sent again)."""
         pending, self._pending = self._pending, []
+        for sha in {sha for e in pending for sha in event_files(e)}:
+            send_file(self._actor, blob_path(self._spool, sha), f"site {pending[0].site!r}", sha)
         n = self.batch_size
         refs = [self._actor.submit.remote(pending[0].site, pending[i : i + n]) for i in range(0, len(pending), n)]
         ray.get(refs)
@@ -118,6 +125,9 @@ class SiteReceiverActor:
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         return self.hub.submit(site, events)
+
+    def put_chunk(self, sha: str, offset: int, chunk: bytes, size: int) -> bool:
+        return self.hub.put_chunk(sha, offset, chunk, size)
 
     def close(self, status: str, timeout: float) -> dict[str, Any]:
         """Deliver the site's spool to its receivers and share what it shares (up to ``timeout`` seconds),

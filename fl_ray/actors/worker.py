@@ -9,7 +9,8 @@ reuses a seq, and the step counters the receiver holds for it) and ``ctx.site_st
 everything a site keeps between rounds thus lives with the server, not here, and a worker that dies
 loses nothing but the task it was running. The site's run gets the tag ``fl_ray.worker`` (the worker
 that ran its latest task); from its first task on, the worker logs its own system metrics to the run
-``worker-<n>``.
+``worker-<n>``. During a site's task, and only then, MLflow's tracking URI is ``fl-ray://<site>``
+(:mod:`fl_ray.tracking.mlflow_plugin`), so ``import mlflow`` logs into that site's run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
+from fl_ray.tracking.mlflow_plugin import site_scope
 from fl_ray.tracking.site import SiteTracking
 
 WORKER_TAG = "fl_ray.worker"
@@ -78,22 +80,8 @@ class WorkerActor:
             self._open_tracking()
         tracking = SiteTracking(site, self.receiver, self.cfg.tracking, opened)
         try:
-            tracking.mlflow.set_tag(WORKER_TAG, self.name)
-            ds = self.dataset
-            ctx = LearnerContext(
-                site=site,
-                device=self.device,
-                config=self.cfg,
-                data=ds.train.subset(self.parts[index]),
-                num_classes=ds.num_classes,
-                input_shape=ds.input_shape,
-                mlflow=tracking.mlflow,
-                tensorboard=tracking.tensorboard,
-                wandb=tracking.wandb,
-            )
-            learner = load_learner(self.cfg.learner, self.cfg.learner_args)
-            learner.setup(ctx)
-            result = run_task(learner, ctx, task, weights, payload)
+            with site_scope(tracking):
+                result = self._run_site(site, index, task, weights, payload, tracking)
         finally:
             for key, value in tracking.close(self.cfg.tracking.close_timeout).items():
                 self.sent[key] += value
@@ -104,6 +92,33 @@ class WorkerActor:
             "device": str(self.device),
             "seconds": time.perf_counter() - start,
         }
+
+    def _run_site(
+        self,
+        site: str,
+        index: int,
+        task: Task,
+        weights: Mapping[str, np.ndarray],
+        payload: Mapping[str, Arrays],
+        tracking: SiteTracking,
+    ) -> dict[str, Any]:
+        """The site's learner, built and set up for this task, runs it."""
+        tracking.mlflow.set_tag(WORKER_TAG, self.name)
+        ds = self.dataset
+        ctx = LearnerContext(
+            site=site,
+            device=self.device,
+            config=self.cfg,
+            data=ds.train.subset(self.parts[index]),
+            num_classes=ds.num_classes,
+            input_shape=ds.input_shape,
+            mlflow=tracking.mlflow,
+            tensorboard=tracking.tensorboard,
+            wandb=tracking.wandb,
+        )
+        learner = load_learner(self.cfg.learner, self.cfg.learner_args)
+        learner.setup(ctx)
+        return run_task(learner, ctx, task, weights, payload)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: node, device, process id, and which tracking credentials it holds (names)."""

@@ -12,7 +12,9 @@ earliest, so a create whose answer was lost (and was sent again by MLflow's HTTP
 retried ``open``) leaves no second run: empty extras are ended and deleted.
 
 Metrics, params and tags go in with ``MlflowClient.log_batch``, in requests within MLflow's limits
-(1000 metrics, 100 params and 100 tags a request); texts with ``log_text``; to a tracking server, the
+(1000 metrics, 100 params and 100 tags a request); texts with ``log_text``, files with ``log_artifact``
+(read from the job's spool by content hash) and models as MLflow logged models of the site's run (made
+once per record: a retried delivery finds the model by its ``fl_ray.record`` tag); to a tracking server, the
 requests of different runs go out concurrently. Metric timestamps are the client's, so writing the
 same batch twice adds nothing; a param keeps its first value, as in MLflow.
 
@@ -32,9 +34,13 @@ global model into the ``server`` run as an MLflow model (and registers it when a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import posixpath
 import re
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 from fl_ray.mlflow_store import prepare_sqlite_store, sqlite_path
 from fl_ray.receivers.base import FINISHED, KILLED, Receiver, ReceiverContext
 from fl_ray.tracking.events import MAX_PARAM_VALUE_LENGTH, EventKind, TrackingEvent, flatten
-from fl_ray.tracking.spool import read_json, write_json_atomic
+from fl_ray.tracking.spool import SPOOL_DIR, blob_path, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Param, Run, RunTag
@@ -88,11 +94,25 @@ class _Text(NamedTuple):
     text: str
 
 
+class _File(NamedTuple):
+    """A file artifact to log: its path in the run and its content hash (the blob in the job's spool)."""
+
+    path: str
+    sha: str
+
+
+class _Model(NamedTuple):
+    """A model to log: its name and manifest (files by content hash, step, params, tags)."""
+
+    name: str
+    manifest: dict[str, Any]
+
+
 class _Record(NamedTuple):
     """What goes to MLflow for one event, with the event it came from."""
 
     event: TrackingEvent
-    entity: Union[Metric, Param, RunTag, _Text]
+    entity: Union[Metric, Param, RunTag, _Text, _File, _Model]
 
 
 @dataclass
@@ -102,7 +122,7 @@ class _Batch:
     metrics: list[_Record] = field(default_factory=list)
     params: dict[str, _Record] = field(default_factory=dict)  # the first value of each key
     tags: dict[str, _Record] = field(default_factory=dict)  # the last value of each key
-    texts: list[_Record] = field(default_factory=list)
+    singles: list[_Record] = field(default_factory=list)  # texts, files and models: one request each
 
 
 class _Failure(NamedTuple):
@@ -256,9 +276,10 @@ class MLflowReceiver(Receiver):
         """Make sure each site in ``sites`` has its run in ``run_ids`` (and in mlflow_runs.json): the runs
         missing are looked up and made together."""
         with self._runs_lock:  # the delivery thread and log_model's
-            missing = [site for site in sites if site not in self.run_ids]
-            if missing:
-                self.run_ids.update(self._find_or_create_runs(missing))
+            wanted = {"/".join(parts[:i]) for parts in (s.split("/") for s in sites) for i in range(1, len(parts) + 1)}
+            missing = [site for site in wanted if site not in self.run_ids]
+            for depth in sorted({m.count("/") for m in missing}):  # a child run's parent first
+                self.run_ids.update(self._find_or_create_runs([m for m in missing if m.count("/") == depth]))
                 self._save_runs()
 
     def _find_or_create_runs(self, roles: Sequence[str | None]) -> dict[str | None, str]:
@@ -287,7 +308,7 @@ class MLflowReceiver(Receiver):
             )
             for run in page:
                 site = run.data.tags.get(SITE_TAG)
-                if site is None or run.data.tags.get(PARENT_TAG) == self.parent_run_id:
+                if site is None or run.data.tags.get(PARENT_TAG) in (self.parent_run_id, *self.run_ids.values()):
                     runs.setdefault(site, []).append(run)
             token = page.token
             if not token:
@@ -298,9 +319,10 @@ class MLflowReceiver(Receiver):
             run = self.client.create_run(
                 self.experiment_id, run_name=self._ctx.job_id, tags={JOB_TAG: self._ctx.job_id, **self._ctx.tags}
             )
-        else:
-            tags = {PARENT_TAG: self.parent_run_id, SITE_TAG: role, JOB_TAG: self._ctx.job_id}
-            run = self.client.create_run(self.experiment_id, run_name=role, tags=tags)
+        else:  # a site's run, or a child run a site started (``<site>/<name>``) under its parent's
+            parent, _, name = role.rpartition("/")
+            tags = {PARENT_TAG: self.run_ids[parent] if parent else self.parent_run_id, SITE_TAG: role}
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, JOB_TAG: self._ctx.job_id})
         return role, run
 
     def _keep_earliest(self, role: str | None, runs: list[Run]) -> str:
@@ -339,8 +361,12 @@ class MLflowReceiver(Receiver):
                     )
             elif e.kind == EventKind.TAG:
                 batch.tags[e.key] = _Record(e, RunTag(e.key, e.value))
+            elif e.kind == EventKind.ARTIFACT:
+                batch.singles.append(_Record(e, _File(e.key, e.value)))
+            elif e.kind == EventKind.MODEL:
+                batch.singles.append(_Record(e, _Model(e.key, json.loads(e.value))))
             else:
-                batch.texts.append(_Record(e, _Text(text_artifact(e.key, e.step), e.value)))
+                batch.singles.append(_Record(e, _Text(text_artifact(e.key, e.step), e.value)))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
@@ -389,7 +415,7 @@ class MLflowReceiver(Receiver):
             m, metrics = metrics[:room], metrics[room:]
             requests.append([*m, *p, *t])
         requests += alone
-        requests += ([r] for r in batch.texts)
+        requests += ([r] for r in batch.singles)
         for records in requests:
             if not self._send(delivery, run_id, records):
                 return
@@ -399,8 +425,13 @@ class MLflowReceiver(Receiver):
         split them until the failing records are alone. False when the run's other requests should wait:
         MLflow did not answer, or it takes no writes."""
         try:
-            if isinstance(records[0].entity, _Text):
-                self.client.log_text(run_id, records[0].entity.text, records[0].entity.path)
+            entity = records[0].entity
+            if isinstance(entity, _Text):
+                self.client.log_text(run_id, entity.text, entity.path)
+            elif isinstance(entity, _File):
+                self._log_file(run_id, entity)
+            elif isinstance(entity, _Model):
+                self._log_site_model(run_id, records[0].event, entity)
             else:
                 from mlflow.entities import Metric, Param, RunTag
 
@@ -423,6 +454,57 @@ class MLflowReceiver(Receiver):
             return takes_writes  # when MLflow takes no writes, the run's other requests wait too
         delivery.succeeded(records)
         return True
+
+    def _blob(self, sha: str) -> Path:
+        path = blob_path(Path(self._ctx.job_dir) / SPOOL_DIR, sha)
+        if not path.is_file():
+            raise MissingFileError(f"file {sha} is not in the job's spool ({path})")
+        return path
+
+    def _log_file(self, run_id: str, file: _File) -> None:
+        """Log a site's file (its blob, under its own name) as the artifact ``file.path`` of ``run_id``."""
+        folder, name = posixpath.split(file.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            shutil.copyfile(self._blob(file.sha), local)
+            self.client.log_artifact(run_id, str(local), folder or None)
+
+    def _log_site_model(self, run_id: str, event: TrackingEvent, model: _Model) -> None:
+        """Log a site's saved model as an MLflow logged model of ``run_id``, once: a model already tagged with
+        this record (a retried delivery) is only completed."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        record = f"{event.site}/{event.seq}"
+        found = self.client.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=f"tags.`fl_ray.record` = '{record}'"
+        )
+        if found and found[0].status == LoggedModelStatus.READY:
+            return
+        manifest = model.manifest
+        logged = (
+            found[0]
+            if found
+            else self.client.create_logged_model(
+                self.experiment_id,
+                name=model.name,
+                source_run_id=run_id,
+                tags={**manifest["tags"], "fl_ray.record": record, SITE_TAG: event.site},
+                params=manifest["params"] or None,
+            )
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel, sha in manifest["files"].items():
+                local = Path(tmp, rel)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._blob(sha), local)
+            saved = Model.load(str(Path(tmp) / "MLmodel"))  # the site's ids in it become the server's
+            saved.run_id, saved.model_id, saved.artifact_path = run_id, logged.model_id, logged.artifact_location
+            saved.model_uuid = logged.model_id
+            saved.save(str(Path(tmp) / "MLmodel"))
+            self.client.log_model_artifacts(logged.model_id, tmp)
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=manifest["step"])])
 
     def _settle(self, delivery: _Delivery) -> None:
         """Set aside the records refused for good, count the 5xx strikes, and raise if anything is to be retried."""
@@ -543,6 +625,10 @@ class MLflowReceiver(Receiver):
         return report
 
 
+class MissingFileError(FileNotFoundError):
+    """A record names a file that is not in the job's spool: MLflow cannot log it, ever."""
+
+
 class DeliveryError(RuntimeError):
     """Records MLflow did not take in this delivery; the batch is to be written and flushed again."""
 
@@ -555,7 +641,7 @@ def _answer(exc: Exception) -> tuple[int, str] | None:
     from mlflow.exceptions import MlflowException
 
     message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, PATH_CLASHES):
+    if isinstance(exc, (*PATH_CLASHES, MissingFileError)):
         return 400, f"{type(exc).__name__}: {message}"
     status = None
     cause: BaseException | None = exc

@@ -6,7 +6,10 @@ event file of the job, ``events.out.tfevents.<creation time>.fl_ray.<job id>``, 
 ``add_scalars`` series get the layout torch's ``SummaryWriter.add_scalars`` makes (tag ``main_tag`` in
 the sub-run), so curves of one group share a chart. Texts are text summaries. Params and tags are
 gathered per site and written, when they changed, as one markdown table each (text tags ``params``
-and ``tags``, step = version) at every flush.
+and ``tags``, step = version) at every flush. Files a site logs are written where TensorBoard can show
+them: a text file (``.txt``, ``.json``, ``.yaml``, ...) as a text summary, an image (``.png``, ``.jpg``,
+a logged figure) as an image summary, both under the file's path at step 0; other files and models are
+counted as ``skipped``. A child run a site started (``<site>/<name>``) is the sub-run ``<site>/<name>``.
 
 Exactly once: :meth:`write` only encodes records (TensorBoard's record format, in memory);
 :meth:`flush` appends them to the files, fsyncs each file and each new directory, and notes every
@@ -35,9 +38,12 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.spool import SPOOL_DIR, blob_path
 
 # Text tags of the per-site tables, keyed by the kind of record they gather.
 _TABLE_TAGS = {EventKind.PARAM: "params", EventKind.TAG: "tags"}
+TEXT_FILES = (".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".log")
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
 
 @dataclass
@@ -77,6 +83,9 @@ class TensorBoardReceiver(Receiver):
         self._sites: set[str] = set()
         self._scalars = 0
         self._texts = 0
+        self._images = 0
+        self._skipped = 0  # files and models TensorBoard cannot show
+        self._blobs: Path | None = None
         self._committed: dict[str, Any] = self._snapshot()  # the state as of the last flush (or resume)
         self._resumed = False  # the committed state accounts for every event file of the job
         self._failed = False  # files and state may be past the committed state (a write or flush raised, or a resume)
@@ -85,6 +94,7 @@ class TensorBoardReceiver(Receiver):
         """Choose the base directory (``log_dir`` or ``<job_dir>/tb_events``) and create it."""
         self._base = Path(self.log_dir) if self.log_dir else Path(ctx.job_dir) / "tb_events"
         self._base.mkdir(parents=True, exist_ok=True)
+        self._blobs = Path(ctx.job_dir) / SPOOL_DIR
         self._job_tag = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.job_id)
         self._own_name = re.compile(rf"events\.out\.tfevents\.\d+\.fl_ray\.{re.escape(self._job_tag)}")
 
@@ -98,12 +108,17 @@ class TensorBoardReceiver(Receiver):
                 if kind is EventKind.METRIC:
                     self._scalar(e)
                 elif kind is EventKind.TEXT:
-                    self._file(e.site).add(
+                    self._run_file(e.site).add(
                         Event(wall_time=e.timestamp / 1000, step=e.step or 0, summary=text_pb(e.key, e.value))
                     )
                     self._texts += 1
+                elif kind is EventKind.ARTIFACT:
+                    self._artifact(e)
+                elif kind is EventKind.MODEL:
+                    self._run_file(e.site)
+                    self._skipped += 1
                 else:
-                    self._file(e.site)  # the site's run exists from its first record on
+                    self._run_file(e.site)  # the site's run exists from its first record on
                     table = (e.site, _TABLE_TAGS[kind])
                     self._tables.setdefault(table, {})[e.key] = str(e.value)
                     self._dirty.add(table)
@@ -144,6 +159,8 @@ class TensorBoardReceiver(Receiver):
             "sites": sorted(self._sites),
             "scalars": self._scalars,
             "texts": self._texts,
+            "images": self._images,
+            "skipped": self._skipped,
         }
 
     def _check_open(self) -> None:
@@ -152,13 +169,46 @@ class TensorBoardReceiver(Receiver):
         if self._closed:
             raise RuntimeError(f"TensorBoardReceiver for {self._base} is closed")
 
+    def _artifact(self, e: TrackingEvent) -> None:
+        """A site's file: a text summary for a text file, an image summary for an image, else skipped."""
+        file = self._run_file(e.site)
+        suffix = PurePosixPath(e.key).suffix.lower()
+        if suffix not in TEXT_FILES + IMAGE_FILES:
+            self._skipped += 1
+            return
+        assert self._blobs is not None
+        path = blob_path(self._blobs, e.value)
+        if not path.is_file():
+            self.set_aside(e, f"file {e.value} is not in the job's spool ({path})")
+            return
+        data = path.read_bytes()
+        if suffix in TEXT_FILES:
+            summary = text_pb(e.key, data.decode("utf-8", errors="replace"))
+            self._texts += 1
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+            picture = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=data)
+            summary = Summary(value=[Summary.Value(tag=e.key, image=picture)])
+            self._images += 1
+        file.add(Event(wall_time=e.timestamp / 1000, step=0, summary=summary))
+
+    def _run_file(self, stream: str) -> _EventFile:
+        """The event file of a record stream: a site's run, or a child run ``<site>/<name>`` as its sub-run."""
+        site, _, child = _split(stream)
+        return self._file(site, child.replace("/", "_") or None)
+
     def _scalar(self, e: TrackingEvent) -> None:
+        site, _, child = _split(e.site)
         if e.group:
             # add_scalars: series ``main_tag/k`` lives in sub-run ``<main_tag>_<k>`` under tag main_tag
             series = e.key[len(e.group) + 1 :] if e.key.startswith(e.group + "/") else e.key
-            file, tag = self._file(e.site, f"{e.group.replace('/', '_')}_{series}"), e.group
+            sub_run = f"{e.group.replace('/', '_')}_{series}"
+            file, tag = self._file(site, f"{child.replace('/', '_')}_{sub_run}" if child else sub_run), e.group
         else:
-            file, tag = self._file(e.site), e.key
+            file, tag = self._run_file(e.site), e.key
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=e.value)])
         file.add(Event(wall_time=e.timestamp / 1000, step=e.step or 0, summary=summary))
         self._scalars += 1
@@ -192,7 +242,7 @@ class TensorBoardReceiver(Receiver):
         for site, tag in sorted(self._dirty):
             table = _markdown_table(("name", "value"), sorted(self._tables[site, tag].items()))
             version = self._versions.get((site, tag), 0)
-            self._file(site).add(Event(wall_time=now, step=version, summary=text_pb(tag, table)))
+            self._run_file(site).add(Event(wall_time=now, step=version, summary=text_pb(tag, table)))
             self._versions[site, tag] = version + 1
         self._dirty.clear()
         new_entries: set[Path] = set()  # directories whose entries changed: fsynced once the files are
@@ -220,6 +270,8 @@ class TensorBoardReceiver(Receiver):
             "sites": sorted(self._sites),
             "scalars": self._scalars,
             "texts": self._texts,
+            "images": self._images,
+            "skipped": self._skipped,
         }
 
     def _recover(self) -> None:
@@ -259,6 +311,7 @@ class TensorBoardReceiver(Receiver):
         self._dirty.clear()
         self._sites = set(state["sites"])
         self._scalars, self._texts = state["scalars"], state["texts"]
+        self._images, self._skipped = state["images"], state["skipped"]
         self._failed = False
 
     def _job_files(self) -> list[Path]:
@@ -279,6 +332,7 @@ class TensorBoardReceiver(Receiver):
             raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
         files, tables = state.get("files", {}), state.get("tables", {})
         sites, scalars, texts = state.get("sites", []), state.get("scalars", 0), state.get("texts", 0)
+        images, skipped = state.get("images", 0), state.get("skipped", 0)
         if not isinstance(files, dict):
             raise ValueError(f"{where} 'files' must map event file paths to lengths, got {files!r:.200}")
         for rel, length in files.items():
@@ -310,9 +364,20 @@ class TensorBoardReceiver(Receiver):
             )
         if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
             raise ValueError(f"{where} 'sites' must be a list of site names, got {sites!r:.200}")
-        if not _count(scalars) or not _count(texts):
-            raise ValueError(f"{where} 'scalars' and 'texts' must be integers >= 0, got {scalars!r} and {texts!r}")
-        return {"files": dict(files), "tables": _copy(tables), "sites": list(sites), "scalars": scalars, "texts": texts}
+        if not all(_count(n) for n in (scalars, texts, images, skipped)):
+            raise ValueError(
+                f"{where} 'scalars', 'texts', 'images' and 'skipped' must be integers >= 0, got "
+                f"{scalars!r}, {texts!r}, {images!r} and {skipped!r}"
+            )
+        return {
+            "files": dict(files),
+            "tables": _copy(tables),
+            "sites": list(sites),
+            "scalars": scalars,
+            "texts": texts,
+            "images": images,
+            "skipped": skipped,
+        }
 
 
 def _append_durably(path: Path, data: bytes, length: int) -> int:
@@ -373,6 +438,13 @@ def _count(value: Any) -> bool:
 def _copy(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of a checkpoint-shaped dict that shares no dicts or lists with it."""
     return {k: _copy(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v for k, v in state.items()}
+
+
+def _split(stream: Any) -> tuple[str, str, str]:
+    """A record stream's site and child run (``<site>/<name>``), refusing a stream no directory can name."""
+    if not isinstance(stream, str) or any(part in ("", ".", "..") for part in stream.split("/")):
+        raise ValueError(f"TensorBoardReceiver: site {stream!r} cannot name a directory")
+    return stream.partition("/")
 
 
 def _check_site(site: Any) -> None:

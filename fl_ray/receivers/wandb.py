@@ -46,6 +46,10 @@ network here), each flush's finish waits for W&B's upload, so whatever was marke
 W&B's server, and a restart resumes the same run; but records a crashed life wrote after its last flush
 may be on the server and not yet in the local transaction log the count comes from, or the reverse, so
 those can be missing or twice on the server.
+
+Files a site logs (artifacts, and a model's files under the model's name) are uploaded with its run
+(``run.save``; offline, into the run's ``files/`` folder): a copy at the file's own path under
+``<dir>/fl_ray_files/<run id>/``, saved again with the same content when replayed after a crash.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import struct
 import sys
 import threading
@@ -75,7 +80,7 @@ import psutil
 
 from fl_ray.receivers.base import FINISHED, Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.spool import fsync_path
+from fl_ray.tracking.spool import SPOOL_DIR, blob_path, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,7 @@ MODES = ("online", "offline", "disabled")
 # Site -> parent: RESUMED (what the run held when the process took it over), ACK, ERROR, DONE.
 _BATCH, _FLUSH, _END, _RESUMED, _ACK, _ERROR, _DONE = "batch", "flush", "end", "resumed", "ack", "error", "done"
 _HISTORY_KINDS = ("metric", "text")
+_FILE = "file"  # a site's file (an artifact, or one file of a model) for the run's files
 # W&B settings for a site's run: system metrics and host metadata would describe the receiver's host,
 # not the site, and console capture or code saving have nothing to show.
 _SETTINGS = {
@@ -207,6 +213,11 @@ class WandBReceiver(Receiver):
         (self._dir / "wandb").mkdir(parents=True, exist_ok=True)
         self._generation = _generation()
 
+    def _blob(self, sha: str) -> Path:
+        """Where the job's spool keeps the file of hash ``sha`` (the site process copies it from there)."""
+        assert self._ctx is not None  # write() checked that the receiver is open
+        return blob_path(Path(self._ctx.job_dir) / SPOOL_DIR, sha)
+
     def resume(self, state: dict[str, Any]) -> None:
         """Take the per-site history counts of the checkpoint that delivery restarts from."""
         with self._lock:
@@ -237,6 +248,19 @@ class WandBReceiver(Receiver):
                 kind = EventKind(e.kind)
                 if e.key in RESERVED_KEYS and kind in (EventKind.METRIC, EventKind.TEXT):
                     dropped.append(e)
+                elif kind in (EventKind.ARTIFACT, EventKind.MODEL):  # a model's files go under its name
+                    files = (
+                        {e.key: e.value}
+                        if kind is EventKind.ARTIFACT
+                        else {f"{e.key}/{rel}": sha for rel, sha in sorted(json.loads(e.value)["files"].items())}
+                    )
+                    missing = [sha for sha in files.values() if not self._blob(sha).is_file()]
+                    if missing:
+                        self.set_aside(e, f"file {missing[0]} is not in the job's spool")
+                        continue
+                    batches.setdefault(e.site, []).extend(
+                        (_FILE, key, str(self._blob(sha)), None) for key, sha in files.items()
+                    )
                 else:
                     batches.setdefault(e.site, []).append((kind.value, e.key, e.value, e.step))
             for name, items in batches.items():
@@ -528,8 +552,11 @@ class _RunWriter:
         history row; config changes go last."""
         row: dict[str, Any] = {}
         config: dict[str, Any] = {}
+        files: list[tuple[str, str]] = []
         for kind, key, value, step in items:
-            if kind in _HISTORY_KINDS:
+            if kind == _FILE:
+                files.append((key, value))
+            elif kind in _HISTORY_KINDS:
                 if self.skip:
                     self.skip -= 1
                     self.written.value += 1
@@ -548,6 +575,11 @@ class _RunWriter:
         if config:
             self._segment().config.update(config, allow_val_change=True)
             self.config.update(config)
+        for key, blob in files:  # a copy under the file's own path, uploaded with the run
+            base = Path(self.init["dir"]) / "fl_ray_files" / self.init["id"]
+            (base / key).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(blob, base / key)
+            self._segment().save(str(base / key), base_path=str(base), policy="now")
 
     def finish(self, exit_code: int) -> None:
         """Finish the open segment, if any, and sync its transaction log to disk."""

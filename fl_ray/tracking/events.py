@@ -8,8 +8,11 @@ exactly-once delivery.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
+import os
 import posixpath
 import re
 from enum import Enum
@@ -18,19 +21,22 @@ from typing import Any, Mapping, NamedTuple, cast
 
 
 class EventKind(str, Enum):
-    """What a record holds. Every writer maps its calls onto these four kinds."""
+    """What a record holds. Every writer maps its calls onto these kinds."""
 
     METRIC = "metric"
     PARAM = "param"
     TAG = "tag"
     TEXT = "text"
+    ARTIFACT = "artifact"  # a file: value = its content hash, the blob is in the job's spool
+    MODEL = "model"  # a logged model: value = JSON {"files": {relative path: content hash}, ...}
 
 
 class TrackingEvent(NamedTuple):
     """One tracking record from one site.
 
-    ``value`` is a float for metrics, a string for params, tags and texts. ``key`` is the metric,
-    param or tag name, or the artifact file name for a text. ``step`` is set for metrics (and for
+    ``value`` is a float for metrics, a string for params, tags and texts, the content hash (sha256
+    hex) of an artifact's file, and a JSON manifest for a model. ``key`` is the metric, param or tag
+    name, or the artifact path for a text, a file or a model. ``step`` is set for metrics (and for
     texts written with a step); ``timestamp`` is the client's wall clock in milliseconds.
     """
 
@@ -66,6 +72,26 @@ def check_key(key: Any, what: str = "key") -> str:
             "or '..', with no '.' or '..' part and no trailing or doubled '/'"
         )
     return key
+
+
+def check_artifact_path(path: Any, what: str = "artifact_file") -> str:
+    """Return ``path`` if it is a plain relative POSIX path (no ``..`` part, no leading or doubled ``/``)."""
+    if type(path) is not str:
+        raise TypeError(f"{what} must be a string, got {path!r} ({type(path).__name__})")
+    if (
+        not path
+        or len(path) > 1000
+        or posixpath.normpath(path) != path
+        or path.startswith("/")
+        or ".." in path.split("/")
+        or "\\" in path
+        or "\x00" in path
+    ):
+        raise ValueError(
+            f"{what} {path!r} is not a valid artifact path: expected a relative path of 1-1000 characters, "
+            "not starting with '/', with no '..' or '.' part, backslash or doubled '/'"
+        )
+    return check_unicode(what, path, path)
 
 
 def check_metric_value(key: str, value: Any) -> float:
@@ -149,3 +175,21 @@ def flatten(data: Mapping[str, Any], sep: str, prefix: str = "") -> dict[str, An
         else:
             out[name] = value
     return out
+
+
+def event_files(event: TrackingEvent) -> list[str]:
+    """The content hashes of the files a record names: an artifact's one, a model's each (none for others)."""
+    if event.kind is EventKind.ARTIFACT:
+        return [event.value]
+    if event.kind is EventKind.MODEL:
+        return sorted(set(json.loads(event.value)["files"].values()))
+    return []
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 hex digest of the file at ``path``: the name a logged file is stored and sent under."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

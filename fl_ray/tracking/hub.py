@@ -11,7 +11,9 @@ receivers, and is reported once per outage, not once per attempt. After a flush,
 receiver set aside as refused go to :class:`DeadLetters`, then the mark moves, with the receiver's
 checkpoint. Everything it needs to go on after a crash (accepted seqs, step counters, site
 incarnations, the job's lives) is recovered from the spool directory; what a receiver has not got when
-the hub closes stays there for ``scripts/replay_spool.py``, which runs this same hub outside Ray.
+the hub closes stays there for ``scripts/replay_spool.py``, which runs this same hub outside Ray. Files
+that sites log arrive apart, chunk by chunk (:meth:`TrackingHub.put_chunk`), into the spool's blobs,
+before the record that names them; they are removed when the hub closes with every record delivered.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from fl_ray.receivers.base import Receiver, ReceiverContext
 from fl_ray.tracking.events import EventKind, TrackingEvent
-from fl_ray.tracking.spool import Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
+from fl_ray.tracking.spool import SPOOL_DIR, Spool, SpoolError, decode_event, encode_event, read_json, write_json_atomic
 from fl_ray.tracking.state import INCARNATION_BITS, SiteState
 
 if TYPE_CHECKING:
@@ -313,7 +315,7 @@ class TrackingHub:
 
     def __init__(self, ctx: ReceiverContext, receivers: list[tuple[str, Receiver]]) -> None:
         self.ctx = ctx
-        self.spool = Spool(ctx.job_dir / "spool")
+        self.spool = Spool(ctx.job_dir / SPOOL_DIR)
         self.dead_letters = DeadLetters(ctx.job_dir)
         self._sites_path = self.spool.directory / "sites.json"
         self._seen: dict[tuple[str, int], _SeenSeqs] = {}
@@ -371,6 +373,10 @@ class TrackingHub:
             opened[site] = {**self._site(site).snapshot(), "incarnation": incarnation}
         write_json_atomic(self._sites_path, self._incarnations)
         return opened
+
+    def put_chunk(self, sha: str, offset: int, chunk: bytes, size: int) -> bool:
+        """Store a chunk of a file a site logs (see :meth:`Spool.put_chunk`); True once the file is whole."""
+        return self.spool.put_chunk(sha, offset, chunk, size)
 
     def submit(self, site: str, events: list[TrackingEvent]) -> int:
         """Accept a batch from ``site``: store what is new durably, then acknowledge with the count accepted.
@@ -553,6 +559,8 @@ class TrackingHub:
                     entry["close_error"] = _describe(exc)
                     log.warning("tracking receiver %r failed to close: %s", pump.name, entry["close_error"])
             report["receivers"][pump.name] = entry
+        if all(p.offset >= self.spool.end for p in self.pumps):  # every receiver has every file
+            self.spool.remove_blobs()
         self.spool.close()
         return report
 

@@ -8,11 +8,16 @@ buffer to the receiver actor in batches, when ``batch_size`` events are waiting 
 again until the receiver actor acknowledges it (the receiver drops duplicates by ``(site, seq)``), so
 a receiver-actor restart loses nothing. When the buffer is full (``max_buffered``), ``record`` waits:
 back-pressure instead of unbounded memory.
+
+Files (artifacts, models' files) do not ride in batches: :func:`send_file` (:meth:`EventSender.put_file`)
+sends one to the receiver actor's spool in chunks of at most :data:`CHUNK_BYTES`, where it is kept by content hash, before
+the record naming that hash is recorded; a chunk sent twice is stored once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -21,10 +26,13 @@ from typing import Any
 
 import ray
 
-from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.events import EventKind, TrackingEvent, file_sha256
 from fl_ray.tracking.state import SiteState
 
 log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 4 << 20  # largest piece of a file in one call to the receiver actor
+PUT_ATTEMPTS = 20  # calls of one chunk while the receiver actor restarts, before put_file gives up
 
 
 @dataclass
@@ -84,6 +92,10 @@ class EventSender:
             self.stats.recorded += 1
             if len(self._buffer) == self._batch_size:
                 self._cond.notify_all()
+
+    def put_file(self, path: str) -> str:
+        """Store the file at ``path`` in the job's spool, in chunks, by its content hash (returned: sha256 hex)."""
+        return send_file(self._receiver, path, f"site {self.site!r}")
 
     # -- delivery -----------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> int:
@@ -184,6 +196,30 @@ class EventSender:
                 self._failures,
             )
             self._failures = 0
+
+
+def send_file(receiver: Any, path: str | os.PathLike[str], who: str, sha: str | None = None) -> str:
+    """Store the file at ``path`` in ``receiver``'s spool (a receiver actor's ``put_chunk``), in chunks, by its
+    content hash ``sha`` (computed when not given; returned). ``who`` names the sender in errors."""
+    size = os.path.getsize(path)
+    sha = sha or file_sha256(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if _put_chunk(receiver, who, sha, offset, chunk, size) or not chunk:
+                return sha
+            offset += len(chunk)
+
+
+def _put_chunk(receiver: Any, who: str, sha: str, offset: int, chunk: bytes, size: int) -> bool:
+    """One chunk to the receiver actor, again while it restarts; True once it holds the whole file."""
+    for attempt in range(PUT_ATTEMPTS):
+        try:
+            return bool(ray.get(receiver.put_chunk.remote(sha, offset, chunk, size)))
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+            time.sleep(min(2.0, 0.1 * (attempt + 1)))
+    raise RuntimeError(f"{who}: the receiver actor took no file chunk in {PUT_ATTEMPTS} attempts")
 
 
 def _reason(exc: Exception) -> str:

@@ -26,7 +26,8 @@ class SiteTracking:
             flush_interval=cfg.flush_interval,
             max_in_flight=cfg.max_in_flight,
         )
-        self.mlflow = MLflowWriter(self.sender)
+        self.receiver, self.cfg = receiver, cfg
+        self.mlflow = MLflowWriter(self.sender, int(cfg.max_artifact_mb * 2**20))
         self.tensorboard = SummaryWriter(self.sender)
         self.wandb = WandBWriter(self.sender)
 

@@ -15,6 +15,11 @@ receiver tells one) and the receiver's own checkpoint. Marks are written atomica
 after the data they point to, and checked against the spool when read: a mark past the valid end or
 off a record boundary (the spool was cut back, or damaged) is replaced by the position after the
 records it counts, never by anything past the data.
+
+Files that sites log (artifacts, models' files) are kept beside the log, in ``blobs/<sha256>``: written
+in chunks to ``blobs/<sha256>.part``, checked against their hash and fsynced when the last chunk
+arrives, then renamed, so a blob that exists is whole. A record names its file by that hash; the blobs
+stay until every receiver has delivered every record (the hub then removes them).
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import threading
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from fl_ray.tracking.events import EventKind, TrackingEvent
+from fl_ray.tracking.events import EventKind, TrackingEvent, file_sha256
 
 log = logging.getLogger(__name__)
 
+SPOOL_DIR = "spool"  # the spool's folder in a job's directory
 EVENTS_FILE = "events.jsonl"
+BLOBS_DIR = "blobs"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _KINDS = frozenset(k.value for k in EventKind)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -171,6 +181,38 @@ class Spool:
                 os.close(self._fd)
                 self._fd = -1
 
+    # -- files ---------------------------------------------------------------------------------------
+    def put_chunk(self, sha: str, offset: int, chunk: bytes, size: int) -> bool:
+        """Store ``chunk`` at ``offset`` of the file of hash ``sha`` (``size`` bytes in all); True once the
+        whole file is stored (at once when it already was). Raises ValueError when the chunks received do
+        not hash to ``sha`` (the part is discarded, so the site's next try starts clean)."""
+        if _SHA256.fullmatch(sha) is None or not 0 <= offset <= offset + len(chunk) <= size:
+            raise ValueError(f"file chunk: bad hash {sha!r:.80} or range {offset}+{len(chunk)} of {size} bytes")
+        path = blob_path(self.directory, sha)
+        if path.exists():
+            return True
+        path.parent.mkdir(exist_ok=True)
+        part = path.with_name(sha + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, chunk, offset)
+            if offset + len(chunk) < size:
+                return False
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if file_sha256(part) != sha:
+            part.unlink()
+            raise ValueError(f"file {sha}: the {size} bytes received do not match the hash; send it again")
+        os.replace(part, path)
+        fsync_path(path.parent)
+        return True
+
+    def remove_blobs(self) -> None:
+        """Remove every stored file (the hub calls this once every receiver has every record)."""
+        shutil.rmtree(self.directory / BLOBS_DIR, ignore_errors=True)
+
     # -- progress marks ----------------------------------------------------------------------------
     def progress_path(self, name: str) -> Path:
         """Where receiver ``name`` keeps its progress mark."""
@@ -223,6 +265,11 @@ class Spool:
         if state:
             mark["state"] = state
         write_json_atomic(self.progress_path(name), mark)
+
+
+def blob_path(directory: Path, sha: str) -> Path:
+    """Where the spool ``directory`` keeps the file of content hash ``sha``."""
+    return Path(directory) / BLOBS_DIR / sha
 
 
 def spooled_events(directory: Path) -> list[TrackingEvent]:

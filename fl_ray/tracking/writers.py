@@ -3,8 +3,10 @@
 ``MLflowWriter`` mimics ``mlflow``'s logging functions, ``SummaryWriter`` torch's TensorBoard writer
 and ``WandBWriter`` ``wandb.log`` / ``wandb.config``. None of them talks to a tracking server: each
 call validates its input, raising ``TypeError``/``ValueError`` that names the key and the value, and
-appends events to the site's :class:`~fl_ray.tracking.sender.EventSender`. Any writer can feed any
-receiver; see docs/tracking.md for how each call maps onto MLflow, TensorBoard and W&B.
+appends events to the site's :class:`~fl_ray.tracking.sender.EventSender`; a call that logs a file
+(an artifact, a figure, a model) first waits while the sender hands the file to the receiver actor in
+chunks. Any writer can feed any receiver; see docs/tracking.md for how each call maps onto MLflow,
+TensorBoard and W&B.
 
 Steps: where a call gives no step, MLflow and TensorBoard syntax take a per-site, per-key counter
 one past the largest step logged for that key so far (so curves continue across rounds); W&B syntax
@@ -15,6 +17,9 @@ site's writers.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -23,6 +28,7 @@ from fl_ray.tracking.events import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     EventKind,
+    check_artifact_path,
     check_key,
     check_metric_value,
     check_step,
@@ -35,6 +41,8 @@ from fl_ray.tracking.sender import EventSender
 from fl_ray.tracking.state import SiteState
 
 METRIC, PARAM, TAG, TEXT = EventKind.METRIC, EventKind.PARAM, EventKind.TAG, EventKind.TEXT
+ARTIFACT, MODEL = EventKind.ARTIFACT, EventKind.MODEL
+DEFAULT_MAX_ARTIFACT_BYTES = 100 << 20  # tracking.max_artifact_mb's default
 
 
 def _now_ms() -> int:
@@ -121,7 +129,16 @@ class _SiteWriter:
 
 
 class MLflowWriter(_SiteWriter):
-    """``mlflow``-style logging for one site: same names, signatures and meaning where they overlap."""
+    """``mlflow``-style logging for one site: same names, signatures and meaning where they overlap.
+
+    Files (``log_artifact(s)``, ``log_figure``, a model's files) go to the job's spool in chunks before the
+    record naming them is sent; one over ``max_artifact_bytes`` (``tracking.max_artifact_mb``) raises
+    ValueError at the call, with its size and the limit.
+    """
+
+    def __init__(self, sender: EventSender, max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+        super().__init__(sender)
+        self.max_artifact_bytes = max_artifact_bytes
 
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Log one metric point; ``timestamp`` in milliseconds since the epoch (default: now)."""
@@ -162,6 +179,96 @@ class MLflowWriter(_SiteWriter):
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store ``text`` as the artifact ``artifact_file`` (a relative path) of the site's run."""
         self._text(artifact_file, text, None, "artifact_file")
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        """Store ``dictionary`` as the artifact ``artifact_file``: YAML for ``.yaml``/``.yml``, else JSON."""
+        if not isinstance(dictionary, Mapping):
+            raise TypeError(f"log_dict: dictionary must be a mapping, got {type(dictionary).__name__}")
+        if isinstance(artifact_file, str) and artifact_file.endswith((".yaml", ".yml")):
+            import yaml
+
+            text = yaml.safe_dump(dict(dictionary), default_flow_style=False)
+        else:
+            text = json.dumps(dictionary, indent=2, default=str)
+        self._text(artifact_file, text, None, "artifact_file")
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Store the file ``local_path`` in the site's run, under the folder ``artifact_path`` (default: the
+        run's root)."""
+        if not os.path.isfile(local_path):
+            raise ValueError(f"log_artifact: local_path {local_path!r} is not a file")
+        name = os.path.basename(local_path)
+        path = check_artifact_path(f"{artifact_path}/{name}" if artifact_path else name, "artifact path")
+        self._check_size(local_path, f"artifact {path!r}")
+        self._sender.record(ARTIFACT, path, self._sender.put_file(local_path), None, _now_ms())
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        """Store every file under ``local_dir`` in the site's run, keeping its layout under ``artifact_path``."""
+        for rel in self._files_under(local_dir):
+            folder = os.path.dirname(rel)
+            joined = "/".join(p for p in (artifact_path, folder) if p)
+            self.log_artifact(os.path.join(local_dir, rel), joined or None)
+
+    def log_figure(self, figure: Any, artifact_file: str, *, save_kwargs: dict[str, Any] | None = None) -> None:
+        """Store a matplotlib figure (anything with ``savefig``) as the image ``artifact_file``."""
+        path = check_artifact_path(artifact_file)
+        if not hasattr(figure, "savefig"):
+            raise TypeError(f"log_figure: expected a matplotlib figure, got {type(figure).__name__}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            figure.savefig(local, **(save_kwargs or {}))
+            self.log_artifact(local, os.path.dirname(path) or None)
+
+    def log_model(self, pytorch_model: Any, name: str = "model", *, step: int = 0, **save_kwargs: Any) -> None:
+        """Log a torch module as an MLflow model named ``name`` in the site's run (``mlflow.pytorch.log_model``:
+        saved here with ``mlflow.pytorch.save_model(**save_kwargs)``, logged as a model by the receivers)."""
+        import mlflow.pytorch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model")
+            mlflow.pytorch.save_model(pytorch_model, local, **save_kwargs)
+            self.log_model_dir(local, name, step=step)
+
+    def log_model_dir(
+        self,
+        local_dir: str,
+        name: str,
+        *,
+        step: int | None = 0,
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Log the saved MLflow model in ``local_dir`` (an ``MLmodel`` file and the rest) as the model ``name``."""
+        name = self._key(name, "model name")
+        files = self._files_under(local_dir)
+        if "MLmodel" not in files:
+            raise ValueError(f"model {name!r}: {local_dir} holds no MLmodel file (not a saved MLflow model)")
+        for rel in files:  # all checked before anything is sent
+            check_artifact_path(rel, f"model {name!r} file")
+            self._check_size(os.path.join(local_dir, rel), f"model {name!r}")
+        hashes = {rel: self._sender.put_file(os.path.join(local_dir, rel)) for rel in files}
+        manifest = {"files": hashes, "step": step or 0, "params": dict(params or {}), "tags": dict(tags or {})}
+        self._sender.record(MODEL, name, json.dumps(manifest, sort_keys=True), None, _now_ms())
+
+    def _check_size(self, path: str, what: str) -> None:
+        """Raise ValueError with the size and the limit if the file at ``path`` is over ``max_artifact_bytes``."""
+        size = os.path.getsize(path)
+        if size > self.max_artifact_bytes:
+            raise ValueError(
+                f"{what}: {path} is {size / 2**20:.3g} MB, over the limit of tracking.max_artifact_mb = "
+                f"{self.max_artifact_bytes / 2**20:.3g} MB"
+            )
+
+    @staticmethod
+    def _files_under(local_dir: str) -> list[str]:
+        """Every file under ``local_dir``, as sorted POSIX paths relative to it."""
+        if not os.path.isdir(local_dir):
+            raise ValueError(f"{local_dir!r} is not a directory")
+        return sorted(
+            os.path.relpath(os.path.join(root, f), local_dir).replace(os.sep, "/")
+            for root, _, names in os.walk(local_dir)
+            for f in names
+        )
 
 
 class SummaryWriter(_SiteWriter):
