@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 
 CLOSE_ATTEMPTS = 3  # times the job asks a receiver actor that died while closing to close again
+RESTART_TIMEOUT = 120.0  # seconds the job waits for Ray to restart a receiver actor that died while closing
 
 
 class ResourceError(RuntimeError):
@@ -671,13 +672,16 @@ def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path, p
             break
         except ray.exceptions.RayError as exc:
             error = f"{type(exc).__name__}: the receiver actor died while closing"
+            restarted = attempt < CLOSE_ATTEMPTS and _wait_for_restart(receiver, RESTART_TIMEOUT)
             log.warning(
                 "%s (attempt %d of %d)%s",
                 error,
                 attempt,
                 CLOSE_ATTEMPTS,
-                "; asking its restarted actor" if attempt < CLOSE_ATTEMPTS else "",
+                "; asking its restarted actor" if restarted else "",
             )
+            if not restarted:
+                break
     specs = [{"type": r.type, **r.params} for r in cfg.tracking.receivers]
     report = spool_report(job_dir / "spool", receiver_names(specs))
     for name, entry in report["receivers"].items():
@@ -690,6 +694,21 @@ def _close_receiver(cfg: JobConfig, receiver: Any, status: str, job_dir: Path, p
         job_dir,
     )
     return report
+
+
+def _wait_for_restart(receiver: Any, timeout: float) -> bool:
+    """Whether the receiver actor answers again within ``timeout`` seconds after dying (Ray restarts it; calls
+    made while it restarts fail at once with ``ActorUnavailableError``). False once Ray has given it up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(receiver.status.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+            return True
+        except ray.exceptions.ActorDiedError:
+            return False
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)  # restarting: ask again
+    return False
 
 
 def _follow_delivery(receiver: Any, closing: Any, timeout: float, phases: JobPhases) -> None:

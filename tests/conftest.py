@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray instance per test session, and a real `mlflow server` on loopback."""
+"""Shared fixtures: one local Ray instance per test session, a real `mlflow server` on loopback, and a
+two-node Ray cluster of ``ray start`` processes (started once, for the tests that run last)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,22 @@ def mlflow_store(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def cluster():
+    """A two-node Ray cluster on this host (tests/loopback_cluster.py), stopped with nothing left behind."""
+    from loopback_cluster import RAY, LocalCluster
+
+    if not RAY.exists():
+        pytest.skip(f"no ray CLI beside {sys.executable}")
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        survivors = c.stop()
+        assert not survivors, f"processes of the test cluster still alive: {survivors}"
+
+
 def new_workspace(path: Path, store: Path) -> Path:
     """A workspace directory at ``path`` holding a copy of the prepared ``store`` as its mlflow.db."""
     path.mkdir(parents=True, exist_ok=True)
@@ -88,10 +105,11 @@ def workspace(tmp_path, mlflow_store):
 
 def pytest_collection_modifyitems(items):
     """Tests that need Ray, a real `mlflow server` or W&B's processes are slow: `pytest -m "not slow"` is the
-    unit tier."""
+    unit tier. Tests on the two-node cluster run last, so that it runs only while they do."""
     for item in items:
-        if {"ray_session", "mlflow_server", "wandb_env"} & set(item.fixturenames):
+        if {"ray_session", "mlflow_server", "wandb_env", "cluster"} & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: "cluster" in item.fixturenames)
 
 
 def start_job_process(workspace, *args):

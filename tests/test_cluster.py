@@ -1,45 +1,15 @@
-"""A real two-node Ray cluster on this machine: a FedAvg job through `ray job submit`, and a job that asks too much.
-
-The cluster is two ``ray start`` processes (a head with the dashboard / job server, and a worker node
-that joins it), each a separate raylet on this host, marked with the custom resources ``head`` and
-``worker``. Jobs go in the way they would on a real cluster: ``ray job submit --working-dir`` with
-token authentication (``RAY_AUTH_MODE=token``), or a driver started with ``--address``.
-
-Isolation from any other Ray on the machine (e.g. a session-wide ``ray.init()`` of other tests, or a
-developer's own ``ray start``):
-
-* every port that Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265, client
-  server 10001, dashboard agent 52365, workers 10002-19999) is a free port chosen here, or random;
-* both nodes use a temp dir of this test (so the ``ray_current_cluster`` file, which ``ray.init()``
-  without an address would follow, never lands in /tmp/ray);
-* the token is a fresh one in ``RAY_AUTH_TOKEN``, so ~/.ray/auth_token is neither read nor created;
-* this test process never imports Ray's driver state: everything runs in subprocesses.
-
-Cleanup never uses ``ray stop``, which stops every Ray on the machine. Each ``ray start`` runs in a
-new session (``start_new_session=True``), so its pid is the process group of every daemon it
-spawns (GCS, raylet, dashboard, agents, monitor). Ray's worker processes (actors, the job
-supervisor, the job's driver) move to groups of their own, but they are children of a raylet. At
-teardown the test takes the members of those groups plus all their descendants, sends SIGTERM,
-waits, then SIGKILLs what is left (the GCS ignores SIGTERM for a while), and checks that nothing
-of it survives. The fixture does this in a ``finally``, so a failed start is cleaned up too.
-"""
+"""A real two-node Ray cluster on this machine (tests/loopback_cluster.py): a FedAvg job through `ray job
+submit`, a job that asks too much, fractional GPUs, site-local tracking."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +17,9 @@ import psutil
 import pytest
 
 from conftest import new_workspace
+from loopback_cluster import tail
 
 REPO = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).with_name("ray")
 # Not uploaded with --working-dir: the virtualenv (GBs), job outputs, data, VCS and caches.
 UPLOAD_EXCLUDES = [
     ".venv",
@@ -62,192 +32,9 @@ UPLOAD_EXCLUDES = [
     ".pytest_cache",
     ".hypothesis",
 ]
-START_TIMEOUT = 120
 JOB_TIMEOUT = 300
-TERM_GRACE = 5
 
-pytestmark = [
-    pytest.mark.slow,  # starts a two-node Ray cluster of its own
-    pytest.mark.skipif(not RAY.exists(), reason=f"no ray CLI beside {sys.executable}"),
-]
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports that are free now (held open together so they differ)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def _tail(text: str, n: int = 60) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-@dataclass
-class LocalCluster:
-    """Two raylets on this host, started and stopped by this test only."""
-
-    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="flrc-", dir="/tmp"))
-    pgids: list[int] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    gcs_address: str = ""
-    dashboard_url: str = ""
-    head_id: str = ""
-    worker_id: str = ""
-
-    def start(self) -> None:
-        # Short temp dir (/tmp/flrc-XXXX): Ray's unix sockets live under it, and paths are limited to 107 bytes.
-        gcs, dashboard, client, head_agent, worker_agent = _free_ports(5)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
-        # The tests' own learners and receivers, installed on both nodes as a user's would be.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
-        self.env = env
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard}"
-        common = [
-            "--num-cpus",
-            "2",
-            "--temp-dir",
-            self.temp_dir,
-            "--min-worker-port",
-            "0",
-            "--max-worker-port",
-            "0",
-            "--object-store-memory",
-            str(300 * 1024**2),
-            "--disable-usage-stats",
-        ]
-        self._ray_start(
-            [
-                "--head",
-                "--port",
-                str(gcs),
-                "--resources",
-                '{"head": 1}',
-                "--include-dashboard",
-                "true",
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(dashboard),
-                "--ray-client-server-port",
-                str(client),
-                "--dashboard-agent-listen-port",
-                str(head_agent),
-                *common,
-            ]
-        )
-        # One log monitor per host is enough (Ray's own multi-node test clusters do the same).
-        # The worker node declares one (logical) GPU, so fractional-GPU placement can be checked here.
-        self._ray_start(
-            [
-                "--address",
-                self.gcs_address,
-                "--resources",
-                '{"worker": 1}',
-                "--num-gpus",
-                "1",
-                "--dashboard-agent-listen-port",
-                str(worker_agent),
-                "--include-log-monitor",
-                "false",
-                *common,
-            ]
-        )
-        nodes = self._wait_for_nodes(2)
-        self.head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-        self.worker_id = next(n["node_id"] for n in nodes if "worker" in n["resources_total"])
-
-    def _ray_start(self, args: list[str]) -> None:
-        proc = subprocess.Popen(
-            [str(RAY), "start", *args],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.pgids.append(proc.pid)  # before waiting: a start that hangs or fails is still cleaned up
-        try:
-            out, _ = proc.communicate(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-            raise RuntimeError(f"ray start {args[0]} took over {START_TIMEOUT} s:\n{_tail(out)}") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray start {args[0]} failed ({proc.returncode}):\n{_tail(out)}")
-
-    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run the ray CLI against this cluster's environment (token included)."""
-        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def nodes(self) -> list[dict[str, Any]]:
-        """`ray list nodes` of this cluster."""
-        res = self.ray("list", "nodes", "--address", self.dashboard_url, "--format", "json")
-        if res.returncode != 0:
-            raise RuntimeError(f"ray list nodes failed:\n{_tail(res.stdout + res.stderr)}")
-        return json.loads(res.stdout)
-
-    def _wait_for_nodes(self, n: int) -> list[dict[str, Any]]:
-        deadline, last = time.monotonic() + START_TIMEOUT, None
-        while time.monotonic() < deadline:
-            try:
-                alive = [x for x in self.nodes() if x["state"] == "ALIVE"]
-                if len(alive) >= n:
-                    return alive
-                last = alive
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-                last = exc
-            time.sleep(1)
-        raise RuntimeError(f"the cluster did not reach {n} alive nodes in {START_TIMEOUT} s; last: {last}")
-
-    def processes(self, node: int | None = None) -> list[psutil.Process]:
-        """Every live process of this cluster (or of one node: 0 the head, 1 the worker): members of the
-        `ray start` groups and their descendants."""
-        groups = self.pgids if node is None else [self.pgids[node]]
-        found: dict[int, psutil.Process] = {}
-        for proc in psutil.process_iter():
-            try:
-                if os.getpgid(proc.pid) in groups:
-                    found[proc.pid] = proc
-                    for child in proc.children(recursive=True):
-                        found[child.pid] = child
-            except (psutil.Error, ProcessLookupError):
-                continue
-        return [p for pid, p in found.items() if pid != os.getpid()]
-
-    def stop(self) -> list[str]:
-        """SIGTERM, wait, SIGKILL; returns what survived (should be nothing)."""
-        for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5)):
-            procs = self.processes()
-            for p in procs:
-                try:
-                    p.send_signal(sig)
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(procs, timeout=wait)
-        survivors = []
-        for p in self.processes():
-            try:
-                survivors.append(f"{p.pid} {p.name()}")
-            except psutil.Error:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return survivors
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster()
-    try:
-        c.start()
-        yield c
-    finally:
-        survivors = c.stop()
-        assert not survivors, f"processes of the test cluster still alive: {survivors}"
+pytestmark = pytest.mark.slow  # the session's two-node Ray cluster
 
 
 def test_cluster_has_two_nodes(cluster):
@@ -301,7 +88,7 @@ def test_submitted_job_spreads_sites_over_both_nodes_and_tracks_to_mlflow(cluste
     seconds = time.monotonic() - started
 
     output = res.stdout + res.stderr
-    assert res.returncode == 0, f"job failed after {seconds:.0f} s:\n{_tail(output)}"
+    assert res.returncode == 0, f"job failed after {seconds:.0f} s:\n{tail(output)}"
     assert f"Job '{submission_id}' succeeded" in output
     results = list(workspace.glob("*/result.json"))
     assert len(results) == 1, results
@@ -366,7 +153,7 @@ def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_availab
     seconds = time.monotonic() - started
 
     message = " ".join((res.stdout + res.stderr).split())  # rich wraps lines at the terminal width
-    assert res.returncode == 1, f"exit {res.returncode}:\n{_tail(res.stdout + res.stderr)}"
+    assert res.returncode == 1, f"exit {res.returncode}:\n{tail(res.stdout + res.stderr)}"
     assert seconds < 90, f"took {seconds:.0f} s to fail"
     # What was asked (total and how it adds up) and what the cluster has; the exact wording may change.
     assert re.search(r"job failed: ResourceError: .*\bask\w* for 4 GPU \(4 sites x 1\)", message), message
@@ -406,7 +193,7 @@ def test_fractional_gpus_put_four_sites_on_one_gpu(cluster, tmp_path, mlflow_sto
         text=True,
         timeout=JOB_TIMEOUT,
     )
-    assert res.returncode == 0, _tail(res.stdout + res.stderr)
+    assert res.returncode == 0, tail(res.stdout + res.stderr)
     result = json.loads(next(workspace.glob("*/result.json")).read_text())
     assert result["status"] == "FINISHED"
     for site, info in result["sites"].items():
@@ -472,8 +259,8 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
     try:
         deadline = time.monotonic() + JOB_TIMEOUT
         while len(list(gate.glob("ready-*"))) < 2:  # both sites are in round 1: every actor runs
-            assert driver.poll() is None, f"the job ended early:\n{_tail(output.read_text())}"
-            assert time.monotonic() < deadline, f"the sites did not start:\n{_tail(output.read_text())}"
+            assert driver.poll() is None, f"the job ended early:\n{tail(output.read_text())}"
+            assert time.monotonic() < deadline, f"the sites did not start:\n{tail(output.read_text())}"
             time.sleep(0.2)
         site_receiver = [p for p in cluster.processes(1) if "SiteReceiverActor" in " ".join(_cmdline(p))]
         assert len(site_receiver) == 1, "site-1's receiver actor is not one process of the worker node"
@@ -484,7 +271,7 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
         ]
         assert not holders, holders
         (gate / "go").touch()
-        assert driver.wait(JOB_TIMEOUT) == 0, _tail(output.read_text())
+        assert driver.wait(JOB_TIMEOUT) == 0, tail(output.read_text())
     finally:
         (gate / "go").touch()
         if driver.poll() is None:

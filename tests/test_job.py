@@ -1,4 +1,5 @@
-"""End-to-end jobs on the session's local Ray: digits training, result.json, determinism, user learners."""
+"""End-to-end jobs on the session's local Ray: digits training, result.json, run metadata, determinism, user
+learners."""
 
 import io
 import json
@@ -13,6 +14,9 @@ from rich.console import Console
 from fl_ray import ConfigError, JobConfig, run_job
 
 from conftest import NO_DATA, new_workspace
+from test_metadata import git
+
+DESCRIPTION = "Checking whether three sites reach 0.9 on digits in three rounds."
 
 
 def digits_config(**overrides):
@@ -24,6 +28,7 @@ def digits_config(**overrides):
         "min_clients": 3,
         "local_epochs": 1,
         "lr": 0.05,
+        "description": DESCRIPTION,
         "dataset": {"name": "digits"},
         "learner_args": {"model": "digits_cnn"},
         "resources": {"client_cpus": 0.5, "server_cpus": 0.5},
@@ -35,10 +40,21 @@ def digits_config(**overrides):
 
 @pytest.fixture(scope="module")
 def digits_job(ray_session, tmp_path_factory, mlflow_store):
-    """The job; what it showed on its console is kept in the workspace's console.txt."""
+    """The job, started in a git repository with an uncommitted change; what it showed on its console is kept
+    in the workspace's console.txt, the repository's commit in commit.txt."""
     ws = new_workspace(tmp_path_factory.mktemp("ws"), mlflow_store)
+    repo = tmp_path_factory.mktemp("repo")
+    git(repo, "init", "-q")
+    (repo / "train.py").write_text("print('v1')\n")
+    git(repo, "add", "train.py")
+    git(repo, "commit", "-q", "-m", "first")
+    (ws / "commit.txt").write_text(git(repo, "rev-parse", "HEAD"))
+    (repo / "train.py").write_text("print('v2')\n")  # uncommitted change: dirty
     console = Console(file=io.StringIO(), width=200, color_system=None)
-    result = run_job(digits_config(), workspace=ws, console=console)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GIT_CEILING_DIRECTORIES", str(repo.parent))
+        patch.chdir(repo)
+        result = run_job(digits_config(), workspace=ws, console=console)
     (ws / "console.txt").write_text(console.file.getvalue())
     return result, ws
 
@@ -119,16 +135,9 @@ def test_every_phase_shows_a_line_and_its_time_goes_to_result_json(digits_job):
     assert result.timings == timings
 
 
-def test_same_config_and_seed_give_identical_metrics(digits_job, workspace):
-    """A second run of the same config and seed reproduces every round's global metrics exactly."""
-    first, _ = digits_job
-    again = run_job(digits_config(), workspace=workspace, show_progress=False)
-    assert [r["global"] for r in again.rounds] == [r["global"] for r in first.rounds]
-
-
-def test_a_pool_of_workers_trains_exactly_as_one_actor_per_site(digits_job, workspace):
-    """The digits job on a pool of 2 workers for its 3 sites gives the same metrics, site by site and round
-    by round, and the same final weights as with one actor per site."""
+def test_same_seed_on_a_pool_of_workers_trains_exactly_as_one_actor_per_site(digits_job, workspace):
+    """The same config and seed, run again on a pool of 2 workers for its 3 sites, reproduces every round's
+    global metrics, each site's metrics and the final weights of the job with one actor per site."""
     from fl_ray.checkpoint import load_checkpoint
 
     first, _ = digits_job
@@ -144,6 +153,25 @@ def test_a_pool_of_workers_trains_exactly_as_one_actor_per_site(digits_job, work
     ]
     ours, theirs = (load_checkpoint(r.job_dir / "checkpoints").weights for r in (pooled, first))
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_parent_run_holds_commit_dirtiness_resources_and_description(digits_job, ray_session):
+    """Started in a dirty git repository: the parent run's tags name its commit, dirty=true, the command line,
+    the Ray cluster's resources (JSON) and the config's description; tracking.log_model: false keeps the best
+    model as a checkpoint and logs none."""
+    from mlflow.tracking import MlflowClient
+
+    result, ws = digits_job
+    info = result.tracking["receivers"]["mlflow"]
+    parent = MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"])
+    tags = parent.data.tags
+    assert tags["mlflow.source.git.commit"] == (ws / "commit.txt").read_text() and tags["fl_ray.git_dirty"] == "true"
+    assert tags["mlflow.note.content"] == DESCRIPTION and parent.data.params["description"] == DESCRIPTION
+    assert tags["fl_ray.command"].split()[0] and tags["fl_ray.job_id"] == result.job_id
+    resources = json.loads(tags["fl_ray.ray_resources"])
+    assert resources["CPU"] == ray_session.cluster_resources()["CPU"] == 4.0 and "memory" in resources
+    best = max(result.rounds, key=lambda r: r["global"]["accuracy"])["round"]
+    assert result.tracking["model"]["round"] == best and "model_uri" not in result.tracking["model"]
 
 
 def test_user_learner_by_import_path_and_sampling(ray_session, workspace):

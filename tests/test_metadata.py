@@ -1,19 +1,14 @@
-"""Run metadata on the job's parent run: command line (secrets masked), git commit and dirtiness (in a repository only),
-the Ray cluster's resources and the config's description as MLflow's run description."""
+"""Run metadata for the job's parent run: the command line (secrets masked), no commit tag outside a git
+repository, the Ray cluster's resources as a tag within MLflow's limits. A real job's parent run (commit,
+dirtiness, resources, description): tests/test_job.py."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from fl_ray import JobConfig, run_job
 from fl_ray.metadata import MAX_TAG_LENGTH, cluster_resources_tag, run_tags
-
-from conftest import new_workspace
-
-DESCRIPTION = "Checking whether two sites reach 0.9 on digits in one round."
 
 
 def git(repo, *args):
@@ -88,44 +83,3 @@ def test_the_command_line_tag_masks_secrets(outside_git, monkeypatch):
         "'tracking.credentials.MLFLOW_TRACKING_PASSWORD=***' "
         "--address 'ray://ann:***@head:10001'"
     )
-
-
-def test_parent_run_holds_commit_dirtiness_resources_and_description(ray_session, tmp_path, mlflow_store, monkeypatch):
-    """A job started in a dirty git repository: the parent run's tags name its commit, dirty=true, the
-    command line, the Ray cluster's resources (JSON) and the config's description."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    git(repo, "init", "-q")
-    (repo / "train.py").write_text("print('v1')\n")
-    git(repo, "add", "train.py")
-    git(repo, "commit", "-q", "-m", "first")
-    commit = git(repo, "rev-parse", "HEAD")
-    (repo / "train.py").write_text("print('v2')\n")  # uncommitted change: dirty
-    monkeypatch.chdir(repo)
-
-    cfg = JobConfig.model_validate(
-        {
-            "name": "metadata",
-            "num_rounds": 1,
-            "sites": 2,
-            "min_clients": 2,
-            "description": DESCRIPTION,
-            "learner_args": {"model": "digits_cnn"},
-            "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
-            "tracking": {"system_metrics": False, "log_model": False},
-        }
-    )
-    result = run_job(cfg, workspace=new_workspace(tmp_path / "ws", mlflow_store), show_progress=False)
-    assert result.status == "FINISHED"
-
-    info = result.tracking["receivers"]["mlflow"]
-    parent = MlflowClient(info["tracking_uri"]).get_run(info["parent_run_id"])
-    tags = parent.data.tags
-    assert tags["mlflow.source.git.commit"] == commit and tags["fl_ray.git_dirty"] == "true"
-    assert tags["mlflow.note.content"] == DESCRIPTION and parent.data.params["description"] == DESCRIPTION
-    assert tags["fl_ray.command"].split()[0] and tags["fl_ray.job_id"] == result.job_id
-    resources = json.loads(tags["fl_ray.ray_resources"])
-    assert resources["CPU"] == ray_session.cluster_resources()["CPU"] == 4.0 and "memory" in resources
-    # tracking.log_model: false keeps the best model as a checkpoint and logs none
-    assert result.tracking["model"]["round"] == 1 and "model_uri" not in result.tracking["model"]

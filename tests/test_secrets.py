@@ -1,7 +1,7 @@
 """Tracking credentials reach the receiver actor and nothing else.
 
 Unit checks of the masking and of the credentials file, then a real job per mode (a local Ray the job
-starts; a driver joining a ``ray start --head`` node with the dashboard, as on a cluster) with three
+starts; a driver joining the session's two-node cluster, with its dashboard) with three
 planted secrets: one on the command line (``--set tracking.credentials...``), one in the driver's
 environment, one in ``tracking.credentials_file``. While the sites wait in round 1, the test reads the
 environment and command line of every process of that Ray but the receiver actor's (and, on the
@@ -226,75 +226,25 @@ def _file_leaks(root: Path, planted: dict[str, str]) -> dict[str, list[str]]:
     return found
 
 
-@pytest.fixture
-def head_node():
-    """A one-node cluster of this test's own (``ray start --head`` with the dashboard, token auth)."""
-    from test_cluster import RAY, LocalCluster, _free_ports  # imports conftest: see below
-
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI beside {sys.executable}")
-
-    class HeadNode(LocalCluster):
-        def start(self) -> None:
-            gcs, dashboard, client, agent = _free_ports(4)
-            self.env = {
-                k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_")) and k != "WANDB_API_KEY"
-            }
-            self.env.update(
-                RAY_AUTH_MODE="token",
-                RAY_AUTH_TOKEN=secrets.token_hex(32),
-                RAY_USAGE_STATS_ENABLED="0",
-                PYTHONPATH=str(TESTS),
-            )  # the test's learner and receiver, installed on the node
-            self.gcs_address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-            self._ray_start(
-                [
-                    "--head",
-                    "--port",
-                    str(gcs),
-                    "--include-dashboard",
-                    "true",
-                    "--dashboard-host",
-                    "127.0.0.1",
-                    "--dashboard-port",
-                    str(dashboard),
-                    "--ray-client-server-port",
-                    str(client),
-                    "--dashboard-agent-listen-port",
-                    str(agent),
-                    "--num-cpus",
-                    "2",
-                    "--temp-dir",
-                    self.temp_dir,
-                    "--min-worker-port",
-                    "0",
-                    "--max-worker-port",
-                    "0",
-                    "--object-store-memory",
-                    str(200 * 1024**2),
-                    "--disable-usage-stats",
-                ]
-            )
-            self._wait_for_nodes(1)
-
-    node = HeadNode()
-    try:
-        node.start()
-        yield node
-    finally:
-        survivors = node.stop()
-        assert not survivors, f"processes of the test's Ray still alive: {survivors}"
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["local", "cluster"])
-def test_credentials_reach_the_receiver_actor_only(mode, tmp_path, mlflow_store, request):
+def test_credentials_reach_the_receiver_actor_only_on_a_local_ray(tmp_path, mlflow_store, request):
     """Planted on the command line, in the driver's environment and in the credentials file, the secrets
-    reach the receiver actor (also after Ray restarts it) and no other process, file, log or state."""
+    reach the receiver actor (also after Ray restarts it) and no other process, file or log of the Ray the
+    job starts."""
+    check_credentials_reach_the_receiver_actor_only(None, tmp_path, mlflow_store, request)
+
+
+def test_credentials_reach_the_receiver_actor_only_on_a_cluster(cluster, tmp_path, mlflow_store, request):
+    """The same with the driver joining the two-node cluster, whose state API (actors, jobs, tasks, workers,
+    runtime envs, ...) must not show them either."""
+    check_credentials_reach_the_receiver_actor_only(cluster, tmp_path, mlflow_store, request)
+
+
+def check_credentials_reach_the_receiver_actor_only(head, tmp_path, mlflow_store, request) -> None:
+    """Run the gated job on ``head`` (a cluster) or on a Ray of its own (None) and look for the secrets."""
     from conftest import new_workspace  # not at module level: the job imports this module (its learner),
     # and conftest takes credential variables out of the environment of whoever imports it
 
-    head = request.getfixturevalue("head_node") if mode == "cluster" else None
     planted = {
         "--set": f"planted-set-{secrets.token_hex(8)}",
         "environment": f"planted-env-{secrets.token_hex(8)}",

@@ -1,5 +1,5 @@
-"""Any writer syntax into any receiver, end to end: a user learner logs known metrics with explicit steps
-in MLflow, TensorBoard or W&B syntax (one job each) while MLflow, TensorBoard, W&B and a custom receiver
+"""Any writer syntax into any receiver, end to end: a user learner logs known metrics with explicit steps,
+each site in another syntax (MLflow, TensorBoard, W&B), while MLflow, TensorBoard, W&B and a custom receiver
 (named by import path) all take the job's records. Each back end is read back for real: MlflowClient,
 TensorBoard's EventAccumulator / EventMultiplexer on ``<job>/tb_events``, and W&B's offline run files.
 """
@@ -27,22 +27,23 @@ from user_learners import SYNTAX_PARAMS, SYNTAXES, expected_series
 from wandb_reader import read_runs
 
 ROUNDS = 2
-SITES = ("site-1", "site-2")
+SITE_SYNTAX = dict(zip(("site-1", "site-2", "site-3"), SYNTAXES))  # each site logs in another syntax
+SITES = tuple(SITE_SYNTAX)
 RUNS = (*SITES, "server")  # the server logs the global metrics into a run of its own
 CUSTOM = "user_receivers_SeriesReceiver"  # the report name of receiver type user_receivers:SeriesReceiver
 
 Series = dict[str, list[tuple[int, object]]]  # key -> sorted [(step, value as float32)]
 
 
-def syntax_config(syntax: str, receivers: list[dict] | None = None, **tracking) -> JobConfig:
+def syntax_config(receivers: list[dict] | None = None, **tracking) -> JobConfig:
     return JobConfig.model_validate(
         {
-            "name": f"matrix-{syntax}",
+            "name": "matrix",
             "num_rounds": ROUNDS,
             "sites": len(SITES),
             "min_clients": len(SITES),
             "learner": "user_learners:SyntaxLearner",
-            "learner_args": {"syntax": syntax},
+            "learner_args": {"syntax": SITE_SYNTAX},
             "dataset": NO_DATA,
             "resources": {"client_cpus": 0.25, "server_cpus": 0.25},
             "tracking": {
@@ -60,16 +61,11 @@ def syntax_config(syntax: str, receivers: list[dict] | None = None, **tracking) 
 
 
 @pytest.fixture(scope="module")
-def jobs(ray_session, tmp_path_factory, mlflow_store):
-    """One job per writer syntax, each into all four receivers at once."""
-    return {
-        syntax: run_job(
-            syntax_config(syntax),
-            show_progress=False,
-            workspace=new_workspace(tmp_path_factory.mktemp(syntax), mlflow_store),
-        )
-        for syntax in SYNTAXES
-    }
+def job(ray_session, tmp_path_factory, mlflow_store):
+    """The job, into all four receivers at once."""
+    return run_job(
+        syntax_config(), show_progress=False, workspace=new_workspace(tmp_path_factory.mktemp("ws"), mlflow_store)
+    )
 
 
 def _f32(value: float) -> object:
@@ -134,13 +130,11 @@ def learner_keys(series: dict[str, Series]) -> dict[str, Series]:
     return {site: {k: v for k, v in series[site].items() if k in keys} for site in SITES}
 
 
-@pytest.mark.parametrize("syntax", SYNTAXES)
-def test_every_back_end_holds_the_same_series(jobs, syntax):
-    """MLflow, TensorBoard and W&B hold, for every run and key, the same (step, value) series, and the
-    learner's keys hold exactly what it logged; W&B alone leaves out ``fl_step``, its own column."""
-    result = jobs[syntax]
-    assert result.status == "FINISHED"
-    mlflow, tensorboard, wandb = mlflow_series(result), tensorboard_series(result.job_dir), wandb_series(result.job_dir)
+def test_every_back_end_holds_the_same_series_whichever_syntax_logged_it(job):
+    """MLflow, TensorBoard and W&B hold, for every run and key, the same (step, value) series, and each site's
+    keys hold exactly what it logged in its syntax; W&B alone leaves out ``fl_step``, its own column."""
+    assert job.status == "FINISHED"
+    mlflow, tensorboard, wandb = mlflow_series(job), tensorboard_series(job.job_dir), wandb_series(job.job_dir)
     assert sorted(mlflow) == sorted(tensorboard) == sorted(wandb) == sorted(RUNS)
     assert tensorboard == mlflow
     assert wandb == without_reserved(mlflow)
@@ -151,65 +145,54 @@ def test_every_back_end_holds_the_same_series(jobs, syntax):
     assert mlflow["server"]["global_loss"] == [(r, 2.0**-r) for r in range(1, ROUNDS + 1)]
 
 
-def test_every_syntax_gives_the_same_series(jobs):
-    """The learner's metrics read back the same whichever syntax logged them, in each back end."""
-    for read in (mlflow_series, lambda r: tensorboard_series(r.job_dir), lambda r: wandb_series(r.job_dir)):
-        by_syntax = [learner_keys(without_reserved(read(jobs[s]))) for s in SYNTAXES]
-        assert by_syntax[0] == by_syntax[1] == by_syntax[2]
-        assert all(len(by_syntax[0][site]) == 4 for site in SITES)
+def site_params(site: str) -> dict[str, str]:
+    """The params a site logged: none in TensorBoard syntax, which has no params call."""
+    return {} if SITE_SYNTAX[site] == "tensorboard" else SYNTAX_PARAMS
 
 
-@pytest.mark.parametrize("syntax", SYNTAXES)
-def test_wandb_run_per_site_with_name_group_and_config(jobs, syntax):
+def test_wandb_run_per_site_with_name_group_and_config(job):
     """Each site (and the server) has its offline W&B run: name = site, group = job id, project = job name,
     finished; params in its config; the dropped fl_step records are counted in result.json."""
-    result = jobs[syntax]
-    runs = read_runs(result.job_dir / "wandb")
+    runs = read_runs(job.job_dir / "wandb")
     assert sorted(runs) == sorted(RUNS)
-    params = {} if syntax == "tensorboard" else SYNTAX_PARAMS
     for name, run in runs.items():
-        assert (run.name, run.group, run.project, run.exit_code) == (name, result.job_id, f"matrix-{syntax}", 0)
-        assert run.config == (params if name in SITES else {})
-    report = json.loads((result.job_dir / "result.json").read_text())["tracking"]["receivers"]["wandb"]
+        assert (run.name, run.group, run.project, run.exit_code) == (name, job.job_id, "matrix", 0)
+        assert run.config == (site_params(name) if name in SITES else {})
+    report = json.loads((job.job_dir / "result.json").read_text())["tracking"]["receivers"]["wandb"]
     assert report["mode"] == "offline" and report["errors"] == {} and report["not_written"] == {}
     assert report["dropped"] == {site: {"fl_step": ROUNDS} for site in SITES}
     assert report["undelivered"] == 0 and "error" not in report
 
 
-@pytest.mark.parametrize("syntax", SYNTAXES)
-def test_tensorboard_shows_every_site_side_by_side(jobs, syntax):
+def test_tensorboard_shows_every_site_side_by_side(job):
     """``tensorboard --logdir <job>/tb_events`` finds a run per site and the server; add_scalars series sit
     in torch's sub-runs ``<site>/pair_a``, ``<site>/pair_b``; other syntaxes keep ``pair/a`` in the site's run."""
-    result = jobs[syntax]
-    mux = EventMultiplexer().AddRunsFromDirectory(str(result.job_dir / "tb_events"))
+    mux = EventMultiplexer().AddRunsFromDirectory(str(job.job_dir / "tb_events"))
     mux.Reload()
-    sub_runs = [f"{site}/pair_{k}" for site in SITES for k in "ab"] if syntax == "tensorboard" else []
+    sub_runs = [f"{site}/pair_{k}" for site, syntax in SITE_SYNTAX.items() if syntax == "tensorboard" for k in "ab"]
     assert sorted(mux.Runs()) == sorted([*RUNS, *sub_runs])
-    for site in SITES:
+    for site, syntax in SITE_SYNTAX.items():
         scalars = mux.GetAccumulator(site).Tags()["scalars"]
         assert {"loss", "acc", "fl_step"} <= set(scalars)
         assert ("pair/a" in scalars) == (syntax != "tensorboard")
-    assert result.tracking["receivers"]["tensorboard"]["sites"] == sorted(RUNS)
+    assert job.tracking["receivers"]["tensorboard"]["sites"] == sorted(RUNS)
 
 
-@pytest.mark.parametrize("syntax", SYNTAXES)
-def test_custom_receiver_by_import_path_gets_the_same_events(jobs, syntax):
+def test_custom_receiver_by_import_path_gets_the_same_events(job):
     """A receiver named ``user_receivers:SeriesReceiver`` gets exactly the records MLflow got (metrics and params)."""
-    result = jobs[syntax]
-    report = result.tracking["receivers"][CUSTOM]
+    report = job.tracking["receivers"][CUSTOM]
     assert report["status"] == "FINISHED" and report["undelivered"] == 0
-    assert custom_series(result) == mlflow_series(result)
-    client = MlflowClient(result.tracking["receivers"]["mlflow"]["tracking_uri"])
+    assert custom_series(job) == mlflow_series(job)
+    client = MlflowClient(job.tracking["receivers"]["mlflow"]["tracking_uri"])
     for site in SITES:
-        run = client.get_run(result.tracking["receivers"]["mlflow"]["run_ids"][site])
-        assert report["params"].get(site, {}) == run.data.params == ({} if syntax == "tensorboard" else SYNTAX_PARAMS)
+        run = client.get_run(job.tracking["receivers"]["mlflow"]["run_ids"][site])
+        assert report["params"].get(site, {}) == run.data.params == site_params(site)
 
 
 def test_wandb_site_process_errors_reach_result_json(ray_session, tmp_path):
     """W&B site processes that cannot start their run (online, no API key) do not stop the job; the
     error, per site and with what was not written, lands in result.json next to the other receivers'."""
     cfg = syntax_config(
-        "wandb",
         [{"type": "wandb", "mode": "online", "close_timeout": 5}, {"type": "user_receivers:SeriesReceiver"}],
         close_timeout=5,
     )

@@ -78,12 +78,20 @@ def assert_known_values_in_mlflow(result):
         assert value == pytest.approx(expected)
 
 
-def test_known_values_reach_the_default_sqlite_store(ray_session, tmp_path):
-    """Default receiver: sqlite:///<workspace>/mlflow.db, artifacts under <workspace>/mlartifacts."""
-    result = run_job(known_config([{"type": "mlflow"}]), workspace=tmp_path, show_progress=False)
+def test_known_values_reach_the_default_sqlite_store_and_only_the_receiver_holds_credentials(
+    ray_session, tmp_path, monkeypatch
+):
+    """Default receiver: sqlite:///<workspace>/mlflow.db, artifacts under <workspace>/mlartifacts. Every worker
+    of the session starts with tracking credentials; clients drop them (they log credentials_seen=none), the
+    receiver actor keeps them and also gets the driver's."""
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "driver-token")
+    cfg = known_config([{"type": "mlflow"}, {"type": "user_receivers:CredentialProbe"}])
+    result = run_job(cfg, workspace=tmp_path, show_progress=False)
     assert result.tracking["receivers"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert_known_values_in_mlflow(result)
     assert any((tmp_path / "mlartifacts").rglob("hello.txt"))
+    probe = result.tracking["receivers"]["user_receivers_CredentialProbe"]
+    assert probe["credentials"] == sorted([*SESSION_CREDENTIALS, "MLFLOW_TRACKING_TOKEN"])
 
 
 def test_known_values_reach_a_real_mlflow_server(ray_session, mlflow_server, tmp_path, monkeypatch):
@@ -97,19 +105,3 @@ def test_known_values_reach_a_real_mlflow_server(ray_session, mlflow_server, tmp
     assert result.tracking["receivers"]["mlflow"]["tracking_uri"] == mlflow_server.uri
     assert_known_values_in_mlflow(result)
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_only_the_receiver_actor_holds_credentials(ray_session, workspace, monkeypatch):
-    """Every worker of the session starts with tracking credentials; clients drop them (they log
-    credentials_seen=none), the receiver actor keeps them and also gets the driver's."""
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "driver-token")
-    cfg = known_config([{"type": "mlflow"}, {"type": "user_receivers:CredentialProbe"}], name="credentials")
-    result = run_job(cfg, workspace=workspace, show_progress=False)
-    probe = result.tracking["receivers"]["user_receivers_CredentialProbe"]
-    assert probe["credentials"] == sorted([*SESSION_CREDENTIALS, "MLFLOW_TRACKING_TOKEN"])
-    client = MlflowClient(result.tracking["receivers"]["mlflow"]["tracking_uri"])
-    for site in SITES:
-        assert (
-            client.get_run(result.tracking["receivers"]["mlflow"]["run_ids"][site]).data.tags["credentials_seen"]
-            == "none"
-        )

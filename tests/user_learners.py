@@ -168,7 +168,8 @@ def expected_series(site: str, rounds: int) -> dict[str, list[tuple[int, float]]
 
 
 class SyntaxLearner(UntrainedLearner):
-    """Trains nothing; logs :func:`logged_in_round` with explicit steps, and params, in one writer ``syntax``.
+    """Trains nothing; logs :func:`logged_in_round` with explicit steps, and params, in one writer ``syntax``
+    (or, given ``{site: syntax}``, in each site's own).
 
     Each round: ``loss`` at steps 2r-2 and 2r-1, then ``acc`` at step r (below the last loss step from
     round 2 on), the pair ``pair/a``, ``pair/b`` (TensorBoard syntax: ``add_scalars``) and a metric
@@ -176,16 +177,18 @@ class SyntaxLearner(UntrainedLearner):
     which has no params call). The server reports ``loss`` = 2**-round.
     """
 
-    def __init__(self, syntax: str = "mlflow") -> None:
-        if syntax not in SYNTAXES:
-            raise ValueError(f"syntax must be one of {SYNTAXES}, got {syntax!r}")
+    def __init__(self, syntax: str | dict[str, str] = "mlflow") -> None:
+        for value in [syntax] if isinstance(syntax, str) else syntax.values():
+            if value not in SYNTAXES:
+                raise ValueError(f"syntax must be one of {SYNTAXES}, got {value!r}")
         self.syntax = syntax
 
     def train(self, weights, ctx: LearnerContext) -> TrainResult:
         r, values = ctx.round, logged_in_round(ctx.site, ctx.round)
+        syntax = self.syntax if isinstance(self.syntax, str) else self.syntax[ctx.site]
         loss = values["loss"]
         [(_, acc)], [(_, a)], [(_, b)], [(_, marker)] = (values[k] for k in ("acc", "pair/a", "pair/b", "fl_step"))
-        if self.syntax == "mlflow":
+        if syntax == "mlflow":
             for step, value in loss:
                 ctx.mlflow.log_metric("loss", value, step=step)
             ctx.mlflow.log_metric("acc", acc, step=r)
@@ -193,7 +196,7 @@ class SyntaxLearner(UntrainedLearner):
             ctx.mlflow.log_metric("fl_step", marker, step=r)
             if r == 1:
                 ctx.mlflow.log_params(SYNTAX_PARAMS)
-        elif self.syntax == "tensorboard":
+        elif syntax == "tensorboard":
             for step, value in loss:
                 ctx.tensorboard.add_scalar("loss", value, global_step=step)
             ctx.tensorboard.add_scalar("acc", acc, global_step=r)
