@@ -22,7 +22,6 @@ from fl_ray.learners import load_learner
 from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
-from fl_ray.tracking.mlflow_plugin import site_scope
 
 
 @ray.remote
@@ -34,6 +33,8 @@ class ClientActor:
             site, site_index, config, receiver_name, config["resources"]["client_cpus"]
         )
         self.mlflow_scope = contextlib.ExitStack()
+        from fl_ray.tracking.mlflow_plugin import site_scope  # MLflow: in the site's process, not the driver
+
         self.mlflow_scope.enter_context(site_scope(self.tracking))
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)

@@ -30,7 +30,6 @@ from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
-from fl_ray.tracking.mlflow_plugin import site_scope
 from fl_ray.tracking.site import SiteTracking
 
 WORKER_TAG = "fl_ray.worker"
@@ -79,6 +78,8 @@ class WorkerActor:
             self._open_tracking()
         tracking = SiteTracking(site, self.receiver, self.cfg.tracking, opened)
         try:
+            from fl_ray.tracking.mlflow_plugin import site_scope  # MLflow: on the worker, not the driver
+
             with site_scope(tracking):
                 result = self._run_site(site, index, task, weights, payload, tracking)
         finally:
