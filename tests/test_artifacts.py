@@ -4,6 +4,7 @@ MLflow receiver logging a file and a model once when a delivery is written again
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 
 import mlflow.pytorch
@@ -58,7 +59,8 @@ def test_a_file_over_the_limit_fails_at_the_call(tmp_path):
         writer.log_artifact(str(big), "../up")
 
 
-def test_the_mlflow_receiver_logs_a_file_and_a_model_once(workspace, tmp_path):
+def test_the_mlflow_receiver_logs_a_file_and_a_model_once(workspace, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # the receiver sets MLFLOW_TRACKING_URI in its process
     spool = Spool(tmp_path / "job" / "spool")
 
     def put(path) -> str:
