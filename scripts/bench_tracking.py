@@ -62,12 +62,8 @@ class BenchSite:
         self.scope.enter_context(site_scope(self.tracking))
 
     def log(self, points: int, key: str = "bench_metric") -> list[int]:
-        log_metric, clock = self.tracking.mlflow.log_metric, time.perf_counter_ns
-        costs = []
-        for i in range(points):
-            start = clock()
-            log_metric(key, i * 0.5, step=i)
-            costs.append(clock() - start)
+        """``ctx.mlflow.log_metric`` in a tight loop: each call's cost."""
+        costs = _timed_calls(self.tracking.mlflow.log_metric, key, points)
         self.tracking.flush()
         return costs
 
@@ -75,19 +71,24 @@ class BenchSite:
         """``mlflow.log_metric`` in a tight loop, in the site's run: each call's cost."""
         import mlflow
 
-        clock, costs = time.perf_counter_ns, []
         with mlflow.start_run(log_system_metrics=False):
-            log_metric = mlflow.log_metric
-            for i in range(points):
-                start = clock()
-                log_metric(key, i * 0.5, step=i)
-                costs.append(clock() - start)
+            costs = _timed_calls(mlflow.log_metric, key, points)
         self.tracking.flush()
         return costs
 
     def close(self) -> dict[str, int]:
         self.scope.close()
         return self.tracking.close()
+
+
+def _timed_calls(log_metric: Any, key: str, points: int) -> list[int]:
+    """Nanoseconds of each of ``points`` calls ``log_metric(key, i * 0.5, step=i)``."""
+    clock, costs = time.perf_counter_ns, []
+    for i in range(points):
+        start = clock()
+        log_metric(key, i * 0.5, step=i)
+        costs.append(clock() - start)
+    return costs
 
 
 def baseline(uri: str, sample: int) -> float:
