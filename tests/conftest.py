@@ -34,6 +34,19 @@ NO_DATA = {"name": "synthetic", "num_samples": 100}
 SESSION_CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": "fl-ray-test", "MLFLOW_TRACKING_PASSWORD": "not-a-real-secret"}
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """A test that points MLflow at a job's store (``mlflow.set_tracking_uri`` also writes
+    MLFLOW_TRACKING_URI into ``os.environ``) must not send later jobs, or the Ray daemons started
+    after it, to that store."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it, and the variable
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that needs one (4 logical CPUs on this 2-core box)."""

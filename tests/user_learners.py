@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_ray.learners import Learner, LearnerContext, TrainResult
-from fl_ray.tracking.credentials import CREDENTIAL_VARS
+from fl_ray.tracking.credentials import held_credentials
 
 INVALID_CALLS = 4
 
@@ -57,7 +57,7 @@ class KnownValuesLearner(UntrainedLearner):
             w.set_tags(
                 {
                     "site_no": site_number(site),
-                    "credentials_seen": ",".join(k for k in CREDENTIAL_VARS if k in os.environ) or "none",
+                    "credentials_seen": ",".join(held_credentials()) or "none",
                 }
             )
             w.log_text(f"hello from {site}", "notes/hello.txt")

@@ -8,7 +8,7 @@ import signal
 import threading
 
 from fl_ray.receivers.base import MemoryReceiver
-from fl_ray.tracking.credentials import CREDENTIAL_VARS
+from fl_ray.tracking.credentials import held_credentials
 
 
 class CredentialProbe(MemoryReceiver):
@@ -18,7 +18,7 @@ class CredentialProbe(MemoryReceiver):
         return {
             "events": len(self.events),
             "status": status,
-            "credentials": sorted(k for k in CREDENTIAL_VARS if k in os.environ),
+            "credentials": held_credentials(),
         }
 
 

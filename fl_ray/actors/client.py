@@ -9,7 +9,6 @@ its tracking records at the end of each round. For its whole life MLflow's track
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Mapping
 
@@ -17,11 +16,11 @@ import numpy as np
 import ray
 
 from fl_ray.actors.context import make_context
-from fl_ray.config import CREDENTIAL_VARS
 from fl_ray.learners import load_learner
 from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
+from fl_ray.tracking.credentials import held_credentials
 
 
 @ray.remote
@@ -67,7 +66,7 @@ class ClientActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": str(self.ctx.device),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "credentials": [k for k in CREDENTIAL_VARS if k in os.environ],
+            "credentials": held_credentials(),
             "no_gpu_metrics": self.system_metrics.no_gpu if self.system_metrics is not None else "",
         }
 

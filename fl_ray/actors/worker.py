@@ -29,7 +29,7 @@ from fl_ray.learners import LearnerContext, load_learner
 from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
-from fl_ray.tracking.credentials import CREDENTIAL_VARS, drop_credentials
+from fl_ray.tracking.credentials import drop_credentials, held_credentials
 from fl_ray.tracking.site import SiteTracking
 
 WORKER_TAG = "fl_ray.worker"
@@ -128,7 +128,7 @@ class WorkerActor:
             "pid": os.getpid(),
             "device": str(self.device),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "credentials": [k for k in CREDENTIAL_VARS if k in os.environ],
+            "credentials": held_credentials(),
         }
 
     def close(self, timeout: float) -> dict[str, int]:

@@ -28,6 +28,7 @@ from fl_ray.config import CREDENTIAL_VARS, ConfigError
 log = logging.getLogger(__name__)
 
 MASK = "***"
+SITE_URI_SCHEME = "fl-ray"  # a site's own MLflow tracking URI, fl-ray://<site>, which is no credential
 
 # A KEY=VALUE argument is secret when its key or value names a credential; a URL's password always is.
 _SECRET_WORD = re.compile(r"(?<![a-z])(credentials?|passw(?:or)?d|secret|token|api_?key|auth)(?![a-z])", re.I)
@@ -106,6 +107,14 @@ def without_credentials() -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+def held_credentials() -> list[str]:
+    """The names of the credential variables in this process's environment. A site's own
+    ``fl-ray://<site>`` tracking URI (MLflow's fluent API and Lightning read it there) is none."""
+    return sorted(
+        k for k in CREDENTIAL_VARS if k in os.environ and not os.environ[k].startswith(f"{SITE_URI_SCHEME}://")
+    )
 
 
 def drop_credentials() -> None:

@@ -62,17 +62,17 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.tracking.abstract_store import AbstractStore  # noqa: E402
 
+from fl_ray.tracking.credentials import SITE_URI_SCHEME  # noqa: E402
 from fl_ray.tracking.site import SiteTracking  # noqa: E402
 from fl_ray.tracking.writers import MLflowWriter  # noqa: E402
 
-SCHEME = "fl-ray"
 EXPERIMENT_ID = "0"  # the one experiment a site sees: the server's experiment of the job
 PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
 
 
 def site_uri(site: str) -> str:
     """The tracking URI of ``site`` inside its work: ``fl-ray://<site>``."""
-    return f"{SCHEME}://{site}"
+    return f"{SITE_URI_SCHEME}://{site}"
 
 
 def site_run_id(site: str) -> str:
@@ -146,7 +146,7 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
 
 
 def _site_of(uri: str) -> str:
-    prefix = f"{SCHEME}://"
+    prefix = f"{SITE_URI_SCHEME}://"
     if not uri.startswith(prefix) or not uri[len(prefix) :]:
         raise MlflowException(f"{uri!r} is not an fl_ray site URI: expected {prefix}<site>", INVALID_PARAMETER_VALUE)
     return uri[len(prefix) :].split("/", 1)[0]
@@ -409,7 +409,7 @@ class SiteArtifactRepository(ArtifactRepository):
     def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
         super().__init__(artifact_uri, tracking_uri, registry_uri)
         self.site = _site_of(artifact_uri)
-        parts = artifact_uri[len(f"{SCHEME}://{self.site}") :].strip("/").split("/")
+        parts = artifact_uri[len(f"{SITE_URI_SCHEME}://{self.site}") :].strip("/").split("/")
         if len(parts) != 2 or parts[0] not in ("runs", "models"):
             raise MlflowException(
                 f"{artifact_uri!r} is not an fl_ray artifact location: expected {site_uri(self.site)}/runs/<run id> "
