@@ -57,11 +57,11 @@ class LearnerContext:
     """What a learner knows about where and when it runs."""
 
     site: str
-    device: torch.device
     config: JobConfig
     data: ArrayData
     num_classes: int
     input_shape: tuple[int, ...]
+    device_name: str = "cpu"  # "cuda:0" when Ray gave the site a GPU
     round: int = 0
     round_config: dict[str, Any] = field(default_factory=dict)  # what the strategy sends this site this round
     payload: dict[str, Arrays] = field(default_factory=dict)  # arrays the strategy sends every sampled site
@@ -69,6 +69,14 @@ class LearnerContext:
     mlflow: MLflowWriter | None = None
     tensorboard: SummaryWriter | None = None
     wandb: WandBWriter | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The PyTorch device to train on (PyTorch loads on first use: a learner that trains no PyTorch model
+        never loads it)."""
+        import torch
+
+        return torch.device(self.device_name)
 
     @property
     def seed(self) -> int:

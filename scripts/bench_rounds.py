@@ -55,7 +55,6 @@ def sequential_baseline(cfg: JobConfig) -> list[float]:
         data, ds = site_data(cfg.dataset, cfg.seed, len(sites), index)
         ctx = LearnerContext(
             site=site,
-            device=torch.device("cpu"),
             config=cfg,
             data=data,
             num_classes=ds.num_classes,

@@ -173,7 +173,6 @@ def sequential_baseline(cfg: JobConfig, sites: list[str], rounds: int) -> list[f
         data = dataset.test if site == "server" else dataset.train.subset(parts[names.index(site)])
         ctx = LearnerContext(
             site=site,
-            device=torch.device("cpu"),
             config=cfg,
             data=data,
             num_classes=dataset.num_classes,

@@ -263,7 +263,6 @@ def baseline_rounds(name: str) -> dict[str, Any]:
         data, ds = site_data(cfg.dataset, cfg.seed, len(sites), index)
         ctx = LearnerContext(
             site=site,
-            device=torch.device("cpu"),
             config=cfg,
             data=data,
             num_classes=ds.num_classes,

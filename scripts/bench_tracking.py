@@ -43,7 +43,7 @@ from fl_ray.config import TrackingConfig
 from fl_ray.mlflow_server import LocalMlflowServer
 from fl_ray.mlflow_store import prepare_sqlite_store
 from fl_ray.receivers.base import FINISHED, ReceiverContext
-from fl_ray.tracking.mlflow_plugin import site_scope
+from fl_ray.tracking.mlflow_scope import site_scope
 from fl_ray.tracking.site import SiteTracking
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -1,8 +1,8 @@
 """What each process of a job imports: nothing heavy that only another process (or one back end) needs.
 
 The driver builds and checks the learner, strategy and receivers without PyTorch, MLflow or matplotlib;
-the server imports no tracking back end, a site only MLflow (its own API writes through the ``fl-ray://``
-store there); the receiver actor imports no PyTorch. Real Ray:
+the server and the sites import no tracking back end (a site loads MLflow only when its own code imports
+it, and MLflow's API then writes through the ``fl-ray://`` store); the receiver actor imports no PyTorch. Real Ray:
 each actor's own ``sys.modules`` is read inside it."""
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _imported(actor) -> list[str]:
 
 
 def test_server_sites_and_receiver_import_only_what_they_use(receiver, tmp_path):
-    """The receiver (MLflow open) has no PyTorch; the server has PyTorch but no back end, a site PyTorch and
-    MLflow (for MLflow's own API on the site) but no other back end."""
+    """The receiver (MLflow open) has no PyTorch; the server and a site have PyTorch but no back end, though
+    the site's tracking URI is ready for MLflow's own API; a site whose learner is not PyTorch has neither."""
     from fl_ray.actors.client import ClientActor
     from fl_ray.actors.receiver import receiver_actor_name
     from fl_ray.actors.server import RayExecutor, ServerActor
@@ -101,12 +101,25 @@ def test_server_sites_and_receiver_import_only_what_they_use(receiver, tmp_path)
     ).to_dict()
     server = ServerActor.options(num_cpus=0).remote(torch_job, name, RayExecutor({}), str(tmp_path / "checkpoints"))
     site = ClientActor.options(num_cpus=0).remote("site-1", 0, torch_job, name)
+    numpy_job = parse_config(
+        {
+            "sites": 1,
+            "dataset": NO_DATA,
+            "learner": "user_learners:KnownValuesLearner",
+            "tracking": {"system_metrics": False},
+        }
+    ).to_dict()
+    numpy_site = ClientActor.options(num_cpus=0).remote("site-1", 0, numpy_job, name)
     try:
+        assert _imported(numpy_site) == []  # its learner trains no PyTorch model
+        # before _imported, whose function brings this module, and so conftest, into the actor
+        uri = ray.get(site.__ray_call__.remote(lambda self: os.environ.get("MLFLOW_TRACKING_URI")))
+        assert uri == "fl-ray://site-1"
         assert _imported(server) == ["torch"]
         on_site = set(_imported(site))
-        assert {"torch", "mlflow"} <= on_site and not {"wandb", "tensorboard", "lightning", "matplotlib"} & on_site
+        assert "torch" in on_site and not {"mlflow", "wandb", "tensorboard", "lightning", "matplotlib"} & on_site
         threads = ray.get(site.__ray_call__.remote(lambda self: sys.modules["torch"].get_num_threads()))
         assert threads == 1  # client_cpus, though PyTorch loaded after the actor set it
     finally:
-        for a in (server, site):
+        for a in (server, site, numpy_site):
             ray.kill(a, no_restart=True)

@@ -39,6 +39,7 @@ LAYERS = [
             "fl_ray.tracking.credentials",
             "fl_ray.metadata",
             "fl_ray.system_metrics",
+            "fl_ray.tracking.mlflow_scope",
             "fl_ray.tracking.mlflow_plugin",
             "fl_ray.learners",
             "fl_ray.torch_learning",

@@ -21,7 +21,6 @@ def context(data, **sent) -> LearnerContext:
     cfg = JobConfig.model_validate({"local_epochs": 1, "batch_size": 32, "lr": 0.05})
     return LearnerContext(
         site="site-1",
-        device=torch.device("cpu"),
         config=cfg,
         data=data,
         num_classes=10,

@@ -13,7 +13,6 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("lightning")
 
@@ -39,7 +38,6 @@ def _ctx(data: ArrayData, site: str = "site-1", sender: RecordingSender | None =
     config = JobConfig(learner="fl_ray.lightning:LightningLearner", **{"local_epochs": 1, "batch_size": 32, **cfg})
     return LearnerContext(
         site=site,
-        device=torch.device("cpu"),
         config=config,
         data=data,
         num_classes=10,
@@ -137,7 +135,7 @@ def test_trainer_arguments_combine_job_defaults_and_trainer_args(digits):
     assert kwargs["enable_checkpointing"] is False
     assert isinstance(kwargs["logger"], FLRayLogger)
     cuda_ctx = _ctx(digits)
-    cuda_ctx.device = torch.device("cuda", 0)
+    cuda_ctx.device_name = "cuda:0"
     cuda_kwargs = learner._trainer_kwargs(cuda_ctx)
     assert (cuda_kwargs["accelerator"], cuda_kwargs["devices"]) == ("gpu", [0])
 

@@ -97,7 +97,6 @@ def test_uint8_images_export_with_their_scaling(tmp_path):
     learner.setup(
         LearnerContext(
             site="server",
-            device=torch.device("cpu"),
             config=JobConfig(),
             data=data,
             num_classes=10,

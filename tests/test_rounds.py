@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from fl_ray.config import JobConfig
 from fl_ray.data import ArrayData
@@ -63,7 +62,6 @@ def context(site: str, cfg: JobConfig, sender=None) -> LearnerContext:
     )
     return LearnerContext(
         site=site,
-        device=torch.device("cpu"),
         config=cfg,
         data=data,
         num_classes=2,

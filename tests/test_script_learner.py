@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from fl_ray import client
 from fl_ray.config import JobConfig
@@ -44,7 +43,6 @@ def context(round_: int = 1) -> LearnerContext:
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     return LearnerContext(
         site="site-1",
-        device=torch.device("cpu"),
         config=JobConfig(learner="script", learner_args={"script": "unused"}),
         data=ArrayData(x, np.array([0, 1, 0, 1])),
         num_classes=2,

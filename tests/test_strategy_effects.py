@@ -9,7 +9,6 @@ The learner reads what each strategy sends from its context, as a user's learner
 
 import numpy as np
 import pytest
-import torch
 
 from fl_ray.config import JobConfig
 from fl_ray.data import ArrayData
@@ -88,7 +87,6 @@ def run(tmp_path, strategy, rounds=60, sites=SITES, **learner_args) -> tuple[np.
     def ctx(site):
         return LearnerContext(
             site=site,
-            device=torch.device("cpu"),
             config=cfg,
             data=ArrayData(np.zeros((SAMPLES, 1)), np.zeros(SAMPLES)),
             num_classes=1,

@@ -21,6 +21,7 @@ from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import held_credentials
+from fl_ray.tracking.mlflow_scope import site_scope
 
 
 @ray.remote
@@ -32,8 +33,6 @@ class ClientActor:
             site, site_index, config, receiver_name, config["resources"]["client_cpus"]
         )
         self.mlflow_scope = contextlib.ExitStack()
-        from fl_ray.tracking.mlflow_plugin import site_scope  # MLflow: in the site's process, not the driver
-
         self.mlflow_scope.enter_context(site_scope(self.tracking))
         self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
         self.learner.setup(self.ctx)

@@ -1,13 +1,13 @@
 """What client and server actors share at start-up: no credentials, threads, data, device, tracking.
 
-PyTorch is imported when an actor starts, not with this module: the driver imports the actor classes
-without it."""
+PyTorch is imported by the learner that uses it (or when Ray gives the actor a GPU), not here: the driver
+imports the actor classes without it, and a site whose learner trains no PyTorch model never loads it."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
@@ -17,17 +17,16 @@ from fl_ray.learners import LearnerContext
 from fl_ray.tracking.credentials import drop_credentials
 from fl_ray.tracking.site import SiteTracking
 
-if TYPE_CHECKING:
-    import torch
 
+def select_device() -> str:
+    """``cuda:0`` when Ray assigned this worker a GPU (Ray sets CUDA_VISIBLE_DEVICES) that PyTorch sees, else
+    ``cpu``. PyTorch is imported only in the first case."""
+    if ray.get_gpu_ids():
+        import torch
 
-def select_device() -> torch.device:
-    """CUDA when Ray assigned this worker a GPU (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    import torch
-
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+        if torch.cuda.is_available():
+            return "cuda:0"
+    return "cpu"
 
 
 def set_threads(cpus: float) -> None:
@@ -55,7 +54,7 @@ def make_context(
     tracking = SiteTracking(site, ray.get_actor(receiver_name), cfg.tracking)
     ctx = LearnerContext(
         site=site,
-        device=select_device(),
+        device_name=select_device(),
         config=cfg,
         data=data,
         num_classes=dataset.num_classes,

@@ -30,6 +30,7 @@ from fl_ray.rounds import Task, run_task
 from fl_ray.strategies.base import Arrays
 from fl_ray.system_metrics import SystemMetricsSampler, gpu_description
 from fl_ray.tracking.credentials import drop_credentials, held_credentials
+from fl_ray.tracking.mlflow_scope import site_scope
 from fl_ray.tracking.site import SiteTracking
 
 WORKER_TAG = "fl_ray.worker"
@@ -78,8 +79,6 @@ class WorkerActor:
             self._open_tracking()
         tracking = SiteTracking(site, self.receiver, self.cfg.tracking, opened)
         try:
-            from fl_ray.tracking.mlflow_plugin import site_scope  # MLflow: on the worker, not the driver
-
             with site_scope(tracking):
                 result = self._run_site(site, index, task, weights, payload, tracking)
         finally:
@@ -107,7 +106,7 @@ class WorkerActor:
         ds = self.dataset
         ctx = LearnerContext(
             site=site,
-            device=self.device,
+            device_name=self.device,
             config=self.cfg,
             data=ds.train.subset(self.parts[index]),
             num_classes=ds.num_classes,

@@ -1,7 +1,7 @@
 """MLflow's own API on a site: a tracking store and an artifact repository for the ``fl-ray`` URI scheme.
 
-Inside a site's work (a client actor's life, or one task of a pool worker) :func:`site_scope` makes
-``fl-ray://<site>`` MLflow's tracking URI, so ``import mlflow`` and its fluent API, ``MlflowClient``,
+Inside a site's work (a client actor's life, or one task of a pool worker)
+:func:`~fl_ray.tracking.mlflow_scope.site_scope` makes ``fl-ray://<site>`` MLflow's tracking URI, so ``import mlflow`` and its fluent API, ``MlflowClient``,
 autologging and Lightning's ``MLFlowLogger`` write through :class:`SiteStore` and
 :class:`SiteArtifactRepository` into the site's :class:`~fl_ray.tracking.writers.MLflowWriter`: the same
 records, sender, spool and exactly-once delivery as ``ctx.mlflow``, with no network call and no
@@ -38,14 +38,9 @@ def artifact_repository(
 
 import hashlib  # noqa: E402
 import os  # noqa: E402
-
-# A site makes no network call: MLflow's usage telemetry, which MLflow starts when it is imported, stays
-# off in the processes that run sites (they import MLflow first through here).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import uuid  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 from mlflow.entities import (  # noqa: E402
     Experiment,
@@ -63,16 +58,12 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.tracking.abstract_store import AbstractStore  # noqa: E402
 
 from fl_ray.tracking.credentials import SITE_URI_SCHEME  # noqa: E402
+from fl_ray.tracking.mlflow_scope import active_tracking, site_uri  # noqa: E402
 from fl_ray.tracking.site import SiteTracking  # noqa: E402
 from fl_ray.tracking.writers import MLflowWriter  # noqa: E402
 
 EXPERIMENT_ID = "0"  # the one experiment a site sees: the server's experiment of the job
 PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
-
-
-def site_uri(site: str) -> str:
-    """The tracking URI of ``site`` inside its work: ``fl-ray://<site>``."""
-    return f"{SITE_URI_SCHEME}://{site}"
 
 
 def site_run_id(site: str) -> str:
@@ -102,17 +93,39 @@ class _Scope:
 _scopes: dict[str, _Scope] = {}
 
 
-@contextmanager
-def site_scope(tracking: SiteTracking) -> Iterator[None]:
-    """Within: MLflow's tracking URI is ``fl-ray://<site>``, writing to ``tracking``. On the way out the runs
-    the code left open are ended, child runs' streams delivered and closed, and the previous URI restored."""
+def end_site(site: str) -> None:
+    """End the MLflow runs the site's code left open and close its child runs' streams: its work is over."""
     import mlflow
-    from mlflow.telemetry.client import set_telemetry_client
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils
 
-    site = tracking.sender.site
-    scope = _scopes[site] = _Scope(tracking)
+    try:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    finally:
+        scope = _scopes.pop(site, None)
+        if scope is not None:
+            for run in scope.runs.values():
+                if run.tracking is not None:
+                    run.tracking.close(scope.tracking.cfg.close_timeout)
+
+
+def _site_of(uri: str) -> str:
+    prefix = f"{SITE_URI_SCHEME}://"
+    if not uri.startswith(prefix) or not uri[len(prefix) :]:
+        raise MlflowException(f"{uri!r} is not an fl_ray site URI: expected {prefix}<site>", INVALID_PARAMETER_VALUE)
+    return uri[len(prefix) :].split("/", 1)[0]
+
+
+def _scope(site: str) -> _Scope:
+    """The site's MLflow state in this process, begun the first time its code uses MLflow in its work."""
+    tracking = active_tracking(site)
+    scope = _scopes.get(site)
+    if scope is not None and scope.tracking is tracking:
+        return scope
+    if tracking is None:
+        raise MlflowException(
+            f"{site_uri(site)} is the MLflow tracking URI of site {site!r} while fl_ray runs its work, and that "
+            "work is not running in this process: set another tracking URI to log outside a site"
+        )
     info = RunInfo(
         site_run_id(site),
         EXPERIMENT_ID,
@@ -124,41 +137,8 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
         f"{site_uri(site)}/runs/{site_run_id(site)}",
         site,
     )
+    scope = _scopes[site] = _Scope(tracking)
     scope.runs[info.run_id] = _Run(site, tracking.mlflow, info)
-    previous = utils._tracking_uri, registry._registry_uri  # None when none was set
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    set_telemetry_client()  # none, now, should MLflow have been imported before
-    mlflow.set_tracking_uri(site_uri(site))
-    mlflow.set_registry_uri(site_uri(site))  # no registry on a site (and no look for Spark at every call)
-    try:
-        yield
-    finally:
-        try:
-            while mlflow.active_run() is not None:
-                mlflow.end_run()
-        finally:
-            for run in scope.runs.values():
-                if run.tracking is not None:
-                    run.tracking.close(tracking.cfg.close_timeout)
-            _scopes.pop(site, None)
-            mlflow.set_tracking_uri(previous[0])  # type: ignore[arg-type]  # None unsets it
-            mlflow.set_registry_uri(previous[1])  # type: ignore[arg-type]
-
-
-def _site_of(uri: str) -> str:
-    prefix = f"{SITE_URI_SCHEME}://"
-    if not uri.startswith(prefix) or not uri[len(prefix) :]:
-        raise MlflowException(f"{uri!r} is not an fl_ray site URI: expected {prefix}<site>", INVALID_PARAMETER_VALUE)
-    return uri[len(prefix) :].split("/", 1)[0]
-
-
-def _scope(site: str) -> _Scope:
-    scope = _scopes.get(site)
-    if scope is None:
-        raise MlflowException(
-            f"{site_uri(site)} is the MLflow tracking URI of site {site!r} while fl_ray runs its work, and that "
-            "work is not running in this process: set another tracking URI to log outside a site"
-        )
     return scope
 
 
