@@ -53,7 +53,7 @@ class ClientActor:
         return {
             **result,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "device": str(self.ctx.device),
+            "device": self.ctx.device_name,
             "seconds": time.perf_counter() - start,
         }
 
@@ -63,7 +63,7 @@ class ClientActor:
         return {
             "site": self.ctx.site,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "device": str(self.ctx.device),
+            "device": self.ctx.device_name,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "credentials": held_credentials(),
             "no_gpu_metrics": self.system_metrics.no_gpu if self.system_metrics is not None else "",
