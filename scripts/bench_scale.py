@@ -12,7 +12,11 @@ each, start-up (Ray's start, and from the job's start to its first round), secon
 created and records lost (recorded by the sites, the workers and the server, less those MLflow got).
 The baseline, measured in the same run: the sites of the job's first round, trained one after another in
 this one process (no Ray, no tracking), round after round. ``--also-10k`` adds a job of 10,000 sites (20
-synthetic samples each) with 100 sampled per round, which has to complete. The last line printed is one JSON object.
+synthetic samples each) with 100 sampled per round, which has to complete. ``--cluster`` runs the jobs on the
+test suite's two-node loopback cluster instead (``tests/loopback_cluster.py``: two ``ray start`` nodes on
+this host, 2 CPUs each, token authentication): each job's driver is a process of this script joining it
+by address, and memory counts the cluster's processes and that driver. The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import threading
+import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import ray
@@ -62,10 +68,11 @@ def bench_config(sites: int, sampled: int, rounds: int, workers: int | None, dat
 
 
 class MemorySampler:
-    """Peak PSS and summed RSS of this process and all its descendants (Ray's processes), sampled."""
+    """Peak PSS and summed RSS of this process and all its descendants (Ray's processes), and of what
+    ``others`` lists (a cluster's processes), sampled."""
 
-    def __init__(self, interval: float) -> None:
-        self.interval, self.peak_pss, self.peak_rss, self.processes = interval, 0, 0, 0
+    def __init__(self, interval: float, others: Callable[[], list[psutil.Process]] = list) -> None:
+        self.interval, self.others, self.peak_pss, self.peak_rss, self.processes = interval, others, 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,7 +87,8 @@ class MemorySampler:
     def sample(self) -> None:
         me = psutil.Process()
         pss = rss = count = 0
-        for proc in [me, *me.children(recursive=True)]:
+        procs = {p.pid: p for p in [me, *me.children(recursive=True), *self.others()]}
+        for proc in procs.values():
             try:
                 info = proc.memory_full_info()
             except psutil.Error:  # gone, or not ours to read
@@ -105,15 +113,18 @@ class _TimedProgress(RoundProgress):
         super().round_done(summary)
 
 
-def run_one(cfg: JobConfig, interval: float) -> dict[str, Any]:
-    """One job on a fresh local Ray, measured."""
+def run_one(cfg: JobConfig, interval: float, address: str | None = None) -> dict[str, Any]:
+    """One job, measured: on a fresh local Ray, or joining the cluster at ``address``."""
     from mlflow.tracking import MlflowClient
 
     _TimedProgress.ends = []
     job_module.RoundProgress = _TimedProgress
     with MemorySampler(interval) as memory, tempfile.TemporaryDirectory(prefix="fl_ray_bench_") as tmp:
         started = time.monotonic()
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        if address is None:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
         ray_seconds = time.monotonic() - started
         job_start = time.monotonic()
         try:
@@ -203,15 +214,72 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-site", type=int, default=100, help="synthetic samples per site (default %(default)s)")
     parser.add_argument("--also-10k", action="store_true", help="also 10,000 sites with 100 sampled per round")
+    parser.add_argument("--cluster", action="store_true", help="on a two-node loopback cluster (see above)")
+    parser.add_argument("--join", help=argparse.SUPPRESS)  # internal: run the first job as a driver of this cluster
     args = parser.parse_args(argv)
+    if args.join:
+        cfg = bench_config(args.sites, args.sampled[0], args.rounds, args.workers, args.dataset, args.per_site)
+        print(json.dumps(run_one(cfg, args.interval, args.join)))
+        return 0
     console = Console(stderr=True)
+    cluster = start_cluster(console) if args.cluster else None
+    try:
+        return run_all(args, console, cluster)
+    finally:
+        if cluster is not None:
+            survivors = cluster.stop()
+            if survivors:
+                console.print(f"[red]cluster processes left running: {survivors}")
+
+
+def start_cluster(console: Console) -> Any:
+    """The test suite's two-node loopback cluster, started."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from loopback_cluster import LocalCluster
+
+    console.print("starting a two-node loopback cluster...")
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def on_cluster(args: argparse.Namespace, cluster: Any, sites: int, sampled: int, per_site: int) -> dict[str, Any]:
+    """One job whose driver is a process of this script joining ``cluster``; memory is the cluster's and the
+    driver's, sampled here."""
+    cmd = [sys.executable, __file__, "--join", cluster.gcs_address, "--sites", str(sites), "--sampled", str(sampled)]
+    cmd += ["--rounds", str(args.rounds), "--dataset", args.dataset, "--per-site", str(per_site)]
+    cmd += ["--interval", str(args.interval)] + (["--workers", str(args.workers)] if args.workers else [])
+    env = {
+        **cluster.env,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), cluster.env["PYTHONPATH"]]),
+    }
+    with MemorySampler(args.interval, cluster.processes) as memory:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the cluster job's driver failed:\n{proc.stderr[-3000:]}")
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    measured.update(
+        peak_pss_gb=round(memory.peak_pss / 2**30, 3),
+        peak_rss_sum_gb=round(memory.peak_rss / 2**30, 3),
+        processes_at_peak=memory.processes,
+    )
+    return measured
+
+
+def run_all(args: argparse.Namespace, console: Console, cluster: Any) -> int:
     jobs = [(args.sites, n, args.per_site) for n in args.sampled] + ([(10_000, 100, 20)] if args.also_10k else [])
-    figures: dict[str, Any] = {"jobs": []}
+    figures: dict[str, Any] = {"cluster": "two loopback nodes" if cluster is not None else None, "jobs": []}
     for sites, sampled, per_site in jobs:
         console.print(f"{sites} sites, {sampled} sampled per round, {args.rounds} rounds...")
-        measured = run_one(
-            bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site), args.interval
-        )
+        if cluster is None:
+            cfg = bench_config(sites, sampled, args.rounds, args.workers, args.dataset, per_site)
+            measured = run_one(cfg, args.interval)
+        else:
+            measured = on_cluster(args, cluster, sites, sampled, per_site)
         console.print({k: v for k, v in measured.items() if k != "first_round_sites"})
         figures["jobs"].append(measured)
     first = figures["jobs"][0]
