@@ -419,6 +419,10 @@ def run_job(
             f"starting {actors} ({cfg.resources.client_cpus:g} CPU, {cfg.resources.client_gpus:g} "
             "GPU each), the server and the tracking receiver",
         )
+        # the server first: pinned to this node, it takes its share here before the sites' actors fill the node
+        server = ServerActor.options(  # type: ignore[attr-defined]
+            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here
+        ).remote(config_dict, receiver_actor_name(job_id), str(job_dir / "checkpoints"))
         if pooled:
             parts_ref = ray.put(parts)  # held here for the whole job: restarted workers take it again
             clients = start_workers(cfg, job_id, workers, parts_ref, receiver_actor_name(job_id))
@@ -428,10 +432,7 @@ def run_job(
         else:
             clients = _start_clients(cfg, job_id, config_dict, receiver_actor_name(job_id), local)
             executor = RayExecutor(clients)
-        # the server starts up while the clients do
-        server = ServerActor.options(  # type: ignore[attr-defined]
-            num_cpus=cfg.resources.server_cpus, name=f"fl_ray-{job_id}-server", scheduling_strategy=here
-        ).remote(config_dict, receiver_actor_name(job_id), executor, str(job_dir / "checkpoints"))
+        server.use.remote(executor)  # the server starts up while the clients do
         start_up = _StartUp(cfg, clients, server, receiver, phases)
         placed, done = start_up.wait()
         _note_no_gpu_metrics(placed)

@@ -99,7 +99,8 @@ def test_server_sites_and_receiver_import_only_what_they_use(receiver, tmp_path)
     torch_job = parse_config(
         {"sites": 1, "dataset": NO_DATA, "learner_args": {"model": "mlp"}, "tracking": {"system_metrics": False}}
     ).to_dict()
-    server = ServerActor.options(num_cpus=0).remote(torch_job, name, RayExecutor({}), str(tmp_path / "checkpoints"))
+    server = ServerActor.options(num_cpus=0).remote(torch_job, name, str(tmp_path / "checkpoints"))
+    server.use.remote(RayExecutor({}))
     site = ClientActor.options(num_cpus=0).remote("site-1", 0, torch_job, name)
     numpy_job = parse_config(
         {

@@ -99,16 +99,25 @@ class _RayRunning(Running):
 
 @ray.remote
 class ServerActor:
-    """The server of one job."""
+    """The server of one job: started before the sites' actors (so that its share of the driver's node, where
+    it runs, is taken before they fill the node), then given their executor with :meth:`use`."""
 
-    def __init__(self, config: dict[str, Any], receiver_name: str, executor: Executor, checkpoint_dir: str) -> None:
+    engine: RoundEngine
+
+    def __init__(self, config: dict[str, Any], receiver_name: str, checkpoint_dir: str) -> None:
         self.ctx, self.tracking = make_context(
             "server", None, config, receiver_name, config["resources"]["server_cpus"]
         )
+        self.learner = load_learner(self.ctx.config.learner, self.ctx.config.learner_args)
+        self.learner.setup(self.ctx)
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def use(self, executor: Executor) -> None:
+        """Run the rounds' tasks on ``executor`` (the sites' actors); called once, before anything else."""
         cfg = self.ctx.config
-        learner = load_learner(cfg.learner, cfg.learner_args)
-        learner.setup(self.ctx)
-        self.engine = RoundEngine(cfg, learner, self.ctx, build_strategy(cfg.strategy), executor, Path(checkpoint_dir))
+        self.engine = RoundEngine(
+            cfg, self.learner, self.ctx, build_strategy(cfg.strategy), executor, self.checkpoint_dir
+        )
 
     def completed_rounds(self) -> int:
         """How many rounds are completed so far (from the checkpoint when the job resumed)."""
