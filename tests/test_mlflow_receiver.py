@@ -416,3 +416,17 @@ def test_a_server_failing_every_request_sets_nothing_aside(receiver_env, proxy, 
     client = MlflowClient(proxy.upstream_uri)
     assert history(client, receiver.run_ids["site-1"], "loss") == [(i, float(i)) for i in range(1500)]
     receiver.close("FINISHED")
+
+
+def test_the_parent_runs_sites_tag_fits_mlflow_for_thousands_of_sites(tmp_path):
+    """2,000 sites: the parent run's ``fl_ray.sites`` tag holds the names that fit in MLflow's 8,000
+    characters, whole, and says how many sites there are (MLflow would cut the list mid-name)."""
+    sites = tuple(f"site-{i}" for i in range(1, 2001))
+    receiver = MLflowReceiver(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    receiver.open(context(tmp_path, sites))
+    tag = MlflowClient(receiver.tracking_uri).get_run(receiver.parent_run_id).data.tags["fl_ray.sites"]
+    receiver.close("FINISHED")
+    names, _, count = tag.rpartition(",... ")
+    assert len(tag) <= 8000 and count == "(2000 sites)"
+    listed = names.split(",")
+    assert len(listed) > 500 and listed == list(sites[: len(listed)])

@@ -82,6 +82,18 @@ PROCESS_ENV_DEFAULTS = {
 }
 
 
+def sites_tag(sites: Sequence[str]) -> str:
+    """The parent run's ``fl_ray.sites`` tag: the sites, comma-separated, within MLflow's tag length (8,000
+    characters); a list too long ends with ``,... (<n> sites)`` after the names that fit."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    whole = ",".join(sites)
+    if len(whole) <= MAX_TAG_VAL_LENGTH:
+        return whole
+    end = f",... ({len(sites)} sites)"
+    return whole[: MAX_TAG_VAL_LENGTH - len(end) + 1].rpartition(",")[0] + end
+
+
 def default_tracking_uri(workspace: Path) -> str:
     """``sqlite:///<workspace>/mlflow.db``: one store for every job of a workspace, so runs compare."""
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
@@ -268,7 +280,7 @@ class MLflowReceiver(Receiver):
         from mlflow.entities import Param, RunTag
 
         params = [Param(k, str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in flatten(ctx.config, ".").items()]
-        self.client.log_batch(self.parent_run_id, params=params, tags=[RunTag("fl_ray.sites", ",".join(ctx.sites))])
+        self.client.log_batch(self.parent_run_id, params=params, tags=[RunTag("fl_ray.sites", sites_tag(ctx.sites))])
         self._complete = True
         self._save_runs()
 
@@ -393,7 +405,7 @@ class MLflowReceiver(Receiver):
 
     def _probe_write(self) -> None:
         """A write MLflow takes whenever it takes writes: the parent run's ``fl_ray.sites`` tag, again."""
-        self.client.set_tag(self.parent_run_id, "fl_ray.sites", ",".join(self._ctx.sites))
+        self.client.set_tag(self.parent_run_id, "fl_ray.sites", sites_tag(self._ctx.sites))
 
     def _send_run(self, delivery: _Delivery, run_id: str, batch: _Batch) -> None:
         """Send one run's records: batched within MLflow's limits, texts and records under suspicion alone;
