@@ -1,11 +1,11 @@
 """MLflow's own API on a site: a tracking store and an artifact repository for the ``fl-ray`` URI scheme.
 
 Inside a site's work (a client actor's life, or one task of a pool worker)
-:func:`~fl_ray.tracking.mlflow_scope.site_scope` makes ``fl-ray://<site>`` MLflow's tracking URI, so ``import mlflow`` and its fluent API, ``MlflowClient``,
-autologging and Lightning's ``MLFlowLogger`` write through :class:`SiteStore` and
-:class:`SiteArtifactRepository` into the site's :class:`~fl_ray.tracking.writers.MLflowWriter`: the same
-records, sender, spool and exactly-once delivery as ``ctx.mlflow``, with no network call and no
-credentials on the site. MLflow finds both classes through the ``mlflow.tracking_store`` and
+:func:`~fl_ray.tracking.mlflow_scope.site_scope` makes ``fl-ray://<site>`` MLflow's tracking URI, so
+``import mlflow`` and its fluent API, ``MlflowClient``, autologging and Lightning's ``MLFlowLogger``
+write through :class:`SiteStore` and :class:`SiteArtifactRepository` into the site's
+:class:`~fl_ray.tracking.writers.MLflowWriter`: the same records, sender, spool and exactly-once delivery
+as ``ctx.mlflow``, with no network call and no credentials on the site. MLflow finds both classes through the ``mlflow.tracking_store`` and
 ``mlflow.artifact_repository`` entry points (setup.cfg).
 
 * ``start_run()`` gives the site's run of this job (the same run every round); a nested run

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fl_ray.tracking.credentials import SITE_URI_SCHEME
 from fl_ray.tracking.site import SiteTracking
@@ -59,7 +59,7 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
                     os.environ[key] = value
 
 
-def _point_mlflow_at(uri: str):
+def _point_mlflow_at(uri: str) -> Callable[[], None]:
     """Set MLflow's own tracking and registry URI (which win over the environment's) to ``uri``, and stop
     its telemetry; returns what puts the previous ones back."""
     import mlflow
