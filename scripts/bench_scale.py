@@ -27,9 +27,9 @@ import logging
 import os
 import statistics
 import sys
+import subprocess
 import tempfile
 import threading
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable

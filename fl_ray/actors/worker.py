@@ -47,7 +47,7 @@ class WorkerActor:
         self.name = name
         self.parts: list[np.ndarray] = ray.get(parts[0])  # every site's indices, in configured order
         self.dataset = load_dataset(self.cfg.dataset, self.cfg.seed)
-        self.device = select_device()
+        self.device_name = select_device()
         self.receiver = ray.get_actor(receiver_name)
         self.sent = {"recorded": 0, "acknowledged": 0, "retries": 0, "undelivered": 0}  # its sites' streams
         self.tracking: SiteTracking | None = None  # its own stream, from its first task on
@@ -88,7 +88,7 @@ class WorkerActor:
             **result,
             "worker": self.name,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "device": str(self.device),
+            "device": self.device_name,
             "seconds": time.perf_counter() - start,
         }
 
@@ -106,7 +106,7 @@ class WorkerActor:
         ds = self.dataset
         ctx = LearnerContext(
             site=site,
-            device_name=self.device,
+            device_name=self.device_name,
             config=self.cfg,
             data=ds.train.subset(self.parts[index]),
             num_classes=ds.num_classes,
@@ -125,7 +125,7 @@ class WorkerActor:
             "worker": self.name,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
-            "device": str(self.device),
+            "device": self.device_name,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "credentials": held_credentials(),
         }

@@ -389,7 +389,7 @@ class SiteArtifactRepository(ArtifactRepository):
     def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
         super().__init__(artifact_uri, tracking_uri, registry_uri)
         self.site = _site_of(artifact_uri)
-        parts = artifact_uri[len(f"{SITE_URI_SCHEME}://{self.site}") :].strip("/").split("/")
+        parts = artifact_uri[len(site_uri(self.site)) :].strip("/").split("/")
         if len(parts) != 2 or parts[0] not in ("runs", "models"):
             raise MlflowException(
                 f"{artifact_uri!r} is not an fl_ray artifact location: expected {site_uri(self.site)}/runs/<run id> "

@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 from fl_ray.tracking.credentials import SITE_URI_SCHEME
 from fl_ray.tracking.site import SiteTracking
 
-_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_DISABLE_TELEMETRY")
 _active: dict[str, SiteTracking] = {}
 
 
@@ -36,9 +35,13 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
     usage telemetry is off (a site makes no network call). On the way out the MLflow runs the site's code
     left open are ended, its child runs' streams delivered and closed, and the previous URIs restored."""
     site = tracking.sender.site
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(MLFLOW_TRACKING_URI=site_uri(site), MLFLOW_REGISTRY_URI=site_uri(site))
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env = {
+        "MLFLOW_TRACKING_URI": site_uri(site),
+        "MLFLOW_REGISTRY_URI": site_uri(site),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     _active[site] = tracking
     restore = _point_mlflow_at(site_uri(site)) if "mlflow" in sys.modules else None
     try:
