@@ -8,7 +8,8 @@ writer call's median cost inside an actor, end-to-end points per second, points 
 and the cost of the spool's durability (its synced appends: how many, and their time in all). Before
 the clock starts, each site also logs ``--fluent-points`` points with MLflow's own ``mlflow.log_metric``
 (through the site's ``fl-ray://`` store): that call's median cost (target: at most 30 µs) and whether
-every point arrived once.
+every point arrived once. Its baseline, in the same run and as many actors at once: the same call into a
+tracking store that does nothing, MLflow's own cost of the call (what fl_ray's store adds is the difference).
 
 ``--store server`` (the default): into a real `mlflow server` on loopback, started here with its
 default number of workers unless ``--server-workers`` says otherwise; also HTTP requests per 1,000
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.entities import Experiment, LifecycleStage, Run, RunData, RunInfo
+from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -79,6 +82,45 @@ class BenchSite:
     def close(self) -> dict[str, int]:
         self.scope.close()
         return self.tracking.close()
+
+
+class NullStore(AbstractStore):
+    """A tracking store that keeps nothing: what ``mlflow.log_metric`` costs before any store's work."""
+
+    INFO = RunInfo("0" * 32, "0", "", "RUNNING", 0, None, LifecycleStage.ACTIVE, "null://runs", "null")
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        return Experiment("0", "null", "null://", LifecycleStage.ACTIVE)
+
+    def get_experiment_by_name(self, experiment_name: str) -> Experiment:
+        return Experiment("0", experiment_name, "null://", LifecycleStage.ACTIVE)
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Run:
+        return Run(self.INFO, RunData())
+
+    def get_run(self, run_id: str) -> Run:
+        return Run(self.INFO, RunData())
+
+    def update_run_info(self, *args: Any, **kwargs: Any) -> RunInfo:
+        return self.INFO
+
+    def log_metric(self, run_id: str, metric: Any) -> None:
+        pass
+
+
+@ray.remote(num_cpus=0.1)
+class NullStoreSite:
+    """An actor timing ``mlflow.log_metric`` into :class:`NullStore`: the baseline of the fluent call."""
+
+    def log_fluent(self, points: int) -> list[int]:
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # what entry points fill
+
+        _tracking_store_registry.register("null", lambda store_uri=None, artifact_uri=None: NullStore())
+        mlflow.set_tracking_uri("null://")
+        mlflow.set_registry_uri("null://")  # as a site's scope does: no registry look-up on each call
+        with mlflow.start_run(log_system_metrics=False):
+            return _timed_calls(mlflow.log_metric, FLUENT_KEY, points)
 
 
 def _timed_calls(log_metric: Any, key: str, points: int) -> list[int]:
@@ -204,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['fluent_call_us_p99']} µs (target <= {FLUENT_TARGET_US:g} µs: "
         f"{'met' if figures['fluent_meets_target'] else 'NOT met'})"
     )
+    console.print(
+        f"  baseline: the same call into a store that does nothing, median {figures['fluent_null_store_us_median']} "
+        f"µs: fl_ray's store adds {figures['fluent_store_us']} µs"
+    )
     if args.store == "server":
         console.print(
             f"HTTP requests: {figures['http_requests']} ({figures['http_requests_per_1000_points']} per 1,000 points)"
@@ -247,6 +293,9 @@ def pipeline(
     actors = [BenchSite.remote(s, receiver_actor_name("bench")) for s in sites]
     ray.get([a.log.remote(1, "warmup") for a in actors])  # actors up...
     fluent = [c for per_site in ray.get([a.log_fluent.remote(args.fluent_points) for a in actors]) for c in per_site]
+    null_sites = [NullStoreSite.remote() for _ in sites]
+    floor = [c for per in ray.get([a.log_fluent.remote(args.fluent_points) for a in null_sites]) for c in per]
+    del null_sites
     deadline = time.monotonic() + 300
     while (status := ray.get(receiver.status.remote())["receivers"]["mlflow"])["pending"]:  # ...runs made
         if time.monotonic() > deadline:
@@ -276,6 +325,7 @@ def pipeline(
         fluent_dupes += len(history) - len(points)
     ray.shutdown()
     fluent_median = statistics.median(fluent) / 1000 if fluent else float("nan")
+    floor_median = statistics.median(floor) / 1000 if floor else float("nan")
     return {
         "sites": args.sites,
         "points_per_site": args.points,
@@ -293,6 +343,8 @@ def pipeline(
         "fluent_call_us_p99": round(sorted(fluent)[int(len(fluent) * 0.99)] / 1000, 3) if fluent else None,
         "fluent_target_us": FLUENT_TARGET_US,
         "fluent_meets_target": fluent_median <= FLUENT_TARGET_US,
+        "fluent_null_store_us_median": round(floor_median, 3),
+        "fluent_store_us": round(fluent_median - floor_median, 3),
         "spool_syncs": spool["syncs"],
         "spool_sync_seconds": spool["sync_seconds"],
         "spool_sync_share": round(spool["sync_seconds"] / elapsed, 4),

@@ -109,6 +109,14 @@ def receiver_env(monkeypatch):
 
 
 @pytest.fixture
+def quick_retries(receiver_env, monkeypatch):
+    """The receiver actor's settings, its HTTP retries at most 0.1 s apart instead of seconds (as many of them):
+    the tests that fail requests on purpose wait less."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.1")
+
+
+@pytest.fixture
 def proxy(mlflow_server):
     proxy = FaultyProxy(mlflow_server.uri)
     yield proxy
@@ -184,7 +192,7 @@ def job_runs(client: MlflowClient, experiment_id: str, view: int) -> list:
     ],
     ids=["parent-answer-lost", "site-answer-lost", "parent-open-retried"],
 )
-def test_a_lost_create_answer_leaves_one_run_per_role(receiver_env, proxy, tmp_path, role, times, open_fails):
+def test_a_lost_create_answer_leaves_one_run_per_role(quick_retries, proxy, tmp_path, role, times, open_fails):
     ctx = context(tmp_path)
     name = ctx.job_id if role == "parent" else role
     proxy.drop_answers(CREATE, times, match=lambda body: body.get("run_name") == name)
@@ -267,7 +275,7 @@ def test_a_sites_run_is_made_when_its_first_records_arrive(workspace, tmp_path):
     assert history(client, report["run_ids"]["site-2"], "loss") == [(0, 0.0), (1, 1.0)]
 
 
-def test_a_text_mlflow_fails_on_every_time_is_set_aside_and_the_rest_delivered(receiver_env, mlflow_server, tmp_path):
+def test_a_text_mlflow_fails_on_every_time_is_set_aside_and_the_rest_delivered(quick_retries, mlflow_server, tmp_path):
     """The field case: a text at ``notes`` then one at ``notes/inner.txt`` (the server answers 500 to the
     second upload forever) among thousands of metrics: the metrics and the first text arrive, the second
     text is set aside after MAX_SERVER_ERRORS deliveries, and the runs end. A param refused in the first
@@ -362,7 +370,7 @@ def test_a_path_clash_in_a_local_store_is_set_aside_at_once(workspace, tmp_path)
     receiver.close("FINISHED")
 
 
-def test_an_outage_sets_nothing_aside(receiver_env, mlflow_server, tmp_path):
+def test_an_outage_sets_nothing_aside(quick_retries, mlflow_server, tmp_path):
     """The server is stopped with a batch (and a text MLflow cannot store) waiting: every flush fails while
     it is down, more times than the bound, and nothing is set aside; once it is back, the batch arrives."""
     from test_delivery_faults import start_again
@@ -393,7 +401,7 @@ def test_an_outage_sets_nothing_aside(receiver_env, mlflow_server, tmp_path):
     receiver.close("FINISHED")
 
 
-def test_a_server_failing_every_request_sets_nothing_aside(receiver_env, proxy, tmp_path):
+def test_a_server_failing_every_request_sets_nothing_aside(quick_retries, proxy, tmp_path):
     """Every request answered 503 (a proxy in front of a server that is down): more flushes than the bound
     fail, nothing is set aside; when the server answers again, the batch arrives."""
     ctx = context(tmp_path)

@@ -58,7 +58,7 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.tracking.abstract_store import AbstractStore  # noqa: E402
 
 from fl_ray.tracking.credentials import SITE_URI_SCHEME  # noqa: E402
-from fl_ray.tracking.mlflow_scope import active_tracking, site_uri  # noqa: E402
+from fl_ray.tracking.mlflow_scope import active_tracking, pin_mlflow, site_uri  # noqa: E402
 from fl_ray.tracking.site import SiteTracking  # noqa: E402
 from fl_ray.tracking.writers import MLflowWriter  # noqa: E402
 
@@ -139,6 +139,7 @@ def _scope(site: str) -> _Scope:
     )
     scope = _scopes[site] = _Scope(tracking)
     scope.runs[info.run_id] = _Run(site, tracking.mlflow, info)
+    pin_mlflow(site)
     return scope
 
 

@@ -17,6 +17,7 @@ from fl_ray.tracking.credentials import SITE_URI_SCHEME
 from fl_ray.tracking.site import SiteTracking
 
 _active: dict[str, SiteTracking] = {}
+_restores: dict[str, Callable[[], None]] = {}  # site -> what puts MLflow's own URIs back
 
 
 def site_uri(site: str) -> str:
@@ -43,7 +44,8 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     _active[site] = tracking
-    restore = _point_mlflow_at(site_uri(site)) if "mlflow" in sys.modules else None
+    if "mlflow" in sys.modules:
+        pin_mlflow(site)
     try:
         yield
     finally:
@@ -53,6 +55,7 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
                 plugin.end_site(site)
         finally:
             _active.pop(site, None)
+            restore = _restores.pop(site, None)
             if restore is not None:
                 restore()
             for key, value in saved.items():
@@ -60,6 +63,13 @@ def site_scope(tracking: SiteTracking) -> Iterator[None]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def pin_mlflow(site: str) -> None:
+    """While ``site``'s work runs, set MLflow's own tracking and registry URI to the site's (each MLflow call
+    then reads them without looking up the environment); put back when the work ends."""
+    if site in _active and site not in _restores:
+        _restores[site] = _point_mlflow_at(site_uri(site))
 
 
 def _point_mlflow_at(uri: str) -> Callable[[], None]:
