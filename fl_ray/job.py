@@ -33,7 +33,7 @@ from rich.console import Console
 from fl_ray.checkpoint import BEST, BestModel, load_best, load_checkpoint, load_rounds
 from fl_ray.config import ConfigError, JobConfig, load_config, parse_config
 from fl_ray.data import load_dataset, partition
-from fl_ray.job_summary import PICTURE, participation, participation_columns, plot_job
+from fl_ray.job_summary import PICTURE, load_plotting, participation, participation_columns, plot_job
 from fl_ray.learners import load_learner
 from fl_ray.metadata import run_tags
 from fl_ray.progress import DeliveryProgress, JobPhases, RoundProgress
@@ -389,6 +389,7 @@ def run_job(
     local: SiteReceivers | None = None  # the sites with receivers of their own
     clients: dict[str, Any] = {}
     worker_info: dict[str, Any] = {}
+    drawing = ThreadPoolExecutor(1, thread_name_prefix="fl_ray-picture")
     try:
         workers = worker_count(cfg, ray.cluster_resources())
         pooled = workers < len(sites)  # virtual sites on a pool of workers, else one actor per site
@@ -445,6 +446,7 @@ def run_job(
                 s: {"num_samples": int(len(idx)), **{k: placed[s][k] for k in where}} for s, idx in zip(sites, parts)
             }
         phases.mark("rounds")  # the round bar's first line
+        drawing.submit(load_plotting)  # the picture's imports while the rounds run, not after them
         with RoundProgress(
             job_id, cfg.num_rounds, done=done, enabled=show_progress, console=phases.console
         ) as progress:
@@ -472,7 +474,7 @@ def run_job(
             rounds = _completed_rounds(job_dir)
             table = participation(sites, rounds)
             samples = {site: len(idx) for site, idx in zip(sites, parts)}
-            with ThreadPoolExecutor(1, thread_name_prefix="fl_ray-picture") as drawing:  # while the actors flush
+            with drawing:  # the picture is drawn while the actors flush
                 drawn = drawing.submit(_draw_picture, job_dir, f"{job_id} ({status})", rounds, samples, table)
                 tracking = _close(cfg, receiver, server, clients, local, status, job_dir, table, drawn, phases)
                 picture = drawn.result()

@@ -62,6 +62,14 @@ def _site_curves(rounds: list[dict[str, Any]], word: str) -> dict[str, dict[str,
     return curves
 
 
+def load_plotting() -> None:
+    """Import matplotlib for files only (the Agg back end): most of the first picture's cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display is needed, or wanted, on a cluster node
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plot_job(
     path: Path, title: str, rounds: list[dict[str, Any]], samples: dict[str, int], table: dict[str, Any]
 ) -> Path:
@@ -69,9 +77,7 @@ def plot_job(
 
     ``samples``: each site's training sample count; ``table``: :func:`participation`'s result.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display is needed, or wanted, on a cluster node
+    load_plotting()
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
