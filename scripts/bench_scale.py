@@ -26,8 +26,8 @@ import json
 import logging
 import os
 import statistics
-import sys
 import subprocess
+import sys
 import tempfile
 import threading
 import time

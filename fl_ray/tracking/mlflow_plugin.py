@@ -5,8 +5,8 @@ Inside a site's work (a client actor's life, or one task of a pool worker)
 ``import mlflow`` and its fluent API, ``MlflowClient``, autologging and Lightning's ``MLFlowLogger``
 write through :class:`SiteStore` and :class:`SiteArtifactRepository` into the site's
 :class:`~fl_ray.tracking.writers.MLflowWriter`: the same records, sender, spool and exactly-once delivery
-as ``ctx.mlflow``, with no network call and no credentials on the site. MLflow finds both classes through the ``mlflow.tracking_store`` and
-``mlflow.artifact_repository`` entry points (setup.cfg).
+as ``ctx.mlflow``, with no network call and no credentials on the site. MLflow finds both classes through
+the ``mlflow.tracking_store`` and ``mlflow.artifact_repository`` entry points (setup.cfg).
 
 * ``start_run()`` gives the site's run of this job (the same run every round); a nested run
   (``start_run(nested=True)``) is a child run of its parent on the server, named ``<parent>/<run name>``
