@@ -57,14 +57,14 @@ def ray_session():
     # Workers import the tests' own learner and receiver modules, as they would a user's code.
     tests_dir = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-    # Every worker starts with tracking credentials in its environment, as on a cluster whose nodes
-    # have them: clients must drop them, the receiver actor must keep them.
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": SESSION_CREDENTIALS},
-    )
+    # Every worker starts with tracking credentials in its environment, as on a cluster whose nodes have
+    # them (Ray's daemons, and so its workers, inherit them from this process; a runtime_env would start
+    # each worker through a set-up process, about a second of CPU more per actor): clients must drop
+    # them, the receiver actor must keep them. This process does not keep them.
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SESSION_CREDENTIALS.items():
+            patch.setenv(name, value)
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
