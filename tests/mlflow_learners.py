@@ -3,6 +3,7 @@ import path (``mlflow_learners:FluentLearner``) as a user's code would be."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -116,6 +117,9 @@ class LightningMLflowLearner(_Learner):
         data = TensorDataset(torch.from_numpy(np.array(ctx.data.x[:256])), torch.from_numpy(np.array(ctx.data.y[:256])))
         logger = MLFlowLogger(experiment_name="lightning") if ctx.round == 1 else False
         if ctx.round == 2:
+            # autolog infers the model's pip requirements by loading it again in a subprocess (seconds of
+            # Lightning's and PyTorch's imports); cut short, MLflow logs its default requirements instead
+            os.environ["MLFLOW_REQUIREMENTS_INFERENCE_TIMEOUT"] = "1"
             mlflow.pytorch.autolog(log_models=True, checkpoint=False)
         trainer = pl.Trainer(
             max_epochs=1,
