@@ -632,7 +632,8 @@ class MLflowReceiver(Receiver):
         report = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": run_id}
         if registered_model_name:
             report.update(
-                registered_model_name=registered_model_name, registered_model_version=info.registered_model_version
+                registered_model_name=registered_model_name,
+                registered_model_version=str(info.registered_model_version),  # an int from a sqlite store
             )
         return report
 
