@@ -1,17 +1,23 @@
 """W&B receiver: one W&B run per site, each written by its own OS process, exactly once across crashes.
 
-The facade (:class:`WandBReceiver`, in the receiver actor) starts a "spawn" process per site when the
-site's first record arrives (at most ``max_processes`` at once: the one used least recently ends to make
-room, and the run is resumed by id when that site logs again) and feeds it through a multiprocessing queue; the process owns the site's
-``wandb`` run and replies on a pipe: an ack per flush, its error, or its end. Mapping: metrics are
+The facade (:class:`WandBReceiver`, in the receiver actor) starts a process per site when the site's first
+record arrives (at most ``max_processes`` at once: the one used least recently ends to make room, and the
+run is resumed by id when that site logs again) and feeds it through a multiprocessing queue; the process
+owns the site's ``wandb`` run and replies on a pipe: an ack per flush, its error, or its end. Site
+processes are forked from a multiprocessing fork server that has imported ``wandb`` and this module once
+(a fresh interpreter per process took about 2 s of CPU for the same imports); each starts with the
+environment its receiver has when it starts it, as a spawned process would.
+
+Mapping: metrics are
 history rows against the custom step metric ``fl_step`` (W&B's own ``_step`` only counts rows, so a
 record with a lower step than the last is kept, never dropped); params go to ``run.config``; tags to
 ``run.config["tags/<key>"]`` (W&B's native tags are plain labels, not key/value); texts to a one-row
 ``wandb.Table`` (columns ``step``, ``text``) logged under their key at their step (0 when none). The
 only records W&B cannot hold are metrics and texts named like a history column it fills itself
 (``fl_step``, ``_step``, ``_runtime``, ``_timestamp``): those are counted per site under ``dropped``
-and named once in a warning. The site process imports this module (``fl_ray`` loads lazily, so not
-Ray or torch), ``wandb`` and ``psutil``.
+and named once in a warning. The fork server imports this module (``fl_ray`` loads lazily, so not
+torch), ``wandb``, ``psutil`` and, as any multiprocessing child does, the receiver's main module (in a
+Ray worker, Ray's).
 
 **Durability.** wandb-core writes a run's transaction log (``run-<id>.wandb``) in 32 KiB blocks and
 the last, partial block only when the run finishes; W&B has no other flush, and a killed wandb-core
@@ -202,7 +208,8 @@ class WandBReceiver(Receiver):
         self._dropped: dict[str, dict[str, int]] = {}  # site -> reserved key -> records left out
         self._summary: dict[str, Any] | None = None
         self._lock = threading.RLock()  # close() may come from another thread while a flush waits
-        self._mp = multiprocessing.get_context("spawn")
+        self._mp = multiprocessing.get_context("forkserver")
+        self._mp.set_forkserver_preload(["__main__", "wandb", __name__])  # once, when the server starts
         self._generation: tuple[str, int] = ("", 0)  # this receiver's life, later than any before it
 
     def open(self, ctx: ReceiverContext) -> None:
@@ -382,7 +389,7 @@ class WandBReceiver(Receiver):
         inbox, (replies, reply_end), written = self._mp.Queue(), self._mp.Pipe(duplex=False), self._mp.RawValue("q", 0)
         process = self._mp.Process(
             target=_site_main,
-            args=(name, init, self._history_base(name), self._generation, inbox, reply_end, written),
+            args=(name, dict(os.environ), init, self._history_base(name), self._generation, inbox, reply_end, written),
             name=f"fl_ray-wandb-{name}",
             daemon=True,
         )
@@ -489,6 +496,7 @@ def _stop(process: Any) -> None:
 
 def _site_main(
     site: str,
+    environment: dict[str, str],
     init: dict[str, Any],
     base: int,
     generation: tuple[str, int],
@@ -498,10 +506,13 @@ def _site_main(
 ) -> None:
     """Own one site's W&B run: take it over, log each batch in order, finish it at each flush and on END.
 
-    If the parent process dies, the run is finished with exit code 1 and the process exits.
+    ``environment`` is the receiver's when it started this process (the fork server's may be older). If the
+    parent process dies, the run is finished with exit code 1 and the process exits.
     """
     writer = None
     try:
+        os.environ.clear()
+        os.environ.update(environment)
         os.environ.pop("WANDB_SERVICE", None)  # a wandb-core of our own, so a successor can tell it is ours
         import wandb
 
