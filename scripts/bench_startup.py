@@ -16,8 +16,8 @@ started, actors asked for, tracking receiver ready, first site ready, rounds, la
 tracking drained, Ray stopping, process exit). The baseline, measured in the same run, is the same
 rounds run sequentially in one fresh process with no Ray and no tracking: its wall time to exit and
 its rounds alone. ``store`` compares a fresh MLflow sqlite store made by MLflow (its migrations) with
-one copied from fl_ray's template (:mod:`fl_ray.mlflow_store`) and with opening a store that exists. A table goes to stderr; the last line
-printed is one JSON object.
+one copied from fl_ray's template (:mod:`fl_ray.mlflow_store`) and with opening a store that exists. A
+table goes to stderr; the last line printed is one JSON object.
 """
 
 from __future__ import annotations

@@ -8,16 +8,15 @@ processes are forked from a multiprocessing fork server that has imported ``wand
 (a fresh interpreter per process took about 2 s of CPU for the same imports); each starts with the
 environment its receiver has when it starts it, as a spawned process would.
 
-Mapping: metrics are
-history rows against the custom step metric ``fl_step`` (W&B's own ``_step`` only counts rows, so a
-record with a lower step than the last is kept, never dropped); params go to ``run.config``; tags to
-``run.config["tags/<key>"]`` (W&B's native tags are plain labels, not key/value); texts to a one-row
-``wandb.Table`` (columns ``step``, ``text``) logged under their key at their step (0 when none). The
-only records W&B cannot hold are metrics and texts named like a history column it fills itself
-(``fl_step``, ``_step``, ``_runtime``, ``_timestamp``): those are counted per site under ``dropped``
-and named once in a warning. The fork server imports this module (``fl_ray`` loads lazily, so not
-torch), ``wandb``, ``psutil`` and, as any multiprocessing child does, the receiver's main module (in a
-Ray worker, Ray's).
+Mapping: metrics are history rows against the custom step metric ``fl_step`` (W&B's own ``_step`` only
+counts rows, so a record with a lower step than the last is kept, never dropped); params go to
+``run.config``; tags to ``run.config["tags/<key>"]`` (W&B's native tags are plain labels, not
+key/value); texts to a one-row ``wandb.Table`` (columns ``step``, ``text``) logged under their key at
+their step (0 when none). The only records W&B cannot hold are metrics and texts named like a history
+column it fills itself (``fl_step``, ``_step``, ``_runtime``, ``_timestamp``): those are counted per
+site under ``dropped`` and named once in a warning. The fork server imports this module (``fl_ray``
+loads lazily, so not torch), ``wandb``, ``psutil`` and, as any multiprocessing child does, the
+receiver's main module (in a Ray worker, Ray's).
 
 **Durability.** wandb-core writes a run's transaction log (``run-<id>.wandb``) in 32 KiB blocks and
 the last, partial block only when the run finishes; W&B has no other flush, and a killed wandb-core
