@@ -17,6 +17,7 @@ from fl_ray.mlflow_server import LocalMlflowServer, free_port
 from fl_ray.tracking.spool import load_progress, spooled_events
 
 from conftest import NO_DATA, REPO
+from test_tracking_matrix import _f32, wandb_series
 from user_learners import expected_stream
 
 SITES = ("site-1", "site-2")
@@ -168,7 +169,8 @@ def load_replay_script():
 
 def test_unreachable_tracking_server_keeps_records_for_replay(ray_session, mlflow_server, tmp_path, capfd):
     """MLflow is unreachable from the start: the job trains anyway, says so once, keeps every record in
-    the spool; replay_spool.py then delivers them exactly once, and a second replay adds nothing."""
+    the spool; replay_spool.py then delivers them exactly once, and a second replay adds nothing; TensorBoard
+    and W&B get them from the spool too."""
     rounds, points = 2, 30
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = stream_config("unreachable", rounds, points, 1.0, [{"type": "mlflow", "tracking_uri": dead}], close_timeout=6)
@@ -223,6 +225,11 @@ def test_unreachable_tracking_server_keeps_records_for_replay(ray_session, mlflo
     assert replay.main([str(result.job_dir), "--to", "tensorboard"]) == 0
     assert "tensorboard: 0 record(s) delivered now" in capfd.readouterr().out
     assert sorted(p.name for p in (result.job_dir / "tb_events").iterdir()) == ["server", *SITES]
+    assert replay.main([str(result.job_dir), "--to", "wandb"]) == 0  # site processes from this process
+    assert f"wandb: {accepted} record(s) delivered now" in capfd.readouterr().out
+    runs = wandb_series(result.job_dir)
+    for site in SITES:
+        assert runs[site]["stream"] == sorted((s, _f32(v)) for s, v in expected_stream(site, rounds, points))
 
 
 def test_records_mlflow_refuses_do_not_hold_up_the_others(tmp_path):
