@@ -12,8 +12,10 @@ Everything is plain arrays and JSON, readable with NumPy and ``json`` alone (no 
 * ``rounds.jsonl``: one line per completed round, appended as each ends (its summary, as in result.json).
 
 In a ``.json`` file an array stands as ``{"$array": "<name in the .npz>"}``; :func:`load_tree` puts the
-arrays back. The ``.json`` is written after its ``.npz``, and names the round, so a crash between the
-two leaves the older pair readable (the ``.npz`` is checked to hold every array the ``.json`` names).
+arrays back. The ``.npz`` also holds the ``.json``'s text (as UTF-8 bytes, ``"$tree"``) and is what
+:func:`load_tree` reads: one file replaced atomically, so what is read back is always one save, even
+after a crash between the two files (the ``.json``, written second for people and other programs, is
+then one save behind).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ LAST = "last"
 BEST = "best"
 ROUNDS_FILE = "rounds.jsonl"
 ARRAY = "$array"
+TREE = "$tree"  # the .json's text inside the .npz
 
 
 # --- arrays + JSON ---------------------------------------------------------------------------------
@@ -43,22 +46,27 @@ def save_tree(directory: Path, name: str, tree: dict[str, Any]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    skeleton = _split_arrays(tree, "", arrays)
+    text = json.dumps(_split_arrays(tree, "", arrays), allow_nan=False)
+    arrays[TREE] = np.frombuffer(text.encode(), dtype=np.uint8)
     tmp = directory / f"{name}.tmp.npz"
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, directory / f"{name}.npz")
-    _write_atomic(directory / f"{name}.json", json.dumps(skeleton, allow_nan=False))
+    _write_atomic(directory / f"{name}.json", text)
     return directory / f"{name}.json"
 
 
 def load_tree(directory: Path, name: str) -> dict[str, Any] | None:
     """The tree saved by :func:`save_tree` as ``name`` in ``directory``, or None if there is none."""
-    directory = Path(directory)
-    if not (directory / f"{name}.json").exists():
+    path = Path(directory) / f"{name}.npz"
+    if not path.exists():
         return None
-    skeleton = json.loads((directory / f"{name}.json").read_text())
-    with np.load(directory / f"{name}.npz", allow_pickle=False) as npz:
-        return _join_arrays(skeleton, {k: npz[k] for k in npz.files})
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if TREE in arrays:
+        skeleton = json.loads(arrays.pop(TREE).tobytes())
+    else:  # written before the .npz held the tree
+        skeleton = json.loads(path.with_suffix(".json").read_text())
+    return _join_arrays(skeleton, arrays)
 
 
 def _split_arrays(node: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
