@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: "cluster" in item.fixturenames)
 
 
+def _take_ctrl_c() -> None:
+    """In a new job process, before it runs: Ctrl+C (SIGINT) back to its default. Where the tests run with it
+    ignored (a pytest-xdist worker, a shell's background job), a child would inherit that, and Python would
+    keep ignoring it instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_job_process(workspace, *args):
-    """run_fedavg.py in its own process (so it can get a SIGINT), on the session's Ray instance."""
+    """run_fedavg.py in its own process (so it can get a SIGINT, even where the tests' process ignores it),
+    on the session's Ray instance."""
     import ray
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -146,4 +155,5 @@ def start_job_process(workspace, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_take_ctrl_c,
     )
