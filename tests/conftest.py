@@ -1,10 +1,9 @@
 """Shared fixtures: one local Ray instance per test session, a real `mlflow server` on loopback, and a
-two-node Ray cluster of ``ray start`` processes (started once, for the tests that run last).
+two-node Ray cluster of ``ray start`` processes (for test_cluster.py, the first module to run).
 
 Under pytest-xdist (``-n 2``, as the README runs the suite) each worker is a test session of its own, with
-its own Ray instance and `mlflow server`. Tests go to workers in groups (``--dist loadgroup``): a module's
-tests together, so a job its tests share runs once, and the tests on the two-node cluster together, so
-they share one cluster."""
+its own Ray instance and `mlflow server`. Tests go to workers a module at a time (``--dist loadfile``), so
+a job that a module's tests share runs once."""
 
 from __future__ import annotations
 
@@ -93,7 +92,7 @@ def mlflow_store(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     """A two-node Ray cluster on this host (tests/loopback_cluster.py), stopped with nothing left behind."""
     from loopback_cluster import RAY, LocalCluster
@@ -124,14 +123,12 @@ def workspace(tmp_path, mlflow_store):
 
 def pytest_collection_modifyitems(items):
     """Tests that need Ray, a real `mlflow server` or W&B's processes are slow: `pytest -m "not slow"` is the
-    unit tier. Each module's tests are an xdist group, and the tests on the two-node cluster one more, run
-    last, so that it runs only while they do."""
+    unit tier. The tests on the two-node cluster (the longest module) run first: under pytest-xdist, one
+    worker has them while the other runs the rest."""
     for item in items:
         if {"ray_session", "mlflow_server", "wandb_env", "cluster"} & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        group = "cluster" if "cluster" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "cluster" in item.fixturenames)
+    items.sort(key=lambda item: "cluster" not in item.fixturenames)
 
 
 def _take_ctrl_c() -> None:

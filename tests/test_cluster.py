@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on this machine (tests/loopback_cluster.py): a FedAvg job through `ray job
-submit`, a job that asks too much, fractional GPUs, site-local tracking."""
+submit`, a job that asks too much, fractional GPUs, site-local tracking, credentials (test_secrets.py's
+check, on the cluster). Every test on the cluster is here, so that it is started once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import new_workspace
 from loopback_cluster import tail
+from test_secrets import check_credentials_reach_the_receiver_actor_only
 
 REPO = Path(__file__).resolve().parent.parent
 # Not uploaded with --working-dir: the virtualenv (GBs), job outputs, data, VCS and caches.
@@ -34,7 +36,7 @@ UPLOAD_EXCLUDES = [
 ]
 JOB_TIMEOUT = 300
 
-pytestmark = pytest.mark.slow  # the session's two-node Ray cluster
+pytestmark = pytest.mark.slow  # the two-node Ray cluster
 
 
 def test_cluster_has_two_nodes(cluster):
@@ -326,3 +328,9 @@ def _holds(p: psutil.Process, secret: str) -> bool:
         )
     except OSError:
         return False
+
+
+def test_credentials_reach_the_receiver_actor_only_on_a_cluster(cluster, tmp_path, mlflow_store, request):
+    """As on a local Ray (test_secrets.py), with the driver joining the two-node cluster, whose state API
+    (actors, jobs, tasks, workers, runtime envs, ...) must not show the secrets either."""
+    check_credentials_reach_the_receiver_actor_only(cluster, tmp_path, mlflow_store, request)

@@ -1,7 +1,7 @@
 """Tracking credentials reach the receiver actor and nothing else.
 
 Unit checks of the masking and of the credentials file, then a real job per mode (a local Ray the job
-starts; a driver joining the session's two-node cluster, with its dashboard) with three
+starts here; a driver joining the two-node cluster, with its dashboard, in test_cluster.py) with three
 planted secrets: one on the command line (``--set tracking.credentials...``), one in the driver's
 environment, one in ``tracking.credentials_file``. While the sites wait in round 1, the test reads the
 environment and command line of every process of that Ray but the receiver actor's (and, on the
@@ -232,12 +232,6 @@ def test_credentials_reach_the_receiver_actor_only_on_a_local_ray(tmp_path, mlfl
     reach the receiver actor (also after Ray restarts it) and no other process, file or log of the Ray the
     job starts."""
     check_credentials_reach_the_receiver_actor_only(None, tmp_path, mlflow_store, request)
-
-
-def test_credentials_reach_the_receiver_actor_only_on_a_cluster(cluster, tmp_path, mlflow_store, request):
-    """The same with the driver joining the two-node cluster, whose state API (actors, jobs, tasks, workers,
-    runtime envs, ...) must not show them either."""
-    check_credentials_reach_the_receiver_actor_only(cluster, tmp_path, mlflow_store, request)
 
 
 def check_credentials_reach_the_receiver_actor_only(head, tmp_path, mlflow_store, request) -> None:
