@@ -76,8 +76,13 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A running `mlflow server` on a free loopback port, for the whole session."""
-    with LocalMlflowServer(tmp_path_factory.mktemp("mlflow_server")) as server:
+    """A running `mlflow server` on a free loopback port, for the whole session. Its store is made from fl_ray's
+    template, as a job workspace's is (and the server starts without creating MLflow's tables)."""
+    from fl_ray.mlflow_store import prepare_sqlite_store
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    prepare_sqlite_store(root / "mlflow.db", root / "artifacts")
+    with LocalMlflowServer(root) as server:
         yield server
 
 

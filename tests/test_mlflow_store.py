@@ -4,13 +4,11 @@ MLflow's own schema revision, and never a template that does not match it."""
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fl_ray import mlflow_store
-from fl_ray.mlflow_server import LocalMlflowServer
 from fl_ray.mlflow_store import prepare_sqlite_store, schema_revision, template_store
 
 
@@ -67,20 +65,17 @@ def test_a_template_at_another_revision_is_made_again(in_cache, tmp_path):
     assert schema_revision(target) == schema_revision(template) == mlflow_store._head_revision()
 
 
-@pytest.mark.slow
-def test_mlflow_server_reads_a_store_made_from_the_template(in_cache, tmp_path):
-    """`mlflow server` (what `mlflow ui` runs) serves a template-made store: the runs written before it
-    started, and new writes through it."""
-    root = tmp_path / "server"
-    db = root / "mlflow.db"
-    assert prepare_sqlite_store(db, root / "artifacts")
+def test_mlflow_server_reads_a_store_made_from_the_template(mlflow_server):
+    """`mlflow server` (what `mlflow ui` runs) serves a template-made store (the session's server runs on one):
+    runs written to the store beside it, and new writes through it."""
+    db = mlflow_server.root / "mlflow.db"
+    assert schema_revision(db) == mlflow_store._head_revision()
     local = MlflowClient(f"sqlite:///{db}")
-    run = local.create_run(local.create_experiment("before")).info.run_id
+    run = local.create_run(local.create_experiment("written-beside-the-server")).info.run_id
     local.log_metric(run, "loss", 1.5, step=0)
-    with LocalMlflowServer(root) as server:
-        remote = MlflowClient(server.uri)
-        assert remote.get_run(run).data.metrics == {"loss": 1.5}
-        new = remote.create_run(remote.get_experiment_by_name("before").experiment_id).info.run_id
-        remote.log_metric(new, "acc", 0.9, step=1)
-        assert [m.value for m in remote.get_metric_history(new, "acc")] == [0.9]
-    assert Path(db).stat().st_size > 0
+    remote = MlflowClient(mlflow_server.uri)
+    assert remote.get_run(run).data.metrics == {"loss": 1.5}
+    new = remote.create_run(remote.get_run(run).info.experiment_id).info.run_id
+    remote.log_metric(new, "acc", 0.9, step=1)
+    assert [m.value for m in remote.get_metric_history(new, "acc")] == [0.9]
+    assert [m.value for m in local.get_metric_history(new, "acc")] == [0.9]
