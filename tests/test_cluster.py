@@ -35,6 +35,7 @@ UPLOAD_EXCLUDES = [
     ".hypothesis",
 ]
 JOB_TIMEOUT = 300
+GPU_SITES = 4  # sites at 0.25 GPU each: together, the one GPU of the worker node
 
 pytestmark = pytest.mark.slow  # the two-node Ray cluster
 
@@ -165,56 +166,19 @@ def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_with_asked_and_availab
     assert "ResourceError" in result["error"] and result["sites"] == {}
 
 
-def test_fractional_gpus_put_four_sites_on_one_gpu(cluster, tmp_path, mlflow_store):
-    """4 sites at 0.25 GPU share the cluster's one GPU: all are placed on its node and given GPU 0
-    (Ray sets CUDA_VISIBLE_DEVICES; the learner uses cuda:0 where CUDA exists, the CPU here)."""
-    workspace = new_workspace(tmp_path / "workspace", mlflow_store)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "scripts/run_fedavg.py",
-            "--address",
-            cluster.gcs_address,
-            "--workspace",
-            str(workspace),
-            "--set",
-            "sites=4",
-            "--set",
-            "num_rounds=1",
-            "--set",
-            "resources.client_gpus=0.25",
-            "--set",
-            "resources.client_cpus=0.25",
-            "--set",
-            "tracking.log_model=false",
-            "--quiet",
-        ],
-        cwd=REPO,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT,
-    )
-    assert res.returncode == 0, tail(res.stdout + res.stderr)
-    result = json.loads(next(workspace.glob("*/result.json")).read_text())
-    assert result["status"] == "FINISHED"
-    for site, info in result["sites"].items():
-        assert info["node_id"] == cluster.worker_id, site
-        assert info["gpu_ids"] == ["0"], site
-        assert info["device"] == ("cuda:0" if _has_cuda() else "cpu"), site
-
-
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_store):
-    """site-1 keeps its tracking at home (tracking.site_receivers): its own receiver actor runs on its node (the
-    worker: the sites ask for a share of its GPU), the site's store gets every record of site-1, the server's
-    store only the keys of tracking.share, and the site's credential, planted in its credentials file, reaches
-    that actor and no other process, file or log; site-2 logs to the server as usual."""
+def test_fractional_gpus_and_site_local_tracking_on_the_site_node(cluster, tmp_path, mlflow_store):
+    """4 sites at 0.25 GPU share the cluster's one GPU: all are placed on its node (the worker) and given GPU 0
+    (Ray sets CUDA_VISIBLE_DEVICES; a site uses cuda:0 where CUDA exists, the CPU here). site-1 keeps its
+    tracking at home (tracking.site_receivers): its own receiver actor runs on its node, the site's store gets
+    every record of site-1, the server's store only the keys of tracking.share, and the site's credential,
+    planted in its credentials file, reaches that actor and no other process, file or log; the other sites log
+    to the server as usual."""
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -233,8 +197,8 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
             {
                 "name": "sitelocal",
                 "num_rounds": 1,
-                "sites": 2,
-                "min_clients": 2,
+                "sites": GPU_SITES,
+                "min_clients": GPU_SITES,
                 "dataset": {"name": "synthetic", "num_samples": 100},
                 "learner": "test_secrets:GatedLearner",  # logs known values; waits in round 1 for the gate
                 "learner_args": {"gate": str(gate)},
@@ -260,7 +224,7 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
         )
     try:
         deadline = time.monotonic() + JOB_TIMEOUT
-        while len(list(gate.glob("ready-*"))) < 2:  # both sites are in round 1: every actor runs
+        while len(list(gate.glob("ready-*"))) < GPU_SITES:  # every site is in round 1: every actor runs
             assert driver.poll() is None, f"the job ended early:\n{tail(output.read_text())}"
             assert time.monotonic() < deadline, f"the sites did not start:\n{tail(output.read_text())}"
             time.sleep(0.2)
@@ -281,8 +245,11 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
             driver.wait()
 
     result = json.loads(next(workspace.glob("sitelocal-*/result.json")).read_text())
-    assert result["status"] == "FINISHED"
-    assert {s["node_id"] for s in result["sites"].values()} == {cluster.worker_id}
+    assert result["status"] == "FINISHED" and len(result["sites"]) == GPU_SITES
+    for site, info in result["sites"].items():
+        assert info["node_id"] == cluster.worker_id, site
+        assert info["gpu_ids"] == ["0"], site
+        assert info["device"] == ("cuda:0" if _has_cuda() else "cpu"), site
     tracking = result["tracking"]
     local = tracking["site_receivers"]["site-1"]
     assert local["node_id"] == cluster.worker_id and Path(local["job_dir"]).parent == site_home / "site-1"
@@ -305,7 +272,8 @@ def test_site_local_tracking_stays_on_the_site_node(cluster, tmp_path, mlflow_st
     shared = site_run(server, "site-1").data
     assert set(shared.metrics) == {"known", "pair_a", "pair_b"} and shared.params == {}
     assert "role" not in shared.tags and "credentials_seen" not in shared.tags
-    assert set(site_run(server, "site-2").data.metrics) == {"known", "auto", "pair_a", "pair_b"}
+    for site in ("site-2", "site-3", "site-4"):
+        assert set(site_run(server, site).data.metrics) == {"known", "auto", "pair_a", "pair_b"}, site
     assert local["receivers"]["server"]["shared"] == 3
 
     for root in (workspace, site_home, Path(cluster.temp_dir)):
