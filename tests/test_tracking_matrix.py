@@ -243,6 +243,7 @@ def test_builtin_learner_logs_in_the_chosen_syntax(ray_session, workspace, tmp_p
             "local_epochs=1",
             "resources.client_cpus=0.25",
             "resources.server_cpus=0.25",
+            "resources.workers=1",  # both sites in one process: PyTorch is imported once for them
             "tracking.log_model=false",
         ],
     )  # the best model is tested in test_model_logging.py
