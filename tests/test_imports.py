@@ -7,6 +7,7 @@ each actor's own ``sys.modules`` is read inside it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,6 +50,25 @@ def test_the_driver_checks_a_job_without_torch_or_back_ends(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning installed")
+def test_the_receiver_logs_models_without_importing_lightning():
+    """The receiver actor's ``mlflow.pytorch`` comes without Lightning, torchmetrics or torchvision, though
+    pytorch-lightning is installed (``import mlflow.pytorch`` alone would bring all three), and leaves
+    pytorch-lightning importable for whoever wants it later."""
+    code = (
+        "import json, sys\n"
+        "from fl_ray.receivers.mlflow import import_pytorch_flavor\n"
+        "flavor = import_pytorch_flavor()\n"
+        "assert callable(flavor.log_model) and callable(flavor.get_default_pip_requirements)\n"
+        "assert sys.modules.get('pytorch_lightning', 'absent') == 'absent'\n"
+        "print(json.dumps(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchmetrics', 'torchvision') "
+        "if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 

@@ -40,11 +40,13 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 
 from fl_ray.mlflow_store import prepare_sqlite_store, sqlite_path
@@ -598,21 +600,21 @@ class MLflowReceiver(Receiver):
         actor's own thread, beside the delivery thread: it only reads the run ids set up by ``open``.
         """
         import mlflow
-        import mlflow.pytorch
 
+        pytorch_flavor = import_pytorch_flavor()
         if site not in self._ctx.sites and site != SERVER_RUN:
             raise KeyError(f"no MLflow run for {site!r} in this job")
         self._site_runs([site])
         run_id = self.run_ids[site]
         mlflow.set_tracking_uri(str(self.tracking_uri))  # this process writes to MLflow only through receivers
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pytorch.log_model(
+            info = pytorch_flavor.log_model(
                 model.model,
                 name="model",
                 input_example=model.input_example.copy(),  # writable: Ray hands arrays over read-only
                 step=model.round,
                 registered_model_name=registered_model_name,
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                pip_requirements=pytorch_flavor.get_default_pip_requirements(),
                 tags={
                     "fl_ray.job_id": self._ctx.job_id,
                     "fl_ray.round": str(model.round),
@@ -636,6 +638,26 @@ class MLflowReceiver(Receiver):
                 registered_model_version=str(info.registered_model_version),  # an int from a sqlite store
             )
         return report
+
+
+def import_pytorch_flavor() -> ModuleType:
+    """``mlflow.pytorch`` for the receiver actor, imported without the Lightning part of its autologging.
+
+    Where pytorch-lightning is installed (the ``lightning`` extra brings it), ``import mlflow.pytorch`` imports
+    it too, with torchmetrics and torchvision's models, for a checkpoint callback that only autologging uses:
+    about 5 s of CPU, at the end of a job, that logging a model never needs. MLflow skips that part when
+    pytorch-lightning cannot be imported; here, for the length of the import, it cannot. Only the receiver
+    actor imports it this way: its process runs no user code that could want the callback.
+    """
+    if "mlflow.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
+        sys.modules["pytorch_lightning"] = None  # type: ignore[assignment]  # None: ``import`` raises ImportError
+        try:
+            import mlflow.pytorch
+        finally:
+            del sys.modules["pytorch_lightning"]
+    import mlflow.pytorch
+
+    return mlflow.pytorch
 
 
 class MissingFileError(FileNotFoundError):
