@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
@@ -59,6 +58,8 @@ def test_a_file_over_the_limit_fails_at_the_call(tmp_path):
 
 
 def test_the_mlflow_receiver_logs_a_file_and_a_model_once(workspace, tmp_path):
+    import mlflow.pytorch  # here: with pytorch-lightning installed it imports Lightning too, seconds of CPU
+
     spool = Spool(tmp_path / "job" / "spool")
 
     def put(path) -> str:

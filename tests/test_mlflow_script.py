@@ -5,7 +5,6 @@ logs with mlflow is read back from the job's MLflow sqlite store."""
 import difflib
 from pathlib import Path
 
-import mlflow.pytorch
 import torch
 import yaml
 from mlflow.entities import LoggedModelStatus
@@ -29,6 +28,8 @@ def test_the_federated_form_differs_from_the_centralised_one_in_at_most_six_line
 
 
 def test_the_federated_script_logs_everything_into_each_site_run(ray_session, workspace, monkeypatch):
+    import mlflow.pytorch  # here: with pytorch-lightning installed it imports Lightning too, seconds of CPU
+
     monkeypatch.chdir(EXAMPLE.parent.parent)  # job.yaml's script path is relative to the repository
     config = yaml.safe_load((EXAMPLE / "job.yaml").read_text())
     # fl_ray's own sampler off: system/ metrics are the script's; the best global model is test_model_logging's
