@@ -645,9 +645,9 @@ def import_pytorch_flavor() -> ModuleType:
 
     Where pytorch-lightning is installed (the ``lightning`` extra brings it), ``import mlflow.pytorch`` imports
     it too, with torchmetrics and torchvision's models, for a checkpoint callback that only autologging uses:
-    about 5 s of CPU, at the end of a job, that logging a model never needs. MLflow skips that part when
+    seconds of CPU, at the end of a job, that logging a model never needs. MLflow skips that part when
     pytorch-lightning cannot be imported; here, for the length of the import, it cannot. Only the receiver
-    actor imports it this way: its process runs no user code that could want the callback.
+    actor imports it this way: its process runs no training code that could want the callback.
     """
     if "mlflow.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
         sys.modules["pytorch_lightning"] = None  # type: ignore[assignment]  # None: ``import`` raises ImportError
