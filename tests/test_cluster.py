@@ -272,7 +272,7 @@ def test_fractional_gpus_and_site_local_tracking_on_the_site_node(cluster, tmp_p
     shared = site_run(server, "site-1").data
     assert set(shared.metrics) == {"known", "pair_a", "pair_b"} and shared.params == {}
     assert "role" not in shared.tags and "credentials_seen" not in shared.tags
-    for site in ("site-2", "site-3", "site-4"):
+    for site in (f"site-{i}" for i in range(2, GPU_SITES + 1)):
         assert set(site_run(server, site).data.metrics) == {"known", "auto", "pair_a", "pair_b"}, site
     assert local["receivers"]["server"]["shared"] == 3
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -28,6 +29,14 @@ HEAVY = ("torch", "mlflow", "matplotlib", "pandas", "sqlalchemy", "wandb", "tens
 def heavy_modules() -> list[str]:
     """The heavy packages this process has imported."""
     return sorted(m for m in HEAVY if m in sys.modules)
+
+
+def fresh_python(code: str, cwd: Path) -> Any:
+    """Run ``code`` in a new interpreter that imports fl_ray from this checkout; the JSON on its last line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_the_driver_checks_a_job_without_torch_or_back_ends(tmp_path):
@@ -48,14 +57,11 @@ def test_the_driver_checks_a_job_without_torch_or_back_ends(tmp_path):
         f"_check_plugins(parse_config(json.loads({json.dumps(json.dumps(config))})))\n"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert fresh_python(code, tmp_path) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning installed")
-def test_the_receiver_logs_models_without_importing_lightning():
+def test_the_receiver_logs_models_without_importing_lightning(tmp_path):
     """The receiver actor's ``mlflow.pytorch`` comes without Lightning, torchmetrics or torchvision, though
     pytorch-lightning is installed (``import mlflow.pytorch`` alone would bring all three), and leaves
     pytorch-lightning importable for whoever wants it later."""
@@ -68,9 +74,7 @@ def test_the_receiver_logs_models_without_importing_lightning():
         "print(json.dumps(sorted(m for m in ('pytorch_lightning', 'lightning', 'torchmetrics', 'torchvision') "
         "if m in sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert fresh_python(code, tmp_path) == []
 
 
 def test_the_model_names_the_driver_checks_are_the_models_there_are():
